@@ -1,0 +1,1 @@
+"""climber: the MTop client offering local SOCKS5 and HTTP proxies."""

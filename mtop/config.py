@@ -1,0 +1,316 @@
+"""Loading and validating ``mtop.yaml``.
+
+Keys are the original implementation's (``server: {type, listen, crt, key,
+proto}``, ``log: {level, format}``, ``db: {driverName, dsn}``) plus our own
+optional ones.  Every problem becomes a `ConfigError` whose message names the
+key, the value and what is allowed; unknown keys become warnings, so an
+original file keeps working while typos are still pointed out.
+
+Relative paths (certificates, the SQLite database) are taken relative to the
+directory of the config file, so a config works whatever the working
+directory of the process is.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message is one sentence."""
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    """Where to listen.  ``host`` is ``None`` for all interfaces (IPv4 and
+    IPv6)."""
+
+    host: str | None
+    port: int
+
+    def __str__(self) -> str:
+        if self.host is None:
+            return f":{self.port}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    type: str = "tls"
+    listen: ListenAddress = ListenAddress(None, 443)
+    crt: str = ""
+    key: str = ""
+    proto: str = "mtop"
+    tls_min_version: str = "1.3"
+    reply_errors: bool = False
+    handshake_timeout: float = 10.0
+    connect_timeout: float = 10.0
+    idle_timeout: float = 300.0
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "text"
+
+
+@dataclass(frozen=True)
+class DBConfig:
+    driverName: str = "sqlite"
+    dsn: str = "mtop.db"
+    cache_ttl: float = 5.0
+    query_timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerConfig = ServerConfig()
+    log: LogConfig = LogConfig()
+    db: DBConfig = DBConfig()
+    path: str | None = None
+    warnings: tuple[str, ...] = field(default=(), compare=False)
+
+
+LOG_LEVELS = {
+    "trace": "debug",
+    "debug": "debug",
+    "info": "info",
+    "warn": "warn",
+    "warning": "warn",
+    "error": "error",
+    "fatal": "critical",
+    "panic": "critical",
+    "critical": "critical",
+}
+LOG_FORMATS = ("text", "json")
+SQLITE_DRIVERS = ("sqlite", "sqlite3")
+TLS_VERSIONS = ("1.2", "1.3")
+SERVER_TYPES = ("tls",)
+
+
+def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
+    """Parse ``:443``, ``host:port`` or ``[v6]:port``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = f":{value}"
+    elif isinstance(value, str):
+        text = value.strip()
+    else:
+        raise ConfigError(f"{key}: {value!r} is not an address; use ':443', 'host:port' or '[v6]:port'")
+    if text.startswith("["):
+        host, sep, port_text = text[1:].partition("]:")
+        if not sep or not host:
+            raise ConfigError(f"{key}: {value!r} is not an address; use '[v6]:port' for IPv6")
+    else:
+        host, sep, port_text = text.rpartition(":")
+        if not sep:
+            raise ConfigError(f"{key}: {value!r} has no port; use ':443', 'host:port' or '[v6]:port'")
+        if ":" in host:
+            raise ConfigError(f"{key}: {value!r} is ambiguous; write IPv6 addresses as '[v6]:port'")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"{key}: port {port_text!r} in {value!r} is not a number from 0 to 65535")
+    return ListenAddress(host or None, int(port_text))
+
+
+class _Section:
+    """Reads one mapping of the YAML document, remembering which keys were
+    used so the rest can be reported as unknown."""
+
+    def __init__(self, name: str, data: Any, warnings: list[str]):
+        if data is None:
+            data = {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+        self.name = name
+        self.data = data
+        self.used: set[str] = set()
+        self.warnings = warnings
+
+    def key(self, key: str) -> str:
+        return f"{self.name}.{key}" if self.name else key
+
+    def get(self, key: str, default: Any, convert: Callable[[str, Any], Any]) -> Any:
+        self.used.add(key)
+        if key not in self.data or self.data[key] is None:
+            return default
+        return convert(self.key(key), self.data[key])
+
+    def finish(self) -> None:
+        for key in self.data:
+            if key not in self.used:
+                self.warnings.append(f"unknown key {self.key(str(key))} ignored")
+
+
+def _string(key: str, value: Any) -> str:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(f"{key}: {value!r} is not a string")
+
+
+def _bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
+
+
+def _seconds(key: str, value: Any) -> float:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        seconds = _duration(key, value)
+    else:
+        raise ConfigError(f"{key}: {value!r} is not a duration; use seconds (10) or '10s', '500ms', '5m'")
+    if not 0 < seconds < 10**7:
+        raise ConfigError(f"{key}: {value!r} must be a positive duration")
+    return seconds
+
+
+def _non_negative_seconds(key: str, value: Any) -> float:
+    if value in (0, "0"):
+        return 0.0
+    return _seconds(key, value)
+
+
+_UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
+
+
+def _duration(key: str, text: str) -> float:
+    text = text.strip()
+    for suffix, scale in _UNITS:
+        if text.endswith(suffix):
+            number = text[: -len(suffix)]
+            break
+    else:
+        number, scale = text, 1.0
+    try:
+        return float(number) * scale
+    except ValueError:
+        raise ConfigError(f"{key}: {text!r} is not a duration; use seconds (10) or '10s', '500ms', '5m'") from None
+
+
+def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
+    def convert(key: str, value: Any) -> str:
+        text = _string(key, value).lower()
+        if text not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+        return text
+
+    return convert
+
+
+def _path(base: str) -> Callable[[str, Any], str]:
+    def convert(key: str, value: Any) -> str:
+        text = os.path.expanduser(_string(key, value))
+        return text if os.path.isabs(text) else os.path.normpath(os.path.join(base, text))
+
+    return convert
+
+
+def _readable(key: str, path: str) -> None:
+    if not path:
+        raise ConfigError(f"{key} is required: the path of a PEM file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
+
+
+def _load_server(section: _Section, base: str, check_files: bool) -> ServerConfig:
+    d = ServerConfig()
+    server_type = section.get("type", d.type, _string).lower()
+    if server_type == "quic":
+        raise ConfigError("server.type: 'quic' is not supported by this version yet; use 'tls'")
+    if server_type not in SERVER_TYPES:
+        raise ConfigError(f"server.type: {server_type!r} is not one of {', '.join(SERVER_TYPES)}")
+    proto = section.get("proto", d.proto, _string)
+    if not proto or len(proto.encode("utf-8")) > 255:
+        raise ConfigError(f"server.proto: {proto!r} must be 1 to 255 bytes long")
+    crt = section.get("crt", "", _path(base))
+    key = section.get("key", "", _path(base))
+    if check_files:
+        _readable("server.crt", crt)
+        _readable("server.key", key)
+    config = ServerConfig(
+        type=server_type,
+        listen=section.get("listen", d.listen, lambda k, v: parse_listen(v, k)),
+        crt=crt,
+        key=key,
+        proto=proto,
+        tls_min_version=section.get("tls_min_version", d.tls_min_version, lambda k, v: _choice(TLS_VERSIONS)(k, str(v))),
+        reply_errors=section.get("reply_errors", d.reply_errors, _bool),
+        handshake_timeout=section.get("handshake_timeout", d.handshake_timeout, _seconds),
+        connect_timeout=section.get("connect_timeout", d.connect_timeout, _seconds),
+        idle_timeout=section.get("idle_timeout", d.idle_timeout, _non_negative_seconds),
+    )
+    section.finish()
+    return config
+
+
+def _load_log(section: _Section) -> LogConfig:
+    level = section.get("level", "info", _choice(tuple(LOG_LEVELS)))
+    config = LogConfig(level=LOG_LEVELS[level], format=section.get("format", "text", _choice(LOG_FORMATS)))
+    section.finish()
+    return config
+
+
+def _load_db(section: _Section, base: str) -> DBConfig:
+    d = DBConfig()
+    driver = section.get("driverName", d.driverName, _string).lower()
+    if driver in ("psql", "postgres", "postgresql", "mysql"):
+        raise ConfigError(f"db.driverName: {driver!r} is not supported by this version yet; use 'sqlite'")
+    if driver not in SQLITE_DRIVERS:
+        raise ConfigError(f"db.driverName: {driver!r} is not one of {', '.join(SQLITE_DRIVERS)}")
+    dsn = section.get("dsn", d.dsn, _string)
+    if dsn.startswith("file:"):
+        dsn = dsn[len("file:") :].split("?", 1)[0]
+    if not dsn:
+        raise ConfigError("db.dsn: the SQLite database path must not be empty")
+    config = DBConfig(
+        driverName="sqlite",
+        dsn=_path(base)("db.dsn", dsn),
+        cache_ttl=section.get("cache_ttl", d.cache_ttl, _non_negative_seconds),
+        query_timeout=section.get("query_timeout", d.query_timeout, _seconds),
+    )
+    section.finish()
+    return config
+
+
+def load_config_data(data: Any, path: str | None = None, check_files: bool = True) -> Config:
+    """Validate an already-parsed YAML document.  ``check_files`` makes sure
+    the certificate and key are readable (the server needs them, mtopctl
+    does not)."""
+    base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
+    warnings: list[str] = []
+    top = _Section("", data, warnings)
+    server = _load_server(_Section("server", top.get("server", {}, lambda k, v: v), warnings), base, check_files)
+    log = _load_log(_Section("log", top.get("log", {}, lambda k, v: v), warnings))
+    db = _load_db(_Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
+    top.finish()
+    return Config(server=server, log=log, db=db, path=path, warnings=tuple(warnings))
+
+
+def read_yaml(path: str) -> Any:
+    """Parse a YAML file, turning every failure into a `ConfigError`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+
+
+def load_config(path: str, check_files: bool = True) -> Config:
+    """Read and validate ``path``."""
+    return load_config_data(read_yaml(path), path, check_files)

@@ -1,0 +1,314 @@
+"""``mtopctl``: users, the database, share links and certificates.
+
+Reads the same config file as the server (``-c``, default
+``$MTOP_CONFIG`` or ``/etc/mtop/mtop.yaml``).  Flag letters follow the
+original tool.  Every error is one line on stderr and exit status 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sqlite3
+import sys
+from typing import Sequence
+
+from mtop import passwords, wire
+from mtop.config import ConfigError, load_config, parse_listen
+from mtop.schema import SQLITE_SCHEMA, DatabaseError, connect_sqlite
+from mtop.urls import ServerLink, URLError, make_url, parse_url
+
+DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
+
+
+class CommandError(Exception):
+    """An error to print as one line."""
+
+
+def _db_path(args: argparse.Namespace) -> str:
+    try:
+        return load_config(args.config, check_files=False).db.dsn
+    except ConfigError as e:
+        raise CommandError(f"{args.config}: {e}") from None
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    if args.password is not None:
+        password = args.password
+    elif args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the two passwords differ")
+    if not password:
+        raise CommandError("the password must not be empty")
+    if len(password.encode("utf-8")) > 255:
+        raise CommandError("the password is longer than 255 bytes, which the MTop protocol cannot carry")
+    return password
+
+
+def _check_username(username: str) -> None:
+    size = len(username.encode("utf-8"))
+    if not 1 <= size <= 128:
+        raise CommandError(f"user name {username!r} must be 1 to 128 bytes long")
+
+
+def _hash_for(args: argparse.Namespace, password: str) -> tuple[str, str]:
+    salt = args.salt if args.salt is not None else passwords.new_salt()
+    if len(salt) > 32:
+        raise CommandError("the salt is longer than 32 characters (mtop_user.salt is VARCHAR(32))")
+    if args.legacy:
+        return salt, passwords.legacy_hash(salt, password)
+    return salt, passwords.scrypt_hash(password)
+
+
+def cmd_db_init(args: argparse.Namespace) -> None:
+    path = _db_path(args)
+    with connect_sqlite(path, create=True) as db:
+        db.execute(SQLITE_SCHEMA)
+    print(f"database ready: {path}")
+
+
+def _open(args: argparse.Namespace) -> sqlite3.Connection:
+    db = connect_sqlite(_db_path(args))
+    try:
+        db.execute("SELECT 1 FROM mtop_user LIMIT 1")
+    except sqlite3.Error as e:
+        raise DatabaseError(f"cannot read mtop_user: {e}; run 'mtopctl db init' first") from None
+    return db
+
+
+def cmd_user_add(args: argparse.Namespace) -> None:
+    _check_username(args.username)
+    password = _read_password(args)
+    salt, stored = _hash_for(args, password)
+    db = _open(args)
+    try:
+        with db:
+            db.execute(
+                "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
+                (args.username, salt, stored),
+            )
+    except sqlite3.IntegrityError:
+        raise CommandError(f"user {args.username!r} already exists; use 'user passwd' to change the password") from None
+    print(f"user {args.username} added")
+
+
+def cmd_user_passwd(args: argparse.Namespace) -> None:
+    password = _read_password(args)
+    salt, stored = _hash_for(args, password)
+    db = _open(args)
+    with db:
+        cursor = db.execute(
+            "UPDATE mtop_user SET salt = ?, password = ?, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
+            (salt, stored, args.username),
+        )
+    if cursor.rowcount == 0:
+        raise CommandError(f"no user {args.username!r}")
+    print(f"password of {args.username} changed")
+
+
+def cmd_user_del(args: argparse.Namespace) -> None:
+    db = _open(args)
+    with db:
+        cursor = db.execute("DELETE FROM mtop_user WHERE username = ?", (args.username,))
+    if cursor.rowcount == 0:
+        raise CommandError(f"no user {args.username!r}")
+    print(f"user {args.username} deleted")
+
+
+def cmd_user_list(args: argparse.Namespace) -> None:
+    db = _open(args)
+    rows = db.execute(
+        "SELECT username, password, created_time, updated_time FROM mtop_user ORDER BY username"
+    ).fetchall()
+    print(f"{'USERNAME':<32} {'HASH':<8} {'CREATED':<20} UPDATED")
+    for username, stored, created, updated in rows:
+        kind = "scrypt" if passwords.is_expensive(stored or "") else ("legacy" if stored else "none")
+        print(f"{username:<32} {kind:<8} {str(created or ''):<20} {updated or ''}")
+
+
+def cmd_url(args: argparse.Namespace) -> None:
+    password = _read_password(args)
+    try:
+        print(make_url(ServerLink(args.username, password, args.host, args.port, args.type, args.proto)))
+    except URLError as e:
+        raise CommandError(str(e)) from None
+
+
+def cmd_cert_init(args: argparse.Namespace) -> None:
+    from mtop.certs import init_certs
+
+    try:
+        paths = init_certs(args.dir, args.host, args.ip, force=args.force)
+    except (FileExistsError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    print(f"CA certificate:     {paths.ca_crt}  (give this to clients)")
+    print(f"CA key:             {paths.ca_key}  (keep it secret)")
+    print(f"server certificate: {paths.server_crt}")
+    print(f"server key:         {paths.server_key}")
+    print()
+    print("mtop.yaml:")
+    print("  server:")
+    print(f"    crt: {os.path.abspath(paths.server_crt)}")
+    print(f"    key: {os.path.abspath(paths.server_key)}")
+    print("climber.yaml (each server entry):")
+    print(f"    ca: {os.path.abspath(paths.ca_crt)}")
+
+
+_STATUS_TEXT = {
+    wire.STATUS_UNSUPPORTED_VERSION: "version or request not supported",
+    wire.STATUS_AUTH_FAILURE: "authentication failed",
+    wire.STATUS_CONNECTION_FAILURE: "the server could not connect to the target",
+}
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    """Open one tunnel with a share link and report how it went."""
+    import socket
+    import ssl
+    import time
+
+    try:
+        link = parse_url(args.url)
+    except URLError as e:
+        raise CommandError(str(e)) from None
+    if link.type != "tls":
+        raise CommandError("check speaks TLS only; this link is for QUIC")
+    try:
+        target = parse_listen(args.target, "--target")
+    except ConfigError as e:
+        raise CommandError(str(e)) from None
+    if target.host is None:
+        raise CommandError("--target needs a host: HOST:PORT")
+    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols([link.proto])
+    if args.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    request = wire.AuthRequest(
+        link.username, link.password, target.host, target.port, wire.address_type_for(target.host)
+    )
+    started = time.monotonic()
+    try:
+        with socket.create_connection((link.host, link.port), timeout=args.timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=link.host) as tls:
+                handshake_ms = (time.monotonic() - started) * 1000
+                tls.sendall(wire.encode_auth(request))
+                reply = b""
+                while len(reply) < wire.REPLY_LENGTH:
+                    chunk = tls.recv(wire.REPLY_LENGTH - len(reply))
+                    if not chunk:
+                        break
+                    reply += chunk
+                version, alpn = tls.version(), tls.selected_alpn_protocol()
+    except (OSError, ssl.SSLError) as e:
+        raise CommandError(f"{link.host}:{link.port}: {e}") from None
+    total_ms = (time.monotonic() - started) * 1000
+    if len(reply) < wire.REPLY_LENGTH:
+        raise CommandError(
+            "the server closed the connection without a reply: wrong user or password, or the target "
+            "is unreachable (servers with server.reply_errors: true say which)"
+        )
+    if reply != wire.REPLY_SUCCESS:
+        raise CommandError(f"the server refused: {_STATUS_TEXT.get(reply[1], f'status {reply[1]:#04x}')}")
+    print(
+        f"OK: {version}, ALPN {alpn}, handshake {handshake_ms:.1f} ms; "
+        f"tunnel to {target} open after {total_ms:.1f} ms"
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 < port <= 65535:
+        raise argparse.ArgumentTypeError(f"port {port} is outside 1-65535")
+    return port
+
+
+def _add_password_flags(parser: argparse.ArgumentParser, salt: bool = True) -> None:
+    parser.add_argument("-p", "--password", help="password (prompted for, or read from stdin, when left out)")
+    parser.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    if salt:
+        parser.add_argument("-s", "--salt", help="value for the salt column (random when left out)")
+        parser.add_argument(
+            "--legacy",
+            action="store_true",
+            help="store the original implementation's SHA-256 hash, for a database shared with original servers",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mtopctl", description="Manage MTop users, database, links and certificates.")
+    parser.add_argument(
+        "-c", "--config", default=os.environ.get("MTOP_CONFIG", DEFAULT_CONFIG), help="path of mtop.yaml"
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    db = sub.add_parser("db", help="database management").add_subparsers(dest="db_command", required=True)
+    db.add_parser("init", help="create the mtop_user table").set_defaults(func=cmd_db_init)
+
+    user = sub.add_parser("user", help="user management").add_subparsers(dest="user_command", required=True)
+    add = user.add_parser("add", help="add a user")
+    add.add_argument("-u", "--username", required=True)
+    _add_password_flags(add)
+    add.set_defaults(func=cmd_user_add)
+    passwd = user.add_parser("passwd", help="change a user's password")
+    passwd.add_argument("-u", "--username", required=True)
+    _add_password_flags(passwd)
+    passwd.set_defaults(func=cmd_user_passwd)
+    delete = user.add_parser("del", help="delete a user")
+    delete.add_argument("-u", "--username", required=True)
+    delete.set_defaults(func=cmd_user_del)
+    user.add_parser("list", help="list users").set_defaults(func=cmd_user_list)
+
+    url = sub.add_parser("url", help="print an mtop:// share link")
+    url.add_argument("-u", "--username", required=True)
+    _add_password_flags(url, salt=False)
+    url.add_argument("-H", "--host", required=True, help="server host name or address")
+    url.add_argument("-P", "--port", type=_port, default=443)
+    url.add_argument("-t", "--type", choices=("tls", "quic"), default="tls")
+    url.add_argument("-o", "--proto", default="mtop", help="ALPN protocol name")
+    url.set_defaults(func=cmd_url)
+
+    check = sub.add_parser("check", help="open one tunnel with an mtop:// link and report")
+    check.add_argument("url", help="mtop://user:password@host:port/tls?proto=...")
+    check.add_argument("--target", required=True, help="HOST:PORT the tunnel should reach")
+    check.add_argument("--ca", help="CA certificate to trust (default: the system store)")
+    check.add_argument("--insecure", action="store_true", help="do not verify the server certificate")
+    check.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    check.set_defaults(func=cmd_check)
+
+    cert = sub.add_parser("cert", help="certificates").add_subparsers(dest="cert_command", required=True)
+    init = cert.add_parser("init", help="make a CA and an ECDSA P-256 server certificate")
+    init.add_argument("--host", action="append", default=[], required=True, help="server name (repeatable)")
+    init.add_argument("--ip", action="append", default=[], help="server IP address (repeatable)")
+    init.add_argument("--dir", default=".", help="where to write the files (default: current directory)")
+    init.add_argument("--force", action="store_true", help="replace an existing server certificate")
+    init.set_defaults(func=cmd_cert_init)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (CommandError, DatabaseError) as e:
+        print(f"mtopctl: error: {e}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as e:
+        print(f"mtopctl: error: database: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

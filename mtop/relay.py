@@ -1,0 +1,161 @@
+"""The relay: splices two connected stream transports.
+
+Shared by the server (client TLS connection <-> target TCP connection) and
+climber (local application <-> MTop tunnel).  What it guarantees:
+
+* **flow control**: each transport is the other's streaming producer, so a
+  peer that stops reading pauses reading from the other side; memory per
+  tunnel stays at the transports' own buffers (about 64 KiB each way plus
+  one read);
+* **half-close**: end of input one way (TCP FIN, TLS ``close_notify``) becomes
+  ``loseWriteConnection`` on the other side; the other direction goes on
+  until it ends too;
+* **idle timeout** on an injected clock, without per-chunk timer work: a
+  periodic check compares byte counters;
+* **byte counts** both ways and an outcome, reported once through
+  ``on_finished`` when both sides are gone.
+
+The two protocols that own the transports forward their events to
+`Relay.client_data`, `Relay.client_eof`, `Relay.client_lost` and the
+``target_`` equivalents.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.interfaces import IReactorTime
+
+
+class Relay:
+    """Both directions of one tunnel.  "Up" is client to target."""
+
+    bytes_up = 0
+    bytes_down = 0
+    outcome: str | None = None
+    _client_eof = False
+    _target_eof = False
+    _client_lost = False
+    _target_lost = False
+    _finished = False
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        client: Any,
+        target: Any,
+        idle_timeout: float = 0.0,
+        on_finished: Callable[["Relay"], None] | None = None,
+    ):
+        self.clock = clock
+        self.client = client
+        self.target = target
+        self.idle_timeout = idle_timeout
+        self.on_finished = on_finished
+        self._idle_call = None
+        self._idle_seen = -1
+        self._idle_since = 0.0
+
+    def start(self) -> None:
+        """Register the producers and start the idle timer.  Call once both
+        transports are connected."""
+        # A full write buffer on one side pauses reading from the other.
+        self.client.registerProducer(self.target, True)
+        self.target.registerProducer(self.client, True)
+        if self.idle_timeout > 0:
+            self._idle_since = self.clock.seconds()
+            self._idle_call = self.clock.callLater(self._idle_interval(), self._check_idle)
+
+    def _idle_interval(self) -> float:
+        return max(self.idle_timeout / 4, 0.05)
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        now = self.clock.seconds()
+        total = self.bytes_up + self.bytes_down
+        if total != self._idle_seen:
+            self._idle_seen = total
+            self._idle_since = now
+        elif now - self._idle_since >= self.idle_timeout:
+            self.close("idle-timeout", abort=True)
+            return
+        self._idle_call = self.clock.callLater(self._idle_interval(), self._check_idle)
+
+    # Events from the client side.
+
+    def client_data(self, data: bytes) -> None:
+        self.bytes_up += len(data)
+        self.target.write(data)
+
+    def client_eof(self) -> None:
+        if self._client_eof:
+            return
+        self._client_eof = True
+        if self._target_eof:
+            self.close("done")
+        elif not self._target_lost:
+            # Nothing more comes from the client: the target's producer is
+            # finished, and a registered producer would keep it from closing.
+            self.target.unregisterProducer()
+            self.target.loseWriteConnection()
+
+    def client_lost(self) -> None:
+        self._client_lost = True
+        if not self._target_lost:
+            self._set_outcome("done" if self._client_eof and self._target_eof else "client-closed")
+            self.target.unregisterProducer()
+            self.target.loseConnection()
+        self._maybe_finished()
+
+    # Events from the target side.
+
+    def target_data(self, data: bytes) -> None:
+        self.bytes_down += len(data)
+        self.client.write(data)
+
+    def target_eof(self) -> None:
+        if self._target_eof:
+            return
+        self._target_eof = True
+        if self._client_eof:
+            self.close("done")
+        elif not self._client_lost:
+            self.client.unregisterProducer()
+            self.client.loseWriteConnection()
+
+    def target_lost(self) -> None:
+        self._target_lost = True
+        if not self._client_lost:
+            self._set_outcome("done" if self._client_eof and self._target_eof else "target-closed")
+            self.client.unregisterProducer()
+            self.client.loseConnection()
+        self._maybe_finished()
+
+    # Both.
+
+    def close(self, outcome: str, abort: bool = False) -> None:
+        """End the tunnel: both sides are closed (after flushing what they
+        hold, unless ``abort``)."""
+        self._set_outcome(outcome)
+        for transport, lost in ((self.client, self._client_lost), (self.target, self._target_lost)):
+            if lost:
+                continue
+            transport.unregisterProducer()
+            if abort:
+                transport.abortConnection()
+            else:
+                transport.loseConnection()
+
+    def _set_outcome(self, outcome: str) -> None:
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def _maybe_finished(self) -> None:
+        if self._finished or not (self._client_lost and self._target_lost):
+            return
+        self._finished = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self.on_finished is not None:
+            self.on_finished(self)

@@ -1,0 +1,97 @@
+"""``twistd mtop``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.python import usage
+
+from mtop.config import Config, ConfigError, load_config
+from mtop.logs import logger, set_level
+from mtop.tls import TLSConfigError, server_context
+
+DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE]"
+    longdesc = "Serve MTop protocol v1 over TLS 1.3, with users from a database."
+    optParameters = [
+        ["config", "c", os.environ.get("MTOP_CONFIG", DEFAULT_CONFIG), "Path of mtop.yaml."],
+    ]
+
+    config_data: Config
+    context: Any
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        try:
+            self.config_data = load_config(path)
+            server = self.config_data.server
+            self.context = server_context(server.crt, server.key, server.proto, server.tls_min_version)
+        except (ConfigError, TLSConfigError) as e:
+            raise usage.UsageError(f"{path}: {e}") from None
+
+
+class _StartupNotes(Service):
+    """Logs the config's warnings once the log is set up."""
+
+    _log = logger()
+
+    def __init__(self, config: Config):
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        for warning in self.config.warnings:
+            self._log.warn("config {path}: {warning}", path=self.config.path, warning=warning)
+        if self.config.log.format == "json":
+            self._log.warn("config {path}: log.format json is not implemented yet; logging text", path=self.config.path)
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+    from twisted.internet.threads import deferToThreadPool
+
+    from mtop.auth import Authenticator
+    from mtop.dialer import Dialer
+    from mtop.listen import ListenerService, server_endpoint
+    from mtop.server import ServerSettings, TunnelFactory
+    from mtop.tlstransport import server_tls_factory
+    from mtop.userstore.sqlite import SQLiteUserStore
+
+    config = options.config_data
+    set_level(config.log.level)
+    root = MultiService()
+    _StartupNotes(config).setServiceParent(root)
+
+    store = SQLiteUserStore(config.db.dsn)
+    store.setServiceParent(root)
+
+    def run_in_thread(f, *args):
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
+
+    authenticator = Authenticator(
+        store,
+        reactor,
+        run_in_thread,
+        cache_ttl=config.db.cache_ttl,
+        query_timeout=config.db.query_timeout,
+    )
+    server = config.server
+    factory = TunnelFactory(
+        authenticator,
+        Dialer(reactor, server.connect_timeout),
+        reactor,
+        ServerSettings(
+            reply_errors=server.reply_errors,
+            handshake_timeout=server.handshake_timeout,
+            idle_timeout=server.idle_timeout,
+        ),
+    )
+    context = options.context
+    tls_factory = server_tls_factory(factory, lambda: context)
+    ListenerService(server_endpoint(reactor, server.listen), tls_factory, "MTop TLS").setServiceParent(root)
+    return root

@@ -1,0 +1,447 @@
+"""A TLS transport over a TCP transport, with half-close in both directions.
+
+Twisted's ``TLSMemoryBIOProtocol`` treats a peer's ``close_notify`` as the end
+of the whole connection and waits for the peer's ``close_notify`` before
+closing.  A tunnel needs TLS 1.3 semantics instead: ``close_notify`` closes
+one direction only (RFC 8446, 6.1), exactly like a TCP FIN, which is what the
+original Go implementation does with ``tls.Conn.CloseWrite``.  So:
+
+* receiving ``close_notify`` (or a TCP FIN) calls the wrapped protocol's
+  ``readConnectionLost`` when it provides ``IHalfCloseableProtocol``;
+* ``loseWriteConnection`` sends ``close_notify`` then a TCP FIN, and reading
+  goes on;
+* ``loseConnection`` sends ``close_notify`` and closes without waiting.
+
+Records are decrypted and delivered once per TCP read (not once per 16 KiB
+record), ciphertext goes to the TCP transport in one write per application
+write, and flow control is the TCP transport's own: this layer buffers
+nothing after the handshake, so a registered producer is simply passed down.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import (
+    IConsumer,
+    IHalfCloseableProtocol,
+    IHandshakeListener,
+    IProtocol,
+    IProtocolFactory,
+    IPushProducer,
+    ISSLTransport,
+    ITCPTransport,
+)
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+_READ_SIZE = 1 << 18
+_BIO_READ_SIZE = 1 << 18
+
+
+class VerificationError(SSL.Error):
+    """The peer's certificate does not match the name we connected to."""
+
+
+@implementer(IProtocol, IHalfCloseableProtocol, ITCPTransport, ISSLTransport, IPushProducer, IConsumer)
+class TLSTransport:
+    """Speaks TLS on ``transport`` and presents the plaintext to ``wrapped``.
+
+    Implements ``IProtocol`` and ``IHalfCloseableProtocol`` towards the TCP
+    transport, and ``ITCPTransport``, ``IPushProducer`` and ``IConsumer``
+    towards the wrapped protocol.
+    """
+
+    transport: Any = None
+    connected = False
+    disconnecting = False
+    _handshake_done = False
+    _read_eof = False
+    _write_shut = False
+    _shut_pending = False
+    _lost = False
+    _aborted = False
+    _failure: Failure | None = None
+
+    def __init__(
+        self,
+        wrapped: IProtocol,
+        tls: SSL.Connection,
+        verify: Callable[[SSL.Connection], None] | None = None,
+    ):
+        self.wrapped = wrapped
+        self._tls = tls
+        self._verify = verify
+        self._pending: list[bytes] = []
+
+    # IProtocol, towards TCP
+
+    def makeConnection(self, transport: Any) -> None:
+        self.transport = transport
+        self.connected = True
+        self.wrapped.makeConnection(self)
+        if not self._aborted:
+            self._handshake()
+
+    def connectionMade(self) -> None:
+        """Unused: `makeConnection` does the work."""
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._lost:
+            return
+        self._tls.bio_write(data)
+        if not self._handshake_done and not self._handshake():
+            return
+        self._read_records()
+
+    def readConnectionLost(self) -> None:
+        """The TCP peer sent FIN: whatever TLS still holds is delivered, then
+        the wrapped protocol sees end of input."""
+        if self._lost or self._read_eof:
+            return
+        if not self._handshake_done:
+            self._fail(Failure(SSL.Error("connection closed during the TLS handshake")))
+            return
+        self._tls.bio_shutdown()
+        self._read_records()
+        if not self._read_eof and not self._lost:
+            self._end_of_input()
+
+    def writeConnectionLost(self) -> None:
+        """Our TCP FIN has been sent; nothing to do."""
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        self.connected = False
+        wrapped, self.wrapped = self.wrapped, None
+        wrapped.connectionLost(self._failure or reason)
+
+    # TLS machinery
+
+    def _handshake(self) -> bool:
+        try:
+            self._tls.do_handshake()
+        except SSL.WantReadError:
+            self._flush()
+            return False
+        except Exception:  # SSL.Error, or an exception from an OpenSSL callback
+            self._fail(Failure())
+            return False
+        self._flush()
+        if self._verify is not None:
+            try:
+                self._verify(self._tls)
+            except Exception:
+                self._fail(Failure())
+                return False
+        self._handshake_done = True
+        if IHandshakeListener.providedBy(self.wrapped):
+            self.wrapped.handshakeCompleted()
+        if self._pending and not self._lost:
+            pending, self._pending = self._pending, []
+            for data in pending:
+                self._send(data)
+        if self._shut_pending:
+            self._shut_pending = False
+            if self.disconnecting:
+                self.disconnecting = False
+                self.loseConnection()
+            else:
+                self.loseWriteConnection()
+        return not self._lost
+
+    def _read_records(self) -> None:
+        recv = self._tls.recv
+        chunks = []
+        while True:
+            try:
+                chunks.append(recv(_READ_SIZE))
+            except SSL.WantReadError:
+                break
+            except SSL.ZeroReturnError:
+                self._deliver(chunks)
+                self._flush()
+                self._end_of_input()
+                return
+            except SSL.Error:
+                self._deliver(chunks)
+                self._fail(Failure())
+                return
+        self._deliver(chunks)
+        # Reading may have produced output (session tickets, key updates).
+        self._flush()
+
+    def _deliver(self, chunks: list[bytes]) -> None:
+        if chunks and not self._aborted and self.wrapped is not None:
+            self.wrapped.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def _end_of_input(self) -> None:
+        if self._read_eof or self.wrapped is None:
+            return
+        self._read_eof = True
+        if self._write_shut:
+            self.transport.loseConnection()
+        elif IHalfCloseableProtocol.providedBy(self.wrapped):
+            self.wrapped.readConnectionLost()
+        else:
+            self.loseConnection()
+
+    def _flush(self) -> None:
+        bio_read = self._tls.bio_read
+        while True:
+            try:
+                data = bio_read(_BIO_READ_SIZE)
+            except SSL.WantReadError:
+                return
+            self.transport.write(data)
+
+    def _fail(self, failure: Failure) -> None:
+        if self._failure is None:
+            self._failure = failure
+        self._aborted = True  # nothing more reaches the wrapped protocol
+        try:
+            self._flush()  # the alert saying why
+        except SSL.Error:
+            pass
+        self.transport.loseConnection()
+
+    def _send(self, data: bytes) -> None:
+        try:
+            sent = self._tls.send(data)
+            while sent < len(data):
+                data = data[sent:]
+                sent = self._tls.send(data)
+        except SSL.Error:
+            self._fail(Failure())
+            return
+        self._flush()
+
+    # ITransport, towards the wrapped protocol
+
+    def write(self, data: bytes) -> None:
+        if self._write_shut or self._lost or self.disconnecting or not data:
+            return
+        if not self._handshake_done:
+            self._pending.append(bytes(data))
+            return
+        self._send(data)
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseWriteConnection(self) -> None:
+        """Send ``close_notify`` and a TCP FIN; keep reading."""
+        if self._write_shut or self._lost or self.disconnecting:
+            return
+        if not self._handshake_done:
+            self._shut_pending = True
+            return
+        self._write_shut = True
+        try:
+            self._tls.shutdown()
+        except SSL.Error:
+            pass
+        self._flush()
+        if self._read_eof:
+            self.transport.loseConnection()
+        else:
+            self.transport.loseWriteConnection()
+
+    def loseConnection(self) -> None:
+        """Send ``close_notify`` (after any pending data) and close."""
+        if self.disconnecting or self._lost:
+            return
+        self.disconnecting = True
+        if not self._handshake_done:
+            if self._pending:
+                self._shut_pending = True
+                return
+            self.transport.loseConnection()
+            return
+        if not self._write_shut:
+            self._write_shut = True
+            try:
+                self._tls.shutdown()
+            except SSL.Error:
+                pass
+            self._flush()
+        self.transport.loseConnection()
+
+    def abortConnection(self) -> None:
+        self._aborted = True
+        self.disconnecting = True
+        self.transport.abortConnection()
+
+    def getPeer(self) -> Any:
+        return self.transport.getPeer()
+
+    def getHost(self) -> Any:
+        return self.transport.getHost()
+
+    def getTcpNoDelay(self) -> bool:
+        return self.transport.getTcpNoDelay()
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.transport.setTcpNoDelay(enabled)
+
+    def getTcpKeepAlive(self) -> bool:
+        return self.transport.getTcpKeepAlive()
+
+    def setTcpKeepAlive(self, enabled: bool) -> None:
+        self.transport.setTcpKeepAlive(enabled)
+
+    def getHandle(self) -> SSL.Connection:
+        return self._tls
+
+    def getPeerCertificate(self) -> Any:
+        return self._tls.get_peer_certificate()
+
+    @property
+    def negotiatedProtocol(self) -> bytes | None:
+        proto = self._tls.get_alpn_proto_negotiated() if self._tls is not None else None
+        return proto or None
+
+    # IConsumer: nothing is buffered here after the handshake, so the TCP
+    # transport's own flow control reaches the producer directly.
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        self.transport.registerProducer(producer, streaming)
+
+    def unregisterProducer(self) -> None:
+        self.transport.unregisterProducer()
+
+    # IPushProducer: pausing us pauses reading from the socket.
+
+    def pauseProducing(self) -> None:
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+@implementer(IProtocolFactory)
+class TLSFactory(Factory):
+    """Wraps every protocol ``wrapped_factory`` builds in a `TLSTransport`.
+
+    ``connection_for`` makes the ``SSL.Connection`` for a new connection
+    (server or client side); ``verify`` optionally checks the peer after the
+    handshake.
+    """
+
+    def __init__(
+        self,
+        wrapped_factory: Any,
+        connection_for: Callable[[], SSL.Connection],
+        verify: Callable[[SSL.Connection], None] | None = None,
+    ):
+        self.wrapped_factory = wrapped_factory
+        self.connection_for = connection_for
+        self.verify = verify
+
+    def doStart(self) -> None:
+        self.wrapped_factory.doStart()
+
+    def doStop(self) -> None:
+        self.wrapped_factory.doStop()
+
+    def logPrefix(self) -> str:
+        prefix = getattr(self.wrapped_factory, "logPrefix", None)
+        return f"TLS({prefix() if prefix else type(self.wrapped_factory).__name__})"
+
+    def buildProtocol(self, addr: Any) -> TLSTransport | None:
+        wrapped = self.wrapped_factory.buildProtocol(addr)
+        if wrapped is None:
+            return None
+        return TLSTransport(wrapped, self.connection_for(), self.verify)
+
+    def __getattr__(self, name: str) -> Any:
+        # ClientFactory callbacks (clientConnectionFailed, ...) reach the
+        # wrapped factory.
+        return getattr(self.wrapped_factory, name)
+
+
+def server_tls_factory(wrapped_factory: Any, context_source: Callable[[], SSL.Context]) -> TLSFactory:
+    """A factory for TLS server connections with the context
+    ``context_source()`` returns (called per connection, so a reload can
+    swap it)."""
+
+    def connection_for() -> SSL.Connection:
+        connection = SSL.Connection(context_source(), None)
+        connection.set_accept_state()
+        return connection
+
+    return TLSFactory(wrapped_factory, connection_for)
+
+
+def verify_hostname(hostname: str) -> Callable[[SSL.Connection], None]:
+    """A post-handshake check that the peer certificate is for ``hostname``
+    (DNS name or IP address, via service_identity)."""
+    import ipaddress
+
+    from service_identity import VerificationError as SIVerificationError
+    from service_identity.pyopenssl import verify_hostname as si_hostname
+    from service_identity.pyopenssl import verify_ip_address as si_ip
+
+    try:
+        ipaddress.ip_address(hostname)
+        check = si_ip
+    except ValueError:
+        check = si_hostname
+
+    def verify(connection: SSL.Connection) -> None:
+        try:
+            check(connection, hostname)
+        except SIVerificationError as e:
+            raise VerificationError(f"certificate does not match {hostname}: {e}") from None
+
+    return verify
+
+
+def client_tls_factory(
+    wrapped_factory: Any,
+    context: SSL.Context,
+    hostname: str,
+    verify: bool = True,
+    sni: str | None = None,
+    session_cache: dict | None = None,
+) -> TLSFactory:
+    """A factory for TLS client connections to ``hostname``; with ``verify``
+    the certificate must name it (``sni`` overrides the name sent and checked).
+    ``session_cache`` (a dict) keeps the last session per name, so repeat
+    connections resume instead of doing a full handshake."""
+    import ipaddress
+
+    name = sni or hostname
+    try:
+        ipaddress.ip_address(name)
+        send_sni = False
+    except ValueError:
+        send_sni = True
+
+    def connection_for() -> SSL.Connection:
+        connection = SSL.Connection(context, None)
+        connection.set_connect_state()
+        if send_sni:
+            connection.set_tlsext_host_name(name.encode("idna"))
+        if session_cache is not None and name in session_cache:
+            connection.set_session(session_cache[name])
+        return connection
+
+    checker = verify_hostname(name) if verify else None
+
+    def after_handshake(connection: SSL.Connection) -> None:
+        if checker is not None:
+            checker(connection)
+        if session_cache is not None:
+            session = connection.get_session()
+            if session is not None:
+                session_cache[name] = session
+
+    return TLSFactory(wrapped_factory, connection_for, after_handshake)
