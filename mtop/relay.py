@@ -53,7 +53,7 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_finished = on_finished
         self._idle_call = None
-        self._idle_seen = -1
+        self._idle_seen = 0
         self._idle_since = 0.0
 
     def start(self) -> None:
@@ -63,6 +63,7 @@ class Relay:
         self.client.registerProducer(self.target, True)
         self.target.registerProducer(self.client, True)
         if self.idle_timeout > 0:
+            self._idle_seen = self.bytes_up + self.bytes_down
             self._idle_since = self.clock.seconds()
             self._idle_call = self.clock.callLater(self._idle_interval(), self._check_idle)
 

@@ -1,0 +1,136 @@
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import Clock
+
+from mtop import passwords
+from mtop.auth import Authenticator
+from mtop.schema import SQLITE_SCHEMA
+from mtop.userstore import StoreUnavailable, UserRecord
+from mtop.userstore.sqlite import SQLiteUserStore
+
+
+class DictStore:
+    def __init__(self):
+        self.rows = {}
+        self.lookups = 0
+        self.pending = None
+
+    def lookup(self, username):
+        self.lookups += 1
+        if self.pending is not None:
+            return self.pending
+        return succeed(self.rows.get(username))
+
+
+def run_now(f, *args):
+    return maybeDeferred(f, *args)
+
+
+def results(d):
+    out = []
+    d.addBoth(out.append)
+    return out
+
+
+@pytest.fixture
+def setup():
+    store, clock = DictStore(), Clock()
+    store.rows["alice"] = UserRecord("alice", "salt", passwords.legacy_hash("salt", "pw"))
+    store.rows["bob"] = UserRecord("bob", "s", passwords.scrypt_hash("bobpw", log2_n=4))
+    return store, clock, Authenticator(store, clock, run_now, cache_ttl=5, query_timeout=2)
+
+
+def test_right_and_wrong_passwords(setup):
+    store, clock, auth = setup
+    assert results(auth.authenticate("alice", "pw")) == [True]
+    assert results(auth.authenticate("alice", "nope")) == [False]
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert results(auth.authenticate("nobody", "pw")) == [False]
+
+
+def test_success_is_cached_until_ttl(setup):
+    store, clock, auth = setup
+    auth.authenticate("alice", "pw")
+    assert store.lookups == 1
+    auth.authenticate("alice", "pw")
+    assert store.lookups == 1
+    # a different password is not served from the cache
+    assert results(auth.authenticate("alice", "other")) == [False]
+    assert store.lookups == 2
+    clock.advance(5.1)
+    del store.rows["alice"]
+    assert results(auth.authenticate("alice", "pw")) == [False]
+    assert store.lookups == 3
+
+
+def test_password_change_takes_effect_after_ttl(setup):
+    store, clock, auth = setup
+    auth.authenticate("alice", "pw")
+    store.rows["alice"] = UserRecord("alice", "salt", passwords.legacy_hash("salt", "new"))
+    clock.advance(5.1)
+    assert results(auth.authenticate("alice", "pw")) == [False]
+    assert results(auth.authenticate("alice", "new")) == [True]
+
+
+def test_concurrent_attempts_share_one_lookup(setup):
+    store, clock, auth = setup
+    store.pending = Deferred()
+    a, b = results(auth.authenticate("alice", "pw")), results(auth.authenticate("alice", "pw"))
+    assert store.lookups == 1 and a == [] and b == []
+    store.pending.callback(store.rows["alice"])
+    assert a == [True] and b == [True]
+
+
+def test_slow_store_times_out_as_unavailable(setup):
+    store, clock, auth = setup
+    store.pending = Deferred()
+    out = results(auth.authenticate("alice", "pw"))
+    clock.advance(2.1)
+    assert len(out) == 1 and out[0].check(StoreUnavailable)
+
+
+@pytest.fixture
+def sqlite_path(tmp_path):
+    path = tmp_path / "users.db"
+    db = sqlite3.connect(path)
+    db.execute(SQLITE_SCHEMA)
+    db.execute(
+        "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
+        ("test111", "abcdefghijkl", "6baff1c350ee6a3bd3209c64779510f8d8b55a8c7ac55fcd4d0247ebb2e7d2bc"),
+    )
+    db.commit()
+    db.close()
+    return str(path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_store_reads_original_rows_and_sees_changes(sqlite_path):
+    store = SQLiteUserStore(sqlite_path)
+    store.startService()
+    try:
+        record = await store.lookup("test111")
+        assert record == UserRecord("test111", "abcdefghijkl", passwords.legacy_hash("abcdefghijkl", "123456"))
+        assert await store.lookup("nobody") is None
+        db = sqlite3.connect(sqlite_path)
+        db.execute("INSERT INTO mtop_user (username, salt, password) VALUES ('new', 's', 'x')")
+        db.commit()
+        db.close()
+        assert (await store.lookup("new")).password == "x"
+    finally:
+        store.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_sqlite_store_never_creates_a_missing_database(tmp_path):
+    path = tmp_path / "missing.db"
+    store = SQLiteUserStore(str(path))
+    store.startService()
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.lookup("x")
+        assert not path.exists()
+    finally:
+        store.stopService()

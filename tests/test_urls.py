@@ -1,0 +1,53 @@
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from mtop.urls import ServerLink, URLError, make_url, parse_url
+
+
+def test_share_url_vectors(vectors):
+    for case in vectors["share_url"]["cases"]:
+        link = ServerLink(case["username"], case["password"], case["host"], case["port"], case["type"], case["proto"])
+        assert make_url(link) == case["url"]
+        assert parse_url(case["url"]) == link
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "http://u:p@h:1/tls",
+        "mtop://u:p@h/tls",
+        "mtop://h:443/tls",
+        "mtop://u:p@h:443/udp",
+        "mtop://u:p@h:99999/tls",
+        "mtop://u:p@[::1:443/tls",
+        "mtop://u:p@h:abc/tls",
+    ],
+)
+def test_bad_links_are_url_errors(bad):
+    with pytest.raises(URLError):
+        parse_url(bad)
+
+
+def test_repr_hides_password():
+    assert "s3cret" not in repr(ServerLink("u", "s3cret", "h", 1))
+
+
+@given(st.text())
+def test_any_text_parses_or_is_a_url_error(text):
+    try:
+        parse_url(text)
+    except URLError:
+        pass
+
+
+@given(
+    st.text(min_size=1),
+    st.text(min_size=1),
+    st.sampled_from(["example.com", "127.0.0.1", "2001:db8::1"]),
+    st.integers(1, 65535),
+    st.sampled_from(["tls", "quic"]),
+)
+def test_round_trip(user, password, host, port, kind):
+    link = ServerLink(user, password, host, port, kind)
+    assert parse_url(make_url(link)) == link
