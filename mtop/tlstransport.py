@@ -361,10 +361,20 @@ class TLSFactory(Factory):
             return None
         return TLSTransport(wrapped, self.connection_for(), self.verify)
 
-    def __getattr__(self, name: str) -> Any:
-        # ClientFactory callbacks (clientConnectionFailed, ...) reach the
-        # wrapped factory.
-        return getattr(self.wrapped_factory, name)
+    # ClientFactory callbacks reach the wrapped factory when it has them.
+
+    def startedConnecting(self, connector: Any) -> None:
+        getattr(self.wrapped_factory, "startedConnecting", _ignore)(connector)
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        getattr(self.wrapped_factory, "clientConnectionFailed", _ignore)(connector, reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        getattr(self.wrapped_factory, "clientConnectionLost", _ignore)(connector, reason)
+
+
+def _ignore(*args: Any) -> None:
+    pass
 
 
 def server_tls_factory(wrapped_factory: Any, context_source: Callable[[], SSL.Context]) -> TLSFactory:

@@ -1,0 +1,243 @@
+"""The server in this process on 127.0.0.1 with real TLS and real SQLite:
+flow control under a slow peer, and half-close through our TLS transport."""
+
+import sqlite3
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+
+from mtop import passwords, wire
+from mtop.auth import Authenticator
+from mtop.certs import init_certs
+from mtop.dialer import Dialer
+from mtop.schema import SQLITE_SCHEMA
+from mtop.server import ServerSettings, TunnelFactory
+from mtop.tls import client_context, server_context
+from mtop.tlstransport import client_tls_factory, server_tls_factory
+from mtop.userstore.sqlite import SQLiteUserStore
+
+CHUNK = b"\xa5" * (256 * 1024)
+LIMIT = 1 << 20
+
+
+class Source(Protocol):
+    """Writes as fast as the peer takes it, up to a cap; counts."""
+
+    def __init__(self, cap=256 << 20):
+        self.sent = 0
+        self.cap = cap
+        self.paused = False
+        self.received = 0
+        self.stopped = False
+
+    def connectionMade(self):
+        self.transport.registerProducer(self, True)
+        self._pump()
+
+    def _pump(self):
+        if self.paused or self.stopped or self.sent >= self.cap:
+            return
+        self.transport.write(CHUNK)
+        self.sent += len(CHUNK)
+        reactor.callLater(0, self._pump)
+
+    def pauseProducing(self):
+        self.paused = True
+
+    def resumeProducing(self):
+        if self.paused:
+            self.paused = False
+            self._pump()
+
+    def stopProducing(self):
+        self.stopped = True
+
+    def dataReceived(self, data):
+        self.received += len(data)
+
+
+class Tunnel(Protocol):
+    """A client: auth message, wait for the reply, then behave as told."""
+
+    def __init__(self, request, on_reply=None):
+        self.request = request
+        self.reply = Deferred()
+        self.buffer = b""
+        self.received = 0
+        self.on_reply = on_reply
+
+    def connectionMade(self):
+        self.transport.write(wire.encode_auth(self.request))
+
+    def dataReceived(self, data):
+        if not self.reply.called:
+            self.buffer += data
+            if len(self.buffer) >= 2:
+                reply, rest = self.buffer[:2], self.buffer[2:]
+                self.received += len(rest)
+                self.reply.callback(reply)
+            return
+        self.received += len(data)
+
+    def connectionLost(self, reason):
+        if not self.reply.called:
+            self.reply.errback(reason)
+
+
+def buffered(tcp_transport):
+    return len(tcp_transport.dataBuffer) - tcp_transport.offset + tcp_transport._tempDataLen
+
+
+@pytest.fixture
+def server(tmp_path):
+    paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    db_path = tmp_path / "users.db"
+    db = sqlite3.connect(db_path)
+    db.execute(SQLITE_SCHEMA)
+    db.execute(
+        "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
+        ("alice", "s", passwords.legacy_hash("s", "pw")),
+    )
+    db.commit()
+    db.close()
+    store = SQLiteUserStore(str(db_path))
+    store.startService()
+    auth = Authenticator(
+        store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
+    )
+    factory = TunnelFactory(auth, Dialer(reactor, 5), reactor, ServerSettings(handshake_timeout=5))
+    ctx = server_context(paths.server_crt, paths.server_key, "mtop")
+    port = reactor.listenTCP(0, server_tls_factory(factory, lambda: ctx), interface="127.0.0.1")
+    yield factory, port.getHost().port, paths
+    port.stopListening()
+    store.stopService()
+    for tunnel in list(factory.tunnels):
+        tunnel.transport.abortConnection()
+
+
+def listen_target(protocol):
+    factory = Factory.forProtocol(lambda: protocol)
+    return reactor.listenTCP(0, factory, interface="127.0.0.1")
+
+
+def connect_tunnel(port, paths, request):
+    client = Tunnel(request)
+    tls = client_tls_factory(
+        Factory.forProtocol(lambda: client), client_context(paths.ca_crt), "127.0.0.1"
+    )
+    reactor.connectTCP("127.0.0.1", port, tls)
+    return client
+
+
+@pytest_twisted.ensureDeferred
+async def test_client_that_stops_reading_bounds_server_memory(server):
+    factory, port, paths = server
+    source = Source()
+    target_port = listen_target(source)
+    try:
+        client = connect_tunnel(
+            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
+        )
+        assert await client.reply == b"\x01\x00"
+        client.transport.pauseProducing()  # the client stops reading
+        await deferLater(reactor, 1.5, lambda: None)
+        sent_before = source.sent
+        await deferLater(reactor, 1.0, lambda: None)
+        (tunnel,) = factory.tunnels
+        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target)
+        assert held <= LIMIT, f"server holds {held} bytes for a client that does not read"
+        assert source.sent == sent_before, "the target was not paused"
+        assert source.sent < 64 << 20
+        # Once the client reads again, everything arrives.
+        client.transport.resumeProducing()
+        source.cap = source.sent + 4 * len(CHUNK)
+        source.resumeProducing()
+        for _ in range(100):
+            if client.received == source.sent:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert client.received == source.sent
+        client.transport.loseConnection()
+    finally:
+        target_port.stopListening()
+
+
+class Sink(Protocol):
+    def connectionMade(self):
+        self.transport.pauseProducing()  # never reads
+
+
+@pytest_twisted.ensureDeferred
+async def test_target_that_stops_reading_bounds_server_memory(server):
+    factory, port, paths = server
+    target_port = listen_target(Sink())
+    try:
+        client = connect_tunnel(
+            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
+        )
+        assert await client.reply == b"\x01\x00"
+        pusher = Source(cap=64 << 20)
+        pusher.transport = client.transport
+        client.transport.registerProducer(pusher, True)
+        pusher._pump()
+        await deferLater(reactor, 1.5, lambda: None)
+        sent_before = pusher.sent
+        await deferLater(reactor, 1.0, lambda: None)
+        (tunnel,) = factory.tunnels
+        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target) + len(tunnel._buffer)
+        assert held <= LIMIT, f"server holds {held} bytes for a target that does not read"
+        assert pusher.sent == sent_before, "the client was not paused"
+        pusher.stopped = True
+        client.transport.unregisterProducer()
+        client.transport.loseConnection()
+    finally:
+        target_port.stopListening()
+
+
+class EchoAfterEOF(Protocol):
+    """Collects until EOF, then answers and closes: needs half-close."""
+
+    def __init__(self):
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def readConnectionLost(self):
+        self.transport.write(b"got:" + self.data)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
+
+
+from twisted.internet.interfaces import IHalfCloseableProtocol  # noqa: E402
+from zope.interface import classImplements  # noqa: E402
+
+classImplements(EchoAfterEOF, IHalfCloseableProtocol)
+
+
+@pytest_twisted.ensureDeferred
+async def test_half_close_through_our_tls_transport_on_both_ends(server):
+    factory, port, paths = server
+    target_port = listen_target(EchoAfterEOF())
+    try:
+        client = connect_tunnel(
+            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
+        )
+        assert await client.reply == b"\x01\x00"
+        closed = Deferred()
+        client.connectionLost = lambda reason: closed.callback(None)
+        chunks = []
+        client.dataReceived = chunks.append
+        client.transport.write(b"hello")
+        client.transport.loseWriteConnection()
+        await closed
+        assert b"".join(chunks) == b"got:hello"
+    finally:
+        target_port.stopListening()
