@@ -44,7 +44,7 @@ run: venv
 	@echo "MTop demo server on 127.0.0.1:$(DEMO_PORT) (TLS 1.3, ALPN mtop), user 'demo'."
 	@echo "Share link: $$($(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) --password-stdin < $(STATE)/demo-password)"
 	@echo "Try it from another terminal (opens a tunnel to the server's own port):"
-	@echo "  $(VENV)/bin/mtopctl check --ca $(STATE)/ca.crt --target 127.0.0.1:$(DEMO_PORT) \$$(cat $(STATE)/demo-link)"
+	@echo "  $(VENV)/bin/mtopctl check --ca $(STATE)/ca.crt --target 127.0.0.1:$(DEMO_PORT) \"\$$(cat $(STATE)/demo-link)\""
 	@$(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) --password-stdin < $(STATE)/demo-password > $(STATE)/demo-link
 	@echo "Stop with Ctrl-C."
 	exec $(VENV)/bin/twistd --nodaemon --pidfile= mtop --config $(STATE)/mtop.yaml

@@ -335,6 +335,8 @@ class TLSFactory(Factory):
     handshake.
     """
 
+    noisy = False
+
     def __init__(
         self,
         wrapped_factory: Any,

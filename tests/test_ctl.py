@@ -1,0 +1,73 @@
+import sqlite3
+
+import pytest
+
+from mtop import passwords
+from mtop.ctl import main
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "mtop.yaml"
+    path.write_text("server:\n  crt: server.crt\n  key: server.key\ndb:\n  driverName: sqlite\n  dsn: users.db\n")
+    return str(path)
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_user_lifecycle(config, tmp_path, capsys):
+    assert run(capsys, "-c", config, "db", "init")[0] == 0
+    assert run(capsys, "-c", config, "user", "add", "-u", "alice", "-p", "pw1")[0] == 0
+    assert run(capsys, "-c", config, "user", "add", "-u", "old", "-p", "123456", "-s", "abcdefghijkl", "--legacy")[0] == 0
+    rows = dict(sqlite3.connect(tmp_path / "users.db").execute("SELECT username, password FROM mtop_user"))
+    assert passwords.verify(rows["alice"], "", "pw1") and rows["alice"].startswith("$scrypt$")
+    assert rows["old"] == "6baff1c350ee6a3bd3209c64779510f8d8b55a8c7ac55fcd4d0247ebb2e7d2bc"
+    code, out, err = run(capsys, "-c", config, "user", "add", "-u", "alice", "-p", "x")
+    assert code == 1 and "already exists" in err and len(err.strip().splitlines()) == 1
+    assert run(capsys, "-c", config, "user", "passwd", "-u", "alice", "-p", "pw2")[0] == 0
+    stored = sqlite3.connect(tmp_path / "users.db").execute("SELECT password FROM mtop_user WHERE username='alice'").fetchone()[0]
+    assert passwords.verify(stored, "", "pw2")
+    code, out, err = run(capsys, "-c", config, "user", "list")
+    assert "alice" in out and "old" in out and "pw2" not in out and stored not in out
+    assert run(capsys, "-c", config, "user", "del", "-u", "alice")[0] == 0
+    code, out, err = run(capsys, "-c", config, "user", "del", "-u", "alice")
+    assert code == 1 and "no user" in err
+
+
+def test_password_from_stdin(config, tmp_path, capsys, monkeypatch):
+    import io
+
+    run(capsys, "-c", config, "db", "init")
+    monkeypatch.setattr("sys.stdin", io.StringIO("fromstdin\n"))
+    assert run(capsys, "-c", config, "user", "add", "-u", "bob", "--password-stdin")[0] == 0
+    stored = sqlite3.connect(tmp_path / "users.db").execute("SELECT password FROM mtop_user").fetchone()[0]
+    assert passwords.verify(stored, "", "fromstdin")
+
+
+def test_missing_database_is_one_clear_line(config, capsys):
+    code, out, err = run(capsys, "-c", config, "user", "list")
+    assert code == 1 and "mtopctl db init" in err and "Traceback" not in err
+
+
+def test_url_matches_the_vectors(vectors, capsys):
+    for case in vectors["share_url"]["cases"]:
+        code, out, err = run(
+            capsys, "url", "-u", case["username"], "-p", case["password"], "-H", case["host"],
+            "-P", str(case["port"]), "-t", case["type"], "-o", case["proto"],
+        )
+        assert code == 0 and out.strip() == case["url"]
+
+
+def test_cert_init_writes_usable_files(tmp_path, capsys):
+    from mtop.tls import server_context
+
+    code, out, err = run(capsys, "cert", "init", "--host", "vpn.example", "--ip", "127.0.0.1", "--dir", str(tmp_path))
+    assert code == 0
+    assert (tmp_path / "server.key").stat().st_mode & 0o077 == 0
+    server_context(str(tmp_path / "server.crt"), str(tmp_path / "server.key"), "mtop")
+    code, out, err = run(capsys, "cert", "init", "--host", "vpn.example", "--dir", str(tmp_path))
+    assert code == 1 and "--force" in err
