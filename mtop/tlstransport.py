@@ -183,10 +183,12 @@ class TLSTransport:
         if self._read_eof or self.wrapped is None:
             return
         self._read_eof = True
-        if self._write_shut:
-            self.transport.loseConnection()
-        elif IHalfCloseableProtocol.providedBy(self.wrapped):
+        if IHalfCloseableProtocol.providedBy(self.wrapped):
+            # Even when our side is already shut: the protocol needs to know
+            # the peer finished cleanly (it closes the connection itself).
             self.wrapped.readConnectionLost()
+        elif self._write_shut:
+            self.transport.loseConnection()
         else:
             self.loseConnection()
 
