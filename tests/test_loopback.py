@@ -89,6 +89,19 @@ class Tunnel(Protocol):
             self.reply.errback(reason)
 
 
+async def send_and_half_close(client, data):
+    """Send ``data``, half-close, and return all that arrives until the
+    connection ends."""
+    closed = Deferred()
+    client.connectionLost = lambda reason: closed.callback(None)
+    chunks = []
+    client.dataReceived = chunks.append
+    client.transport.write(data)
+    client.transport.loseWriteConnection()
+    await closed
+    return b"".join(chunks)
+
+
 def buffered(tcp_transport):
     return len(tcp_transport.dataBuffer) - tcp_transport.offset + tcp_transport._tempDataLen
 
@@ -231,13 +244,23 @@ async def test_half_close_through_our_tls_transport_on_both_ends(server):
             port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
         )
         assert await client.reply == b"\x01\x00"
-        closed = Deferred()
-        client.connectionLost = lambda reason: closed.callback(None)
-        chunks = []
-        client.dataReceived = chunks.append
-        client.transport.write(b"hello")
-        client.transport.loseWriteConnection()
-        await closed
-        assert b"".join(chunks) == b"got:hello"
+        assert await send_and_half_close(client, b"hello") == b"got:hello"
+    finally:
+        target_port.stopListening()
+
+
+@pytest.mark.parametrize(
+    "interface,host,atyp",
+    [("::1", "::1", wire.ATYP_IPV6), ("127.0.0.1", "localhost", wire.ATYP_DOMAIN)],
+)
+@pytest_twisted.ensureDeferred
+async def test_ipv6_and_domain_targets(server, interface, host, atyp):
+    factory, port, paths = server
+    target = EchoAfterEOF()
+    target_port = reactor.listenTCP(0, Factory.forProtocol(lambda: target), interface=interface)
+    try:
+        client = connect_tunnel(port, paths, wire.AuthRequest("alice", "pw", host, target_port.getHost().port, atyp))
+        assert await client.reply == b"\x01\x00"
+        assert await send_and_half_close(client, b"v6?") == b"got:v6?"
     finally:
         target_port.stopListening()
