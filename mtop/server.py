@@ -38,6 +38,9 @@ from mtop.userstore import StoreUnavailable
 #: can arrive; this is a safety net, not a working limit.
 MAX_EARLY_DATA = 1 << 20
 
+#: How long a refused client may keep sending after our error reply.
+LINGER_SECONDS = 2.0
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -126,6 +129,8 @@ class TunnelProtocol(Protocol):
             self.relay.client_eof()
         elif self.state == "handshake":
             self._fail("truncated" if self._buffer else "no-request", None)
+        elif self.state == "failing":
+            self.transport.loseConnection()
         else:
             self._client_eof = True  # handed on once the target is connected
 
@@ -254,8 +259,14 @@ class TunnelProtocol(Protocol):
         self.state = "failing"
         self._cancel_deadline()
         if status is not None and self.factory.settings.reply_errors:
+            # Closing with unread input makes the kernel send RST, which can
+            # destroy the reply before the client reads it: shut our side,
+            # drain what the client still sends, close on its EOF or soon.
             self.transport.write(wire.encode_reply(status))
-        self.transport.loseConnection()
+            self.transport.loseWriteConnection()
+            self._deadline = self.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
+        else:
+            self.transport.loseConnection()
 
     def _finish(self, bytes_up: int, bytes_down: int) -> None:
         self.factory.tunnels.discard(self)

@@ -235,6 +235,14 @@ class TLSTransport:
     def writeSequence(self, data: list[bytes]) -> None:
         self.write(b"".join(data))
 
+    def _send_close_notify(self) -> None:
+        self._write_shut = True
+        try:
+            self._tls.shutdown()
+        except SSL.Error:
+            pass
+        self._flush()
+
     def loseWriteConnection(self) -> None:
         """Send ``close_notify`` and a TCP FIN; keep reading."""
         if self._write_shut or self._lost or self.disconnecting:
@@ -242,12 +250,7 @@ class TLSTransport:
         if not self._handshake_done:
             self._shut_pending = True
             return
-        self._write_shut = True
-        try:
-            self._tls.shutdown()
-        except SSL.Error:
-            pass
-        self._flush()
+        self._send_close_notify()
         if self._read_eof:
             self.transport.loseConnection()
         else:
@@ -265,12 +268,7 @@ class TLSTransport:
             self.transport.loseConnection()
             return
         if not self._write_shut:
-            self._write_shut = True
-            try:
-                self._tls.shutdown()
-            except SSL.Error:
-                pass
-            self._flush()
+            self._send_close_notify()
         self.transport.loseConnection()
 
     def abortConnection(self) -> None:

@@ -10,6 +10,8 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from zope.interface import implementer
 
 from mtop import passwords, wire
 from mtop.auth import Authenticator
@@ -89,6 +91,16 @@ class Tunnel(Protocol):
             self.reply.errback(reason)
 
 
+async def open_tunnel(port, paths, host, target_port, atyp=wire.ATYP_IPV4):
+    """A tunnel as alice to ``target_port`` (named ``host``), once the server
+    has replied 01 00."""
+    client = connect_tunnel(
+        port, paths, wire.AuthRequest("alice", "pw", host, target_port.getHost().port, atyp)
+    )
+    assert await client.reply == b"\x01\x00"
+    return client
+
+
 async def send_and_half_close(client, data):
     """Send ``data``, half-close, and return all that arrives until the
     connection ends."""
@@ -153,10 +165,7 @@ async def test_client_that_stops_reading_bounds_server_memory(server):
     source = Source()
     target_port = listen_target(source)
     try:
-        client = connect_tunnel(
-            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
-        )
-        assert await client.reply == b"\x01\x00"
+        client = await open_tunnel(port, paths, "127.0.0.1", target_port)
         client.transport.pauseProducing()  # the client stops reading
         await deferLater(reactor, 1.5, lambda: None)
         sent_before = source.sent
@@ -190,10 +199,7 @@ async def test_target_that_stops_reading_bounds_server_memory(server):
     factory, port, paths = server
     target_port = listen_target(Sink())
     try:
-        client = connect_tunnel(
-            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
-        )
-        assert await client.reply == b"\x01\x00"
+        client = await open_tunnel(port, paths, "127.0.0.1", target_port)
         pusher = Source(cap=64 << 20)
         pusher.transport = client.transport
         client.transport.registerProducer(pusher, True)
@@ -212,6 +218,7 @@ async def test_target_that_stops_reading_bounds_server_memory(server):
         target_port.stopListening()
 
 
+@implementer(IHalfCloseableProtocol)
 class EchoAfterEOF(Protocol):
     """Collects until EOF, then answers and closes: needs half-close."""
 
@@ -229,21 +236,12 @@ class EchoAfterEOF(Protocol):
         pass
 
 
-from twisted.internet.interfaces import IHalfCloseableProtocol  # noqa: E402
-from zope.interface import classImplements  # noqa: E402
-
-classImplements(EchoAfterEOF, IHalfCloseableProtocol)
-
-
 @pytest_twisted.ensureDeferred
 async def test_half_close_through_our_tls_transport_on_both_ends(server):
     factory, port, paths = server
     target_port = listen_target(EchoAfterEOF())
     try:
-        client = connect_tunnel(
-            port, paths, wire.AuthRequest("alice", "pw", "127.0.0.1", target_port.getHost().port, wire.ATYP_IPV4)
-        )
-        assert await client.reply == b"\x01\x00"
+        client = await open_tunnel(port, paths, "127.0.0.1", target_port)
         assert await send_and_half_close(client, b"hello") == b"got:hello"
     finally:
         target_port.stopListening()
@@ -259,8 +257,7 @@ async def test_ipv6_and_domain_targets(server, interface, host, atyp):
     target = EchoAfterEOF()
     target_port = reactor.listenTCP(0, Factory.forProtocol(lambda: target), interface=interface)
     try:
-        client = connect_tunnel(port, paths, wire.AuthRequest("alice", "pw", host, target_port.getHost().port, atyp))
-        assert await client.reply == b"\x01\x00"
+        client = await open_tunnel(port, paths, host, target_port, atyp)
         assert await send_and_half_close(client, b"v6?") == b"got:v6?"
     finally:
         target_port.stopListening()

@@ -83,6 +83,17 @@ def make(result=True, **settings):
     return protocol, transport, clock, dialer, auth, factory
 
 
+def assert_refused(client, clock, replied):
+    """Without a reply the connection is closed at once; after a reply our
+    side is shut and the connection is aborted if the client lingers."""
+    if not replied:
+        assert client.disconnecting
+        return
+    assert client.write_closed and not client.disconnecting
+    clock.advance(2.1)
+    assert client.aborted
+
+
 AUTH = wire.encode_auth(wire.AuthRequest("alice", "pw", "example.com", 443))
 
 
@@ -136,7 +147,8 @@ def test_client_eof_during_connect_is_carried_to_target():
 def test_auth_failure(events, reply_errors, expected):
     protocol, client, clock, dialer, auth, factory = make(result=False, reply_errors=reply_errors)
     protocol.dataReceived(AUTH)
-    assert client.value() == expected and client.disconnecting
+    assert client.value() == expected
+    assert_refused(client, clock, replied=reply_errors)
     assert dialer.attempts == []
     protocol.connectionLost(None)
     (event,) = outcome_events(events)
@@ -149,14 +161,16 @@ def test_connect_failure(reply_errors, expected):
     protocol, client, clock, dialer, auth, factory = make(reply_errors=reply_errors)
     protocol.dataReceived(AUTH)
     dialer.fail()
-    assert client.value() == expected and client.disconnecting
+    assert client.value() == expected
+    assert_refused(client, clock, replied=reply_errors)
 
 
 @pytest.mark.parametrize("reply_errors,expected", [(False, b""), (True, b"\x01\x01")])
 def test_bad_version(reply_errors, expected):
     protocol, client, clock, dialer, auth, factory = make(reply_errors=reply_errors)
     protocol.dataReceived(b"\x05\x01")
-    assert client.value() == expected and client.disconnecting
+    assert client.value() == expected
+    assert_refused(client, clock, replied=reply_errors)
     assert auth.calls == []
 
 
