@@ -117,7 +117,7 @@ def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
     return ListenAddress(host or None, int(port_text))
 
 
-class _Section:
+class Section:
     """Reads one mapping of the YAML document, remembering which keys were
     used so the rest can be reported as unknown."""
 
@@ -146,19 +146,19 @@ class _Section:
                 self.warnings.append(f"unknown key {self.key(str(key))} ignored")
 
 
-def _string(key: str, value: Any) -> str:
+def as_string(key: str, value: Any) -> str:
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(f"{key}: {value!r} is not a string")
 
 
-def _bool(key: str, value: Any) -> bool:
+def as_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
     raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
 
 
-def _seconds(key: str, value: Any) -> float:
+def as_seconds(key: str, value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
     elif isinstance(value, str):
@@ -170,10 +170,10 @@ def _seconds(key: str, value: Any) -> float:
     return seconds
 
 
-def _non_negative_seconds(key: str, value: Any) -> float:
+def as_non_negative_seconds(key: str, value: Any) -> float:
     if value in (0, "0"):
         return 0.0
-    return _seconds(key, value)
+    return as_seconds(key, value)
 
 
 _UNITS = (("ms", 0.001), ("s", 1.0), ("m", 60.0), ("h", 3600.0))
@@ -193,9 +193,9 @@ def _duration(key: str, text: str) -> float:
         raise ConfigError(f"{key}: {text!r} is not a duration; use seconds (10) or '10s', '500ms', '5m'") from None
 
 
-def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
+def choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
     def convert(key: str, value: Any) -> str:
-        text = _string(key, value).lower()
+        text = as_string(key, value).lower()
         if text not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {', '.join(allowed)}")
         return text
@@ -203,15 +203,15 @@ def _choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
     return convert
 
 
-def _path(base: str) -> Callable[[str, Any], str]:
+def path_in(base: str) -> Callable[[str, Any], str]:
     def convert(key: str, value: Any) -> str:
-        text = os.path.expanduser(_string(key, value))
+        text = os.path.expanduser(as_string(key, value))
         return text if os.path.isabs(text) else os.path.normpath(os.path.join(base, text))
 
     return convert
 
 
-def _readable(key: str, path: str) -> None:
+def require_readable(key: str, path: str) -> None:
     if not path:
         raise ConfigError(f"{key} is required: the path of a PEM file")
     try:
@@ -221,61 +221,61 @@ def _readable(key: str, path: str) -> None:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
-def _load_server(section: _Section, base: str, check_files: bool) -> ServerConfig:
+def _load_server(section: Section, base: str, check_files: bool) -> ServerConfig:
     d = ServerConfig()
-    server_type = section.get("type", d.type, _string).lower()
+    server_type = section.get("type", d.type, as_string).lower()
     if server_type == "quic":
         raise ConfigError("server.type: 'quic' is not supported by this version yet; use 'tls'")
     if server_type not in SERVER_TYPES:
         raise ConfigError(f"server.type: {server_type!r} is not one of {', '.join(SERVER_TYPES)}")
-    proto = section.get("proto", d.proto, _string)
+    proto = section.get("proto", d.proto, as_string)
     if not proto or len(proto.encode("utf-8")) > 255:
         raise ConfigError(f"server.proto: {proto!r} must be 1 to 255 bytes long")
-    crt = section.get("crt", "", _path(base))
-    key = section.get("key", "", _path(base))
+    crt = section.get("crt", "", path_in(base))
+    key = section.get("key", "", path_in(base))
     if check_files:
-        _readable("server.crt", crt)
-        _readable("server.key", key)
+        require_readable("server.crt", crt)
+        require_readable("server.key", key)
     config = ServerConfig(
         type=server_type,
         listen=section.get("listen", d.listen, lambda k, v: parse_listen(v, k)),
         crt=crt,
         key=key,
         proto=proto,
-        tls_min_version=section.get("tls_min_version", d.tls_min_version, lambda k, v: _choice(TLS_VERSIONS)(k, str(v))),
-        reply_errors=section.get("reply_errors", d.reply_errors, _bool),
-        handshake_timeout=section.get("handshake_timeout", d.handshake_timeout, _seconds),
-        connect_timeout=section.get("connect_timeout", d.connect_timeout, _seconds),
-        idle_timeout=section.get("idle_timeout", d.idle_timeout, _non_negative_seconds),
+        tls_min_version=section.get("tls_min_version", d.tls_min_version, lambda k, v: choice(TLS_VERSIONS)(k, str(v))),
+        reply_errors=section.get("reply_errors", d.reply_errors, as_bool),
+        handshake_timeout=section.get("handshake_timeout", d.handshake_timeout, as_seconds),
+        connect_timeout=section.get("connect_timeout", d.connect_timeout, as_seconds),
+        idle_timeout=section.get("idle_timeout", d.idle_timeout, as_non_negative_seconds),
     )
     section.finish()
     return config
 
 
-def _load_log(section: _Section) -> LogConfig:
-    level = section.get("level", "info", _choice(tuple(LOG_LEVELS)))
-    config = LogConfig(level=LOG_LEVELS[level], format=section.get("format", "text", _choice(LOG_FORMATS)))
+def _load_log(section: Section) -> LogConfig:
+    level = section.get("level", "info", choice(tuple(LOG_LEVELS)))
+    config = LogConfig(level=LOG_LEVELS[level], format=section.get("format", "text", choice(LOG_FORMATS)))
     section.finish()
     return config
 
 
-def _load_db(section: _Section, base: str) -> DBConfig:
+def _load_db(section: Section, base: str) -> DBConfig:
     d = DBConfig()
-    driver = section.get("driverName", d.driverName, _string).lower()
+    driver = section.get("driverName", d.driverName, as_string).lower()
     if driver in ("psql", "postgres", "postgresql", "mysql"):
         raise ConfigError(f"db.driverName: {driver!r} is not supported by this version yet; use 'sqlite'")
     if driver not in SQLITE_DRIVERS:
         raise ConfigError(f"db.driverName: {driver!r} is not one of {', '.join(SQLITE_DRIVERS)}")
-    dsn = section.get("dsn", d.dsn, _string)
+    dsn = section.get("dsn", d.dsn, as_string)
     if dsn.startswith("file:"):
         dsn = dsn[len("file:") :].split("?", 1)[0]
     if not dsn:
         raise ConfigError("db.dsn: the SQLite database path must not be empty")
     config = DBConfig(
         driverName="sqlite",
-        dsn=_path(base)("db.dsn", dsn),
-        cache_ttl=section.get("cache_ttl", d.cache_ttl, _non_negative_seconds),
-        query_timeout=section.get("query_timeout", d.query_timeout, _seconds),
+        dsn=path_in(base)("db.dsn", dsn),
+        cache_ttl=section.get("cache_ttl", d.cache_ttl, as_non_negative_seconds),
+        query_timeout=section.get("query_timeout", d.query_timeout, as_seconds),
     )
     section.finish()
     return config
@@ -287,10 +287,10 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     does not)."""
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     warnings: list[str] = []
-    top = _Section("", data, warnings)
-    server = _load_server(_Section("server", top.get("server", {}, lambda k, v: v), warnings), base, check_files)
-    log = _load_log(_Section("log", top.get("log", {}, lambda k, v: v), warnings))
-    db = _load_db(_Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
+    top = Section("", data, warnings)
+    server = _load_server(Section("server", top.get("server", {}, lambda k, v: v), warnings), base, check_files)
+    log = _load_log(Section("log", top.get("log", {}, lambda k, v: v), warnings))
+    db = _load_db(Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
     top.finish()
     return Config(server=server, log=log, db=db, path=path, warnings=tuple(warnings))
 

@@ -139,12 +139,14 @@ class TLSTransport:
                 self._fail(Failure())
                 return False
         self._handshake_done = True
-        if IHandshakeListener.providedBy(self.wrapped):
-            self.wrapped.handshakeCompleted()
+        # What was written during the handshake goes first, before anything
+        # the protocol writes when it hears the handshake is done.
         if self._pending and not self._lost:
             pending, self._pending = self._pending, []
             for data in pending:
                 self._send(data)
+        if IHandshakeListener.providedBy(self.wrapped) and not self._lost:
+            self.wrapped.handshakeCompleted()
         if self._shut_pending:
             self._shut_pending = False
             if self.disconnecting:

@@ -1,27 +1,18 @@
 """The server in this process on 127.0.0.1 with real TLS and real SQLite:
 flow control under a slow peer, and half-close through our TLS transport."""
 
-import sqlite3
-
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from zope.interface import implementer
 
-from mtop import passwords, wire
-from mtop.auth import Authenticator
-from mtop.certs import init_certs
-from mtop.dialer import Dialer
-from mtop.schema import SQLITE_SCHEMA
-from mtop.server import ServerSettings, TunnelFactory
-from mtop.tls import client_context, server_context
-from mtop.tlstransport import client_tls_factory, server_tls_factory
-from mtop.userstore.sqlite import SQLiteUserStore
+from mtop import wire
+from mtop.tls import client_context
+from mtop.tlstransport import client_tls_factory
 
 CHUNK = b"\xa5" * (256 * 1024)
 LIMIT = 1 << 20
@@ -116,33 +107,6 @@ async def send_and_half_close(client, data):
 
 def buffered(tcp_transport):
     return len(tcp_transport.dataBuffer) - tcp_transport.offset + tcp_transport._tempDataLen
-
-
-@pytest.fixture
-def server(tmp_path):
-    paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
-    db_path = tmp_path / "users.db"
-    db = sqlite3.connect(db_path)
-    db.execute(SQLITE_SCHEMA)
-    db.execute(
-        "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
-        ("alice", "s", passwords.legacy_hash("s", "pw")),
-    )
-    db.commit()
-    db.close()
-    store = SQLiteUserStore(str(db_path))
-    store.startService()
-    auth = Authenticator(
-        store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
-    )
-    factory = TunnelFactory(auth, Dialer(reactor, 5), reactor, ServerSettings(handshake_timeout=5))
-    ctx = server_context(paths.server_crt, paths.server_key, "mtop")
-    port = reactor.listenTCP(0, server_tls_factory(factory, lambda: ctx), interface="127.0.0.1")
-    yield factory, port.getHost().port, paths
-    port.stopListening()
-    store.stopService()
-    for tunnel in list(factory.tunnels):
-        tunnel.transport.abortConnection()
 
 
 def listen_target(protocol):

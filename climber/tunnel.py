@@ -1,0 +1,404 @@
+"""Opening MTop tunnels: TLS to a server, the auth message, the reply.
+
+`TunnelOpener.open` tries the pool's candidates in order until one server
+answers ``01 00``; what the caller gets is a `Tunnel`, an open byte stream
+to the target.  A server that cannot be reached or fails the TLS handshake
+is reported to the pool (marked down) and the next one is tried; one that
+closes after the handshake without a reply (the original server's answer to
+a wrong login or an unreachable target) is tried on the next server too; an
+explicit refusal (``01 02``, ``01 03``) is final.
+
+Unless a server entry sets ``pipelining``, nothing but the auth message is
+sent before the reply: the original server rejects clients that send early.
+With ``pipelining`` the tunnel is handed over when the TLS handshake is
+done and the reply is checked as it arrives.
+
+TLS 1.3 session tickets arrive after the handshake, so the session is kept
+for resumption once the reply has been read (by then the tickets are in).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+from OpenSSL import SSL
+from twisted.internet.defer import Deferred, fail
+from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from climber.config import ServerEntry
+from climber.pool import ServerPool, ServerState
+from mtop import wire
+from mtop.logs import logger
+from mtop.tls import client_context
+from mtop.tlstransport import client_tls_factory
+
+
+class TunnelError(Exception):
+    """A tunnel could not be opened.
+
+    ``kind`` says why, for the front ends' error replies:
+
+    ``unreachable``  no server could be reached (connect or TLS failed);
+    ``timeout``      no server answered in time;
+    ``refused``      a server closed without a reply (the original server's
+                     way of refusing a login or an unreachable target);
+    ``auth``         a server replied "authentication failure";
+    ``target``       a server replied "cannot connect to the target";
+    ``protocol``     a server replied something else.
+    """
+
+    def __init__(self, kind: str, reason: str, server: str | None = None):
+        self.kind = kind
+        self.reason = reason
+        self.server = server
+        self.message = f"server {server}: {reason}" if server else reason
+        super().__init__(self.message)
+
+
+#: Errors before the reply that say nothing bad about the server.
+_FINAL_KINDS = ("auth", "target", "protocol")
+
+
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
+class Tunnel(Protocol):
+    """One MTop connection, from the auth message on.
+
+    Once open, the owner calls `attach` with callbacks for data, end of input
+    and loss; ``transport`` is the TLS transport to write to (it is also a
+    push producer and a consumer, for flow control).
+    """
+
+    _log = logger()
+
+    def __init__(self, server: ServerState, auth: bytes, pipelining: bool, started: float, save_session: Callable[[Any], None]):
+        self.server = server
+        self._auth = auth
+        self._pipelining = pipelining
+        self._started = started
+        self._save_session = save_session
+        self.opened: Deferred[Tunnel] = Deferred()
+        self.handshake_time: float | None = None
+        self._buffer = b""
+        self._replied = False
+        self._on_data: Callable[[bytes], None] | None = None
+        self._on_eof: Callable[[], None] | None = None
+        self._on_lost: Callable[[], None] | None = None
+        self._eof = False
+        self._lost = False
+        self.error: TunnelError | None = None
+        self.resumed = False
+
+    # Owner side
+
+    def attach(self, on_data: Callable[[bytes], None], on_eof: Callable[[], None], on_lost: Callable[[], None]) -> None:
+        """Start delivering events; bytes that came with the reply go first."""
+        self._on_data, self._on_eof, self._on_lost = on_data, on_eof, on_lost
+        if self._buffer and self._replied:
+            data, self._buffer = self._buffer, b""
+            on_data(data)
+        if self._eof and not self._lost:
+            on_eof()
+        if self._lost:
+            on_lost()
+
+    # IProtocol
+
+    def connectionMade(self) -> None:
+        # The TLS transport holds this until the handshake is done.
+        self.transport.write(self._auth)
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_time = time.monotonic() - self._started
+        self.resumed = _session_reused(self.transport.getHandle())
+        if self._pipelining:
+            self._fire()
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._replied:
+            if self._on_data is not None:
+                self._on_data(data)
+            else:
+                self._buffer += data
+            return
+        self._buffer += data
+        try:
+            status = wire.parse_reply(self._buffer)
+        except wire.BadReply as e:
+            self._refuse(TunnelError("protocol", f"bad reply: {e}", self.server.name))
+            return
+        if status is None:
+            return
+        if status != wire.STATUS_SUCCESS:
+            kind = {wire.STATUS_AUTH_FAILURE: "auth", wire.STATUS_CONNECTION_FAILURE: "target"}.get(status, "protocol")
+            text = {
+                "auth": "refused the login (wrong username or password)",
+                "target": "could not connect to the target",
+                "protocol": f"replied with status {status:#04x}",
+            }[kind]
+            self._refuse(TunnelError(kind, text, self.server.name))
+            return
+        self._replied = True
+        self._buffer = self._buffer[wire.REPLY_LENGTH :]
+        try:
+            self._save_session(self.transport.getHandle().get_session())
+        except Exception:  # no session to keep; resumption is an optimisation
+            pass
+        if not self._pipelining:
+            self._fire()
+        elif self._buffer and self._on_data is not None:
+            data, self._buffer = self._buffer, b""
+            self._on_data(data)
+
+    def readConnectionLost(self) -> None:
+        if not self._replied:
+            self.transport.loseConnection()
+            return
+        self._eof = True
+        if self._on_eof is not None:
+            self._on_eof()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self._lost = True
+        if not self.opened.called:
+            self.opened.errback(self._failure_for(reason))
+        elif self._on_lost is not None:
+            self._on_lost()
+
+    def _failure_for(self, reason: Failure | None) -> Failure:
+        if self.error is not None:
+            return Failure(self.error)
+        if self.handshake_time is None:
+            detail = reason.getErrorMessage() if reason is not None else "connection lost"
+            if reason is not None and reason.check(SSL.Error):
+                detail = f"TLS handshake failed: {_ssl_reason(reason.value)}"
+            return Failure(TunnelError("unreachable", detail, self.server.name))
+        return Failure(TunnelError("refused", "closed the connection without a reply", self.server.name))
+
+    def _refuse(self, error: TunnelError) -> None:
+        self.error = error
+        if self._pipelining and self.opened.called:
+            self._log.warn("{error}", error=error.message)
+        self.transport.loseConnection()
+
+    def _fire(self) -> None:
+        if not self.opened.called:
+            self.opened.callback(self)
+
+
+def _session_reused(connection: SSL.Connection) -> bool:
+    """Whether the handshake resumed a session (pyOpenSSL has no public
+    call for it)."""
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except Exception:
+        return False
+
+
+def _ssl_reason(error: Exception) -> str:
+    try:
+        return "; ".join(str(entry[2]) for entry in error.args[0]) or str(error)
+    except (IndexError, TypeError):
+        return str(error)
+
+
+class _OneProtocol(Factory):
+    noisy = False
+
+    def __init__(self, protocol: Protocol):
+        self.protocol_instance = protocol
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        return self.protocol_instance
+
+
+class ServerConnector:
+    """TLS settings and the resumable session for one server."""
+
+    _log = logger()
+
+    def __init__(self, entry: ServerEntry):
+        self.entry = entry
+        self.context = client_context(entry.ca or None, entry.proto, entry.insecure)
+        self.sessions: dict[str, Any] = {}
+        if entry.insecure:
+            self._log.warn(
+                "INSECURE: server {server} has insecure: true; its certificate is not verified and "
+                "anyone on the path can read your traffic and password",
+                server=entry.name,
+            )
+
+    def tls_factory(self, wrapped: Any) -> Any:
+        # The session is saved by the tunnel after the reply, not at the end
+        # of the handshake (TLS 1.3 tickets come later), so no cache here.
+        factory = client_tls_factory(wrapped, self.context, self.entry.host, not self.entry.insecure, self.entry.sni)
+        name = self.entry.sni or self.entry.host
+        inner_connection_for = factory.connection_for
+
+        def connection_for() -> SSL.Connection:
+            connection = inner_connection_for()
+            session = self.sessions.get(name)
+            if session is not None:
+                connection.set_session(session)
+            return connection
+
+        factory.connection_for = connection_for
+        return factory
+
+    def save_session(self, session: Any) -> None:
+        if session is not None:
+            self.sessions[self.entry.sni or self.entry.host] = session
+
+
+class TunnelOpener:
+    """Opens tunnels through the pool's servers, retrying on the next."""
+
+    _log = logger()
+
+    def __init__(self, reactor: Any, pool: ServerPool):
+        self.reactor = reactor
+        self.pool = pool
+        self.connectors = {id(state): ServerConnector(state.entry) for state in pool.servers}
+
+    def open(self, host: str, port: int, timeout: float) -> Deferred:
+        """A Deferred firing with an open `Tunnel` to ``host:port``, or
+        failing with `TunnelError`.  Cancelling it abandons the attempt."""
+        request = wire.AuthRequest("-", "", host, port, wire.address_type_for(host))
+        try:
+            wire.encode_auth(request)  # a name over 255 bytes cannot be carried
+        except ValueError as e:
+            return fail(TunnelError("target", f"{wire.format_hostport(host, port)} cannot be sent: {e}"))
+        candidates = self.pool.candidates()
+        current: list[Deferred | None] = [None]
+        errors: list[TunnelError] = []
+        cancelled = False
+
+        def cancel(d: Deferred) -> None:
+            nonlocal cancelled
+            cancelled = True
+            attempt = current[0]
+            if attempt is not None:
+                attempt.cancel()
+
+        result: Deferred = Deferred(cancel)
+
+        def next_server() -> None:
+            if result.called:
+                return
+            if not candidates:
+                result.errback(Failure(_summarise(errors, host, port)))
+                return
+            server = candidates.pop(0)
+            attempt = self._attempt(server, request, timeout)
+            current[0] = attempt
+            attempt.addCallbacks(opened, failed, errbackArgs=(server,))
+
+        def opened(tunnel: Tunnel) -> None:
+            current[0] = None
+            if cancelled or result.called:
+                tunnel.transport.abortConnection()
+                return
+            result.callback(tunnel)
+
+        def failed(failure: Failure, server: ServerState) -> None:
+            current[0] = None
+            if cancelled or result.called:
+                return
+            error = failure.value if failure.check(TunnelError) else TunnelError("unreachable", failure.getErrorMessage(), server.name)
+            errors.append(error)
+            self._log.debug("tunnel to {target} via {server} failed: {error}", target=wire.format_hostport(host, port), server=server.name, error=error.message)
+            if error.kind in _FINAL_KINDS:
+                result.errback(Failure(error))
+                return
+            next_server()
+
+        next_server()
+        return result
+
+    def _attempt(self, server: ServerState, request: wire.AuthRequest, timeout: float) -> Deferred:
+        """One try through ``server``: fires with the `Tunnel` once it is
+        open, or fails with `TunnelError`; reports health to the pool."""
+        entry = server.entry
+        connector = self.connectors[id(server)]
+        auth = wire.encode_auth(
+            wire.AuthRequest(entry.username, entry.password, request.host, request.port, request.address_type)
+        )
+        tunnel = Tunnel(server, auth, entry.pipelining, time.monotonic(), connector.save_session)
+        endpoint = HostnameEndpoint(self.reactor, entry.host, entry.port, timeout=timeout)
+        connecting = endpoint.connect(connector.tls_factory(_OneProtocol(tunnel)))
+        timed_out = False
+
+        def stop() -> None:
+            if not connecting.called:
+                connecting.cancel()
+            elif tunnel.transport is not None:
+                tunnel.transport.abortConnection()
+
+        def cancel(d: Deferred) -> None:
+            if timer.active():
+                timer.cancel()
+            stop()
+
+        def expire() -> None:
+            nonlocal timed_out
+            timed_out = True
+            stop()
+
+        attempt: Deferred = Deferred(cancel)
+        timer = self.reactor.callLater(timeout, expire)
+
+        def finish(error: TunnelError | None) -> None:
+            if timer.active():
+                timer.cancel()
+            if attempt.called:
+                return
+            if error is None:
+                self.pool.report_success(server, tunnel.handshake_time)
+                attempt.callback(tunnel)
+                return
+            if timed_out:
+                error = TunnelError("timeout", f"no answer within {timeout:g}s", server.name)
+            if error.kind in ("unreachable", "timeout"):
+                self.pool.report_failure(server, error.reason)
+            elif tunnel.handshake_time is not None:
+                self.pool.report_success(server, tunnel.handshake_time)
+            attempt.errback(Failure(error))
+
+        def connect_failed(failure: Failure) -> None:
+            if failure.check(DNSLookupError):
+                reason = f"cannot resolve {entry.host}"
+            else:
+                reason = failure.getErrorMessage()
+            finish(TunnelError("unreachable", reason, server.name))
+
+        def tunnel_done(result: Any) -> None:
+            if isinstance(result, Failure):
+                finish(result.value if result.check(TunnelError) else TunnelError("unreachable", result.getErrorMessage(), server.name))
+            elif attempt.called:  # cancelled or timed out just now
+                result.transport.abortConnection()
+            else:
+                finish(None)
+
+        connecting.addErrback(connect_failed)
+        tunnel.opened.addBoth(tunnel_done)
+        return attempt
+
+
+def _summarise(errors: list[TunnelError], host: str, port: int) -> TunnelError:
+    target = wire.format_hostport(host, port)
+    if not errors:
+        return TunnelError("unreachable", f"no server to reach {target}")
+    kinds = {e.kind for e in errors}
+    kind = "refused" if "refused" in kinds else "timeout" if kinds == {"timeout"} else errors[-1].kind
+    detail = "; ".join(e.message for e in errors)
+    return TunnelError(kind, f"no server could open a tunnel to {target}: {detail}")
