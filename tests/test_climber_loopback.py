@@ -12,10 +12,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
+from climber import socks5_codec as codec
 from climber.config import ServerEntry
 from climber.forward import ForwardConnection
 from climber.frontend import Climber, LocalFactory
 from climber.pool import ServerPool
+from climber.socks5 import Socks5Connection
 from climber.tunnel import TunnelError, TunnelOpener
 from mtop.server import ServerSettings
 
@@ -178,3 +180,165 @@ async def test_all_servers_down_is_reported(server, echo_target):
         await climber.opener.open("127.0.0.1", echo_target, 5)
     assert info.value.kind == "unreachable"
     assert all(s.down for s in climber.opener.pool.servers)
+
+
+# SOCKS5
+
+
+@pytest.fixture
+def socks(server):
+    """A SOCKS5 listener of a climber using the in-process server; yields
+    (port, factory of the server) so tests can change server settings."""
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    listening = reactor.listenTCP(
+        0, LocalFactory(Socks5Connection, climber, timeout=5), interface="127.0.0.1"
+    )
+    yield listening.getHost().port, factory
+    listening.stopListening()
+    climber.close_all()
+
+
+def recv_exactly(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def socks_connect(port, host, target_port, command=codec.CMD_CONNECT):
+    """Blocking SOCKS5 client: returns (socket, reply code)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s.sendall(codec.encode_greeting([codec.METHOD_NO_AUTH]))
+    assert recv_exactly(s, 2) == b"\x05\x00"
+    s.sendall(codec.encode_request(command, host, target_port))
+    buf = b""
+    while True:
+        chunk = s.recv(512)
+        if not chunk:
+            return s, None
+        buf += chunk
+        parsed = codec.parse_reply(buf)
+        if parsed is not None:
+            return s, parsed[0]
+
+
+def socks_echo(port, host, target_port, payload):
+    s, rep = socks_connect(port, host, target_port)
+    with s:
+        assert rep == codec.REP_SUCCEEDED
+        s.sendall(payload)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+@pytest_twisted.ensureDeferred
+async def test_socks5_connect(socks, echo_target, host):
+    port, _ = socks
+    answer = await deferToThread(socks_echo, port, host, echo_target, b"x" * 100000)
+    assert answer == b"got:" + b"x" * 100000
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks5_ipv6_target(socks):
+    port, _ = socks
+    v6 = reactor.listenTCP(0, Factory.forProtocol(EchoAfterEOF), interface="::1")
+    try:
+        answer = await deferToThread(socks_echo, port, "::1", v6.getHost().port, b"six")
+        assert answer == b"got:six"
+    finally:
+        v6.stopListening()
+
+
+def socks_reply_code(port, host, target_port, command=codec.CMD_CONNECT):
+    s, rep = socks_connect(port, host, target_port, command)
+    s.close()
+    return rep
+
+
+@pytest.mark.parametrize(
+    "command,expected",
+    [(codec.CMD_BIND, codec.REP_COMMAND_NOT_SUPPORTED), (codec.CMD_UDP_ASSOCIATE, codec.REP_COMMAND_NOT_SUPPORTED)],
+)
+@pytest_twisted.ensureDeferred
+async def test_socks5_unsupported_commands(socks, echo_target, command, expected):
+    port, _ = socks
+    assert await deferToThread(socks_reply_code, port, "127.0.0.1", echo_target, command) == expected
+
+
+@pytest.mark.parametrize(
+    "reply_errors,expected",
+    [(False, codec.REP_CONNECTION_REFUSED), (True, codec.REP_HOST_UNREACHABLE)],
+)
+@pytest_twisted.ensureDeferred
+async def test_socks5_unreachable_target_reply(socks, reply_errors, expected):
+    port, factory = socks
+    factory.settings = ServerSettings(reply_errors=reply_errors, handshake_timeout=5)
+    assert await deferToThread(socks_reply_code, port, "127.0.0.1", free_port()) == expected
+
+
+def raw_exchange(port, data):
+    """Send ``data``, return what comes back before the close."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        chunks = []
+        try:
+            while chunk := s.recv(4096):
+                chunks.append(chunk)
+        except ConnectionResetError:
+            pass
+    return b"".join(chunks)
+
+
+@pytest.mark.parametrize(
+    "data,expected",
+    [
+        (b"\x04\x01\x00\x50\x7f\x00\x00\x01\x00", b""),  # SOCKS4
+        (b"\x05\x00", b""),  # no methods
+        (b"GET / HTTP/1.1\r\n\r\n", b""),
+        (b"\x05\x01\x02", b"\x05\xff"),  # only user/pass offered, none configured
+        (b"\x05\x01\x00\x05\x01\x00\x02\x01\x02\x03\x04\x00\x50", b"\x05\x00\x05\x08"),  # bad ATYP
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_socks5_malformed_input_is_a_clean_close(socks, data, expected):
+    port, _ = socks
+    answer = await deferToThread(raw_exchange, port, data)
+    assert answer[: len(expected)] == expected
+    assert len(answer) in (len(expected), len(expected) + 8)  # at most one full reply
+
+
+@pytest_twisted.ensureDeferred
+async def test_socks5_local_authentication(server, echo_target):
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    listening = reactor.listenTCP(
+        0, LocalFactory(Socks5Connection, climber, timeout=5, username="me", password="secret"), interface="127.0.0.1"
+    )
+    socks_port = listening.getHost().port
+
+    def login(password):
+        with socket.create_connection(("127.0.0.1", socks_port), timeout=10) as s:
+            s.sendall(codec.encode_greeting([codec.METHOD_NO_AUTH, codec.METHOD_USERPASS]))
+            assert recv_exactly(s, 2) == b"\x05\x02"
+            s.sendall(codec.encode_userpass("me", password))
+            status = recv_exactly(s, 2)
+            if status != b"\x01\x00":
+                return status
+            s.sendall(codec.encode_request(codec.CMD_CONNECT, "127.0.0.1", echo_target) + b"hi")
+            s.shutdown(socket.SHUT_WR)
+            return recv_exactly(s, 10 + 6)
+
+    try:
+        assert await deferToThread(login, "wrong") == b"\x01\x01"
+        assert await deferToThread(login, "secret") == b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00got:hi"
+    finally:
+        listening.stopListening()
+        climber.close_all()
