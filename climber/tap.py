@@ -1,0 +1,148 @@
+"""``twistd climber``: command-line options and the service tree."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.service import MultiService, Service
+from twisted.python import usage
+
+from climber.config import ClimberConfig, ConfigError, load_climber_data
+from mtop.config import read_yaml
+from mtop.tls import TLSConfigError, client_context
+
+DEFAULT_CONFIG = "/etc/climber/climber.yaml"
+
+
+class Options(usage.Options):
+    synopsis = "[--config FILE] [--server mtop://... ...] [--socks5 ADDR] [--http ADDR] [--forward LISTEN=TARGET ...]"
+    longdesc = (
+        "Local SOCKS5 and HTTP proxies (and port forwards) whose every connection goes through an "
+        "MTop tunnel.  Without --config and --server, reads " + DEFAULT_CONFIG + " (or $CLIMBER_CONFIG)."
+    )
+    optParameters = [
+        ["config", "c", None, "Path of climber.yaml."],
+        ["socks5", None, None, "SOCKS5 listen address (default 127.0.0.1:1080 without a config file)."],
+        ["http", None, None, "HTTP proxy listen address (default 127.0.0.1:8080 without a config file)."],
+        ["strategy", None, None, "Server choice: random, round_robin, failover or fastest."],
+        ["ca", None, None, "CA certificate (PEM) for --server links; default: the system's trust store."],
+    ]
+    optFlags = [
+        ["insecure", None, "Do not verify the certificates of --server links (dangerous)."],
+    ]
+
+    config_data: ClimberConfig
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["servers"] = []
+        self["forwards"] = []
+
+    def opt_server(self, url: str) -> None:
+        """An mtop:// share link of a server (repeatable)."""
+        self["servers"].append(url)
+
+    def opt_forward(self, spec: str) -> None:
+        """A port forward LISTEN=TARGET, e.g. 127.0.0.1:2222=host:22 (repeatable)."""
+        listen, sep, target = spec.partition("=")
+        if not sep or not listen or not target:
+            raise usage.UsageError(f"--forward {spec!r}: use LISTEN=TARGET, e.g. 127.0.0.1:2222=example.com:22")
+        self["forwards"].append({"listen": listen, "target": target})
+
+    def postOptions(self) -> None:
+        path = self["config"]
+        if path is None and not self["servers"]:
+            path = os.environ.get("CLIMBER_CONFIG", DEFAULT_CONFIG)
+        label = path or "command line"
+        try:
+            data = read_yaml(path) if path else {}
+            if data is None:
+                data = {}
+            if not isinstance(data, dict):
+                raise ConfigError("the top level must be a mapping of keys")
+            self._apply_command_line(data, from_file=path is not None)
+            self.config_data = load_climber_data(data, path)
+            for server in self.config_data.usable_servers:
+                client_context(server.ca or None, server.proto, server.insecure)
+        except (ConfigError, TLSConfigError) as e:
+            raise usage.UsageError(f"{label}: {e}") from None
+
+    def _apply_command_line(self, data: dict, from_file: bool) -> None:
+        if self["servers"]:
+            extra: dict[str, Any] = {"urls": list(self["servers"])}
+            if self["ca"]:
+                extra["ca"] = os.path.abspath(self["ca"])
+            if self["insecure"]:
+                extra["insecure"] = True
+            servers = data.get("servers") or []
+            if not isinstance(servers, list):
+                raise ConfigError("servers: expected a list")
+            data["servers"] = servers + [extra]
+        for key in ("socks5", "http"):
+            if self[key]:
+                section = data.get(key) or {}
+                if not isinstance(section, dict):
+                    raise ConfigError(f"{key}: expected a mapping of keys")
+                data[key] = {**section, "listen": self[key]}
+        if not from_file and not (self["socks5"] or self["http"] or self["forwards"]):
+            data["socks5"] = {}
+            data["http"] = {}
+        if self["forwards"]:
+            forwards = data.get("forward") or []
+            if not isinstance(forwards, list):
+                raise ConfigError("forward: expected a list")
+            data["forward"] = forwards + self["forwards"]
+        if self["strategy"]:
+            data["strategy"] = self["strategy"]
+
+
+class _Shutdown(Service):
+    """Closes the connections still open when climber stops."""
+
+    def __init__(self, climber: Any):
+        self.climber = climber
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.climber.close_all()
+
+
+def makeService(options: Options) -> MultiService:
+    from twisted.internet import reactor
+
+    from climber.forward import ForwardConnection
+    from climber.frontend import Climber, LocalFactory
+    from climber.httpproxy import HTTPProxyConnection
+    from climber.pool import ServerPool
+    from climber.socks5 import Socks5Connection
+    from climber.tunnel import TunnelOpener
+    from mtop.listen import ListenerService, server_endpoint
+    from mtop.logs import set_level
+    from mtop.tap import _StartupNotes
+    from mtop.wire import format_hostport
+
+    config = options.config_data
+    set_level(config.log.level)
+    root = MultiService()
+    _StartupNotes(config).setServiceParent(root)
+
+    pool = ServerPool(config.usable_servers, config.strategy, reactor)
+    climber = Climber(TunnelOpener(reactor, pool), reactor, config.idle_timeout, config.handshake_timeout)
+    _Shutdown(climber).setServiceParent(root)
+
+    for listener, protocol, label in (
+        (config.socks5, Socks5Connection, "SOCKS5 proxy"),
+        (config.http, HTTPProxyConnection, "HTTP proxy"),
+    ):
+        if listener is None:
+            continue
+        factory = LocalFactory(
+            protocol, climber, timeout=listener.timeout, username=listener.username, password=listener.password
+        )
+        ListenerService(server_endpoint(reactor, listener.listen), factory, label).setServiceParent(root)
+    for forward in config.forwards:
+        factory = LocalFactory(ForwardConnection, climber, timeout=forward.timeout, host=forward.host, port=forward.port)
+        label = f"forward to {format_hostport(forward.host, forward.port)}"
+        ListenerService(server_endpoint(reactor, forward.listen), factory, label).setServiceParent(root)
+    return root

@@ -1,0 +1,183 @@
+"""climber.yaml loading: the original's keys, our additions, and errors that
+name the key."""
+
+import pathlib
+
+import pytest
+import yaml
+from twisted.python import usage
+
+from climber.config import ConfigError, ListenAddress, load_climber_config, load_climber_data
+from climber.tap import Options
+from mtop.urls import ServerLink, make_url
+
+ORIGINAL = """
+log:
+  level: info
+http:
+  listen: ":8080"
+socks5:
+  listen: ":1080"
+  timeout: 10s
+servers:
+  - host: "example.com:443"
+    type: tls
+    username: test111
+    password: "123456"
+    ca: ""
+    proto: mtop
+    enabled: true
+  - host: "backup.example.com:8443"
+    type: tls
+    username: test111
+    password: "123456"
+    enabled: false
+"""
+
+
+def load(text, path=None):
+    return load_climber_data(yaml.safe_load(text), path)
+
+
+def test_an_original_climber_yaml_loads_unchanged():
+    config = load(ORIGINAL)
+    assert config.warnings == ()
+    # ":port" means loopback for a local proxy.
+    assert config.socks5.listen == ListenAddress("127.0.0.1", 1080)
+    assert config.http.listen == ListenAddress("127.0.0.1", 8080)
+    assert config.socks5.timeout == 10.0
+    assert config.strategy == "random"
+    first, second = config.servers
+    assert (first.host, first.port, first.username, first.password) == ("example.com", 443, "test111", "123456")
+    assert first.proto == "mtop" and first.ca == "" and not first.insecure and not first.pipelining
+    assert not second.enabled
+    assert config.usable_servers == (first,)
+
+
+def test_the_shipped_example_is_valid():
+    path = pathlib.Path(__file__).resolve().parents[1] / "etc" / "climber" / "climber.yaml"
+    config = load_climber_config(str(path))
+    assert config.socks5 and config.http and config.usable_servers
+
+
+def test_password_is_not_in_repr():
+    config = load(ORIGINAL)
+    assert "123456" not in repr(config)
+
+
+def test_urls_share_parser_with_mtopctl(tmp_path):
+    ca = tmp_path / "ca.crt"
+    ca.write_text("x")
+    link = make_url(ServerLink("a@b", "p:w/d", "2001:db8::1", 8443, "tls", "mtop-x"))
+    config = load(
+        f"""
+socks5: {{}}
+servers:
+  - urls: ["{link}", "mtop://bob:pw@h.example:443/tls"]
+    ca: ca.crt
+    sni: front.example
+""",
+        str(tmp_path / "climber.yaml"),
+    )
+    first, second = config.servers
+    assert (first.username, first.password, first.host, first.port, first.proto) == (
+        "a@b", "p:w/d", "2001:db8::1", 8443, "mtop-x")
+    assert first.ca == str(ca) and second.ca == str(ca)
+    assert first.sni == second.sni == "front.example"
+    assert second.proto == "mtop"
+
+
+def test_forward_and_strategy():
+    config = load(ORIGINAL + """
+strategy: fastest
+forward:
+  - listen: ":2222"
+    target: "git.example.com:22"
+""")
+    assert config.strategy == "fastest"
+    (forward,) = config.forwards
+    assert (forward.listen, forward.host, forward.port) == (ListenAddress("127.0.0.1", 2222), "git.example.com", 22)
+
+
+def test_host_without_port_defaults_to_443():
+    config = load("socks5: {}\nservers: [{host: example.com, username: u, password: p}]")
+    assert config.servers[0].port == 443
+
+
+def test_quic_servers_are_skipped_with_a_warning():
+    config = load(ORIGINAL.replace("type: tls\n    username: test111\n    password: \"123456\"\n    ca", "type: quic\n    username: test111\n    password: \"123456\"\n    ca", 1)
+                  .replace("enabled: false", "enabled: true"))
+    assert [s.host for s in config.usable_servers] == ["backup.example.com"]
+    assert any("quic" in w for w in config.warnings)
+
+
+def test_open_listener_without_auth_warns():
+    config = load(ORIGINAL.replace('listen: ":1080"', 'listen: "0.0.0.0:1080"'))
+    assert any("socks5.listen" in w and "anyone" in w for w in config.warnings)
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("socks5: {}\nservers: []", "no enabled TLS server"),
+        ("servers: [{host: 'a:1', username: u, password: p}]", "nothing to listen on"),
+        ("socks5: {}\nservers: [{host: 'a:1', password: p}]", "servers[0].username"),
+        ("socks5: {}\nservers: [{username: u, password: p}]", "servers[0]: a server needs host"),
+        ("socks5: {}\nservers: [{host: 'a:99999', username: u, password: p}]", "servers[0].host"),
+        ("socks5: {}\nservers: [{url: 'http://x', username: u}]", "servers[0]"),
+        ("socks5: {}\nservers: [{url: 'mtop://u:p@h:1/tls'}]\nstrategy: best", "strategy: 'best'"),
+        ("socks5: {listen: nowhere}\nservers: [{url: 'mtop://u:p@h:1/tls'}]", "socks5.listen"),
+        ("socks5: {username: u}\nservers: [{url: 'mtop://u:p@h:1/tls'}]", "socks5: set both"),
+        ("socks5: {listen: ':1'}\nhttp: {listen: ':1'}\nservers: [{url: 'mtop://u:p@h:1/tls'}]", "already used"),
+        ("socks5: {}\nservers: [{url: 'mtop://u:p@h:1/tls', ca: /nonexistent/ca.pem}]", "servers[0].ca"),
+        ("socks5: {}\nforward: [{listen: ':2'}]\nservers: [{url: 'mtop://u:p@h:1/tls'}]", "forward[0]"),
+    ],
+)
+def test_errors_name_the_key(text, message):
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    assert message in str(info.value)
+
+
+def test_unknown_keys_warn():
+    config = load(ORIGINAL + "colour: blue\n")
+    assert config.warnings == ("unknown key colour ignored",)
+
+
+def parse_options(*argv):
+    options = Options()
+    options.parseOptions(list(argv))
+    return options.config_data
+
+
+def test_command_line_without_a_file():
+    config = parse_options("--server", "mtop://u:p@127.0.0.1:4433/tls?proto=mtop", "--insecure")
+    assert config.socks5.listen == ListenAddress("127.0.0.1", 1080)
+    assert config.http.listen == ListenAddress("127.0.0.1", 8080)
+    (server,) = config.servers
+    assert server.insecure and server.port == 4433
+
+
+def test_command_line_listeners_and_forwards():
+    config = parse_options(
+        "--server", "mtop://u:p@127.0.0.1:4433/tls", "--server", "mtop://v:q@127.0.0.2:4433/tls",
+        "--socks5", "127.0.0.1:1999", "--forward", "127.0.0.1:2222=example.com:22", "--strategy", "round_robin",
+    )
+    assert len(config.servers) == 2
+    assert config.socks5.listen.port == 1999 and config.http is None
+    assert config.forwards[0].host == "example.com"
+    assert config.strategy == "round_robin"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--server", "mtop://nope"], "no port"),
+        (["--server", "mtop://u:p@h:1/tls", "--forward", "2222"], "LISTEN=TARGET"),
+        (["--config", "/nonexistent/climber.yaml"], "cannot read config file"),
+    ],
+)
+def test_command_line_errors_are_usage_errors(argv, message):
+    with pytest.raises(usage.UsageError) as info:
+        parse_options(*argv)
+    assert message in str(info.value)
