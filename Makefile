@@ -5,6 +5,9 @@ VENV ?= .venv
 STATE ?= .state
 PY := $(VENV)/bin/python
 DEMO_PORT ?= 8443
+DEMO_SOCKS ?= 1080
+DEMO_HTTP ?= 8080
+DEMO_WEB ?= 8000
 
 .PHONY: run test venv clean
 
@@ -41,13 +44,28 @@ run: venv
 	@test -f $(STATE)/demo-password || { umask 077; $(PY) -c 'import secrets; print(secrets.token_urlsafe(12))' > $(STATE)/demo-password; }
 	@$(VENV)/bin/mtopctl -c $(STATE)/mtop.yaml user del -u demo >/dev/null 2>&1 || true
 	@$(VENV)/bin/mtopctl -c $(STATE)/mtop.yaml user add -u demo --password-stdin < $(STATE)/demo-password >/dev/null
-	@echo "MTop demo server on 127.0.0.1:$(DEMO_PORT) (TLS 1.3, ALPN mtop), user 'demo'."
-	@echo "Share link: $$($(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) --password-stdin < $(STATE)/demo-password)"
-	@echo "Try it from another terminal (opens a tunnel to the server's own port):"
-	@echo "  $(VENV)/bin/mtopctl check --ca $(STATE)/ca.crt --target 127.0.0.1:$(DEMO_PORT) \"\$$(cat $(STATE)/demo-link)\""
 	@$(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) --password-stdin < $(STATE)/demo-password > $(STATE)/demo-link
-	@echo "Stop with Ctrl-C."
-	exec $(VENV)/bin/twistd --nodaemon --pidfile= mtop --config $(STATE)/mtop.yaml
+	@printf '%s\n' \
+		'# Demo climber configuration written by make run.' \
+		'socks5:' \
+		'  listen: "127.0.0.1:$(DEMO_SOCKS)"' \
+		'http:' \
+		'  listen: "127.0.0.1:$(DEMO_HTTP)"' \
+		'servers:' \
+		"  - url: \"$$(cat $(STATE)/demo-link)\"" \
+		'    ca: ca.crt' > $(STATE)/climber.yaml
+	@mkdir -p $(STATE)/www && echo '<h1>Hello through MTop</h1>' > $(STATE)/www/index.html
+	@echo "MTop demo: server on 127.0.0.1:$(DEMO_PORT) (TLS 1.3, ALPN mtop, user 'demo'),"
+	@echo "climber SOCKS5 proxy on 127.0.0.1:$(DEMO_SOCKS), HTTP proxy on 127.0.0.1:$(DEMO_HTTP),"
+	@echo "and a web page on 127.0.0.1:$(DEMO_WEB).  From another terminal:"
+	@echo "  curl --socks5-hostname 127.0.0.1:$(DEMO_SOCKS) http://127.0.0.1:$(DEMO_WEB)/"
+	@echo "  curl -x http://127.0.0.1:$(DEMO_HTTP) http://127.0.0.1:$(DEMO_WEB)/"
+	@echo "  $(VENV)/bin/mtopctl check --ca $(STATE)/ca.crt --target 127.0.0.1:$(DEMO_WEB) \"\$$(cat $(STATE)/demo-link)\""
+	@echo "Share link (contains the password): $(STATE)/demo-link.  Stop with Ctrl-C."
+	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
+	$(PY) -m http.server --bind 127.0.0.1 --directory $(STATE)/www $(DEMO_WEB) >/dev/null 2>&1 & \
+	$(VENV)/bin/twistd --nodaemon --pidfile= mtop --config $(STATE)/mtop.yaml & \
+	$(VENV)/bin/twistd --nodaemon --pidfile= climber --config $(STATE)/climber.yaml
 
 clean:
 	rm -rf $(VENV) $(STATE) build *.egg-info twisted/plugins/dropin.cache
