@@ -29,6 +29,7 @@ from twisted.python.failure import Failure
 from climber import http_codec as http
 from climber.frontend import Climber, LocalConnection
 from climber.tunnel import Tunnel, TunnelError
+from mtop.relay import IdleWatch
 
 STATUS_FOR_ERROR = {"timeout": 504}
 CONNECT_ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
@@ -56,6 +57,7 @@ class HTTPProxyConnection(LocalConnection):
         self._response_started = False
         self._keep_alive = False
         self._tunnel: Tunnel | None = None
+        self._idle: IdleWatch | None = None
         self._up = 0
         self._down = 0
 
@@ -137,6 +139,8 @@ class HTTPProxyConnection(LocalConnection):
         self._tunnel = tunnel
         tunnel.attach(self._origin_data, self._origin_eof, self._origin_lost)
         self._send_up(self._origin_head)
+        if self.climber.idle_timeout > 0:
+            self._idle = IdleWatch(self.climber.clock, self.climber.idle_timeout, lambda: self._up + self._down, self._idle_expired)
         early, self._early = self._early, b""
         # The response may be slow to read: the origin waits for the client.
         self.transport.registerProducer(tunnel.transport, True)
@@ -302,9 +306,14 @@ class HTTPProxyConnection(LocalConnection):
             pending, self._buffer = self._buffer, b""
             self.handshake_data(pending)
 
-    def _abandon(self, outcome: str, detail: str) -> None:
+    def _idle_expired(self) -> None:
+        self._idle = None
+        self._abandon("idle-timeout", f"no data either way for {self.climber.idle_timeout:g}s", 504)
+
+    def _abandon(self, outcome: str, detail: str, status: int = 502) -> None:
         """The exchange cannot complete: a 502 if nothing was sent yet,
-        otherwise the client connection is cut so it sees the truncation."""
+        otherwise the client connection is closed after what was received,
+        which its framing (length or chunked) shows to be truncated."""
         if self.state != "forwarding":
             return
         self.outcome, self.detail = outcome, detail
@@ -312,11 +321,14 @@ class HTTPProxyConnection(LocalConnection):
         self._log_outcome(self._up, self._down)
         if self._response_started:
             self.state = "closed"
-            self.transport.abortConnection()
+            self.transport.loseConnection()
         else:
-            self.close_after(http.error_response(502, f"climber: {detail}"))
+            self.close_after(http.error_response(status, f"climber: {detail}"))
 
     def _close_tunnel(self, abort: bool) -> None:
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle = None
         tunnel, self._tunnel = self._tunnel, None
         if tunnel is None:
             return

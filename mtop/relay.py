@@ -27,6 +27,41 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IReactorTime
 
 
+class IdleWatch:
+    """Calls ``on_idle`` once ``progress()`` (a byte counter) has not
+    changed for ``timeout`` seconds.  No timer work per chunk: a periodic
+    check every quarter of the timeout compares the counter."""
+
+    def __init__(self, clock: IReactorTime, timeout: float, progress: Callable[[], int], on_idle: Callable[[], None]):
+        self.clock = clock
+        self.timeout = timeout
+        self.progress = progress
+        self.on_idle = on_idle
+        self._seen = progress()
+        self._since = clock.seconds()
+        self._call: Any = clock.callLater(self._interval(), self._check)
+
+    def _interval(self) -> float:
+        return max(self.timeout / 4, 0.05)
+
+    def _check(self) -> None:
+        self._call = None
+        now = self.clock.seconds()
+        seen = self.progress()
+        if seen != self._seen:
+            self._seen = seen
+            self._since = now
+        elif now - self._since >= self.timeout:
+            self.on_idle()
+            return
+        self._call = self.clock.callLater(self._interval(), self._check)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
 class Relay:
     """Both directions of one tunnel.  "Up" is client to target."""
 
@@ -52,9 +87,7 @@ class Relay:
         self.target = target
         self.idle_timeout = idle_timeout
         self.on_finished = on_finished
-        self._idle_call = None
-        self._idle_seen = 0
-        self._idle_since = 0.0
+        self._idle: IdleWatch | None = None
 
     def start(self) -> None:
         """Register the producers and start the idle timer.  Call once both
@@ -63,24 +96,12 @@ class Relay:
         self.client.registerProducer(self.target, True)
         self.target.registerProducer(self.client, True)
         if self.idle_timeout > 0:
-            self._idle_seen = self.bytes_up + self.bytes_down
-            self._idle_since = self.clock.seconds()
-            self._idle_call = self.clock.callLater(self._idle_interval(), self._check_idle)
+            self._idle = IdleWatch(
+                self.clock, self.idle_timeout, lambda: self.bytes_up + self.bytes_down, self._idle_expired
+            )
 
-    def _idle_interval(self) -> float:
-        return max(self.idle_timeout / 4, 0.05)
-
-    def _check_idle(self) -> None:
-        self._idle_call = None
-        now = self.clock.seconds()
-        total = self.bytes_up + self.bytes_down
-        if total != self._idle_seen:
-            self._idle_seen = total
-            self._idle_since = now
-        elif now - self._idle_since >= self.idle_timeout:
-            self.close("idle-timeout", abort=True)
-            return
-        self._idle_call = self.clock.callLater(self._idle_interval(), self._check_idle)
+    def _idle_expired(self) -> None:
+        self.close("idle-timeout", abort=True)
 
     # Events from the client side.
 
@@ -155,8 +176,8 @@ class Relay:
         if self._finished or not (self._client_lost and self._target_lost):
             return
         self._finished = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        if self._idle is not None:
+            self._idle.stop()
+            self._idle = None
         if self.on_finished is not None:
             self.on_finished(self)

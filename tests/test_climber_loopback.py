@@ -12,10 +12,12 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 from zope.interface import implementer
 
+from climber import http_codec as http
 from climber import socks5_codec as codec
 from climber.config import ServerEntry
 from climber.forward import ForwardConnection
 from climber.frontend import Climber, LocalFactory
+from climber.httpproxy import HTTPProxyConnection
 from climber.pool import ServerPool
 from climber.socks5 import Socks5Connection
 from climber.tunnel import TunnelError, TunnelOpener
@@ -339,6 +341,293 @@ async def test_socks5_local_authentication(server, echo_target):
     try:
         assert await deferToThread(login, "wrong") == b"\x01\x01"
         assert await deferToThread(login, "secret") == b"\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00got:hi"
+    finally:
+        listening.stopListening()
+        climber.close_all()
+
+
+# HTTP proxy
+
+
+class ScriptedOrigin(Protocol):
+    """An HTTP origin that records each request (head and body, framed by
+    the codec under test's sibling) and answers with ``script(head, body)``:
+    a list of byte strings, and whether to close afterwards."""
+
+    def __init__(self, script, seen, on_head=None):
+        self.script = script
+        self.seen = seen
+        self.on_head = on_head
+        self.buffer = b""
+        self.head = None
+        self.body = None
+        self.framer = None
+
+    def dataReceived(self, data):
+        self.buffer += data
+        if self.head is None:
+            parsed = http.parse_request_head(self.buffer)
+            if parsed is None:
+                return
+            self.head, used = parsed
+            self.buffer = self.buffer[used:]
+            self.framer = http.request_body(self.head)
+            self.body = b""
+            if self.on_head is not None:
+                self.transport.write(self.on_head)
+        used = self.framer.feed(self.buffer)
+        self.body += self.buffer[:used]
+        self.buffer = self.buffer[used:]
+        if self.framer.done:
+            self.seen.append((self.head, self.body))
+            for chunk in self.script(self.head, self.body):
+                self.transport.write(chunk)
+            self.transport.loseConnection()
+
+
+def ok(body, extra=b""):
+    return lambda head, _: [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n%s\r\n" % (len(body), extra), body]
+
+
+@pytest.fixture
+def origins():
+    """``start(script, on_head=None)`` -> (port, list of (head, body) seen)."""
+    ports = []
+
+    def start(script, on_head=None):
+        seen = []
+        port = reactor.listenTCP(
+            0, Factory.forProtocol(lambda: ScriptedOrigin(script, seen, on_head)), interface="127.0.0.1"
+        )
+        ports.append(port)
+        return port.getHost().port, seen
+
+    yield start
+    for port in ports:
+        port.stopListening()
+
+
+@pytest.fixture
+def proxy(server):
+    """An HTTP proxy listener of a climber using the in-process server;
+    yields (port, server factory)."""
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    listening = reactor.listenTCP(
+        0, LocalFactory(HTTPProxyConnection, climber, timeout=5), interface="127.0.0.1"
+    )
+    yield listening.getHost().port, factory
+    listening.stopListening()
+    climber.close_all()
+
+
+def read_response(s, buffer=b""):
+    """One response (head + Content-Length or chunked body) from socket
+    ``s``; returns (head, body, leftover)."""
+    while (parsed := http.parse_response_head(buffer)) is None:
+        chunk = s.recv(65536)
+        assert chunk, f"connection closed mid-head: {buffer!r}"
+        buffer += chunk
+    head, used = parsed
+    buffer = buffer[used:]
+    framer = http.response_body(head, "GET")
+    body = b""
+    while True:
+        used = framer.feed(buffer)
+        body += buffer[:used]
+        buffer = buffer[used:]
+        if framer.done:
+            return head, body, buffer
+        chunk = s.recv(65536)
+        if not chunk:
+            assert isinstance(framer, http.UntilClose), "connection closed mid-body"
+            return head, body, b""
+        buffer += chunk
+
+
+def exchange(port, data, responses=1):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(data)
+        results, leftover = [], b""
+        for _ in range(responses):
+            head, body, leftover = read_response(s, leftover)
+            results.append((head, body))
+        return results
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_pipelined_requests_to_two_origins_on_one_connection(proxy, origins):
+    port, _ = proxy
+    one, seen_one = origins(ok(b"first"))
+    two, seen_two = origins(ok(b"second"))
+    request = (
+        f"GET http://127.0.0.1:{one}/a HTTP/1.1\r\nHost: 127.0.0.1:{one}\r\n\r\n"
+        f"POST http://localhost:{two}/b?q=1 HTTP/1.1\r\nHost: wrong.example\r\nContent-Length: 5\r\n\r\nhello"
+        f"GET http://127.0.0.1:{one}/c HTTP/1.1\r\nHost: 127.0.0.1:{one}\r\n\r\n"
+    ).encode()
+    results = await deferToThread(exchange, port, request, 3)
+    assert [body for _, body in results] == [b"first", b"second", b"first"]
+    assert all(head.status == 200 and head.get("Connection") is None for head, _ in results)
+    (head_b, body_b), = seen_two
+    assert (head_b.method, head_b.target, body_b) == ("POST", "/b?q=1", b"hello")
+    assert head_b.get("Host") == f"localhost:{two}"
+    assert [h.target for h, _ in seen_one] == ["/a", "/c"]
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_hop_by_hop_headers_are_removed_both_ways(proxy, origins):
+    port, _ = proxy
+    origin, seen = origins(ok(b"x", b"Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nX-Kept: 2\r\n"))
+    request = (
+        f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: 127.0.0.1:{origin}\r\n"
+        "Proxy-Connection: keep-alive\r\nProxy-Authorization: Basic Zm9vOmJhcg==\r\n"
+        "Connection: X-Drop\r\nX-Drop: 1\r\nX-Keep: 1\r\nTE: trailers\r\n\r\n"
+    ).encode()
+    ((head, body),) = await deferToThread(exchange, port, request)
+    names = {name.lower() for name, _ in seen[0][0].headers}
+    assert {"proxy-connection", "proxy-authorization", "x-drop", "te"}.isdisjoint(names)
+    assert seen[0][0].get("X-Keep") == "1" and seen[0][0].get("Connection") == "close"
+    assert head.get("X-Kept") == "2"
+    assert head.get("X-Secret") is None and head.get("Keep-Alive") is None
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_chunked_both_ways_and_100_continue(proxy, origins):
+    port, _ = proxy
+    chunked = b"5\r\nhello\r\n6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"
+    origin, seen = origins(
+        lambda head, body: [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", body],
+        on_head=b"HTTP/1.1 100 Continue\r\n\r\n",
+    )
+
+    def run():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                f"PUT http://127.0.0.1:{origin}/u HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+                "Transfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n".encode()
+            )
+            interim, _, leftover = read_response(s)
+            assert interim.status == 100
+            s.sendall(chunked)
+            return read_response(s, leftover)
+
+    head, body, _ = await deferToThread(run)
+    assert head.status == 200 and body == chunked
+    assert seen[0][1] == chunked
+    assert seen[0][0].get("Content-Length") is None  # dropped beside chunked
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_truncated_response_is_not_passed_off_as_complete(proxy, origins):
+    port, _ = proxy
+    origin, _ = origins(lambda head, body: [b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n", b"short"])
+
+    def run():
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(f"GET http://127.0.0.1:{origin}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            data = b""
+            try:
+                while chunk := s.recv(65536):
+                    data += chunk
+            except ConnectionResetError:
+                pass
+            return data
+
+    data = await deferToThread(run)
+    assert data.endswith(b"\r\n\r\nshort")  # then the connection was cut
+
+
+@pytest.mark.parametrize(
+    "request_line,status",
+    [
+        ("GET / HTTP/1.1", 400),  # origin form: not a proxy request
+        ("GET https://127.0.0.1/ HTTP/1.1", 501),
+        ("BR@KEN", 400),
+        ("GET http://127.0.0.1:1/ HTTP/2.0", 505),
+    ],
+)
+@pytest_twisted.ensureDeferred
+async def test_http_bad_requests_get_status_responses(proxy, request_line, status):
+    port, _ = proxy
+    ((head, body),) = await deferToThread(exchange, port, f"{request_line}\r\nHost: x\r\n\r\n".encode())
+    assert head.status == status
+    assert head.get("Connection") == "close"
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_unreachable_target_is_502(proxy):
+    port, factory = proxy
+    factory.settings = ServerSettings(reply_errors=True, handshake_timeout=5)
+    target = free_port()
+    ((head, body),) = await deferToThread(
+        exchange, port, f"GET http://127.0.0.1:{target}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
+    assert head.status == 502
+    assert b"could not connect to the target" in body
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_connect_and_local_auth(server, echo_target):
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    listening = reactor.listenTCP(
+        0,
+        LocalFactory(HTTPProxyConnection, climber, timeout=5, username="me", password="secret"),
+        interface="127.0.0.1",
+    )
+    proxy_port = listening.getHost().port
+
+    def connect(auth):
+        with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as s:
+            s.sendall(f"CONNECT 127.0.0.1:{echo_target} HTTP/1.1\r\nHost: x\r\n{auth}\r\npayload".encode())
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+            return data
+
+    try:
+        refused = await deferToThread(connect, "")
+        assert refused.startswith(b"HTTP/1.1 407 ") and b'Proxy-Authenticate: Basic realm="climber"' in refused
+        wrong = await deferToThread(connect, "Proxy-Authorization: Basic bWU6d3Jvbmc=\r\n")
+        assert wrong.startswith(b"HTTP/1.1 407 ")
+        answer = await deferToThread(connect, "Proxy-Authorization: Basic bWU6c2VjcmV0\r\n")
+        assert answer == b"HTTP/1.1 200 Connection established\r\n\r\ngot:payload"
+    finally:
+        listening.stopListening()
+        climber.close_all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_http_origin_that_never_answers_gets_504_after_idle_timeout(server):
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    climber.idle_timeout = 0.5
+    listening = reactor.listenTCP(0, LocalFactory(HTTPProxyConnection, climber, timeout=5), interface="127.0.0.1")
+    silent = reactor.listenTCP(0, Factory.forProtocol(Protocol), interface="127.0.0.1")
+    try:
+        ((head, body),) = await deferToThread(
+            exchange, listening.getHost().port,
+            f"GET http://127.0.0.1:{silent.getHost().port}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        )
+        assert head.status == 504
+        assert b"no data either way" in body
+    finally:
+        silent.stopListening()
+        listening.stopListening()
+        climber.close_all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_pipelining_server_entry_sends_before_the_reply(server, echo_target):
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths, pipelining=True)])
+    listening = reactor.listenTCP(
+        0, LocalFactory(ForwardConnection, climber, timeout=5, host="127.0.0.1", port=echo_target), interface="127.0.0.1"
+    )
+    try:
+        answer = await deferToThread(send_half_close_read, listening.getHost().port, b"early bird")
+        assert answer == b"got:early bird"
     finally:
         listening.stopListening()
         climber.close_all()
