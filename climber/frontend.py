@@ -85,7 +85,7 @@ class LocalConnection(Protocol):
     def connectionMade(self) -> None:
         self.climber.connections.add(self)
         self.started = self.climber.clock.seconds()
-        self.peer = _address(self.transport.getPeer())
+        self.peer = wire.format_address(self.transport.getPeer())
         if self.needs_handshake:
             self._deadline = self.climber.clock.callLater(self.climber.handshake_timeout, self._handshake_expired)
 
@@ -256,11 +256,3 @@ class LocalFactory(Factory):
         protocol = self.protocol_class(self.climber, **self.settings)
         protocol.factory = self
         return protocol
-
-
-def _address(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return wire.format_hostport(host, port)

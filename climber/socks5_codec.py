@@ -31,6 +31,10 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+# SOCKS5 and MTop v1 number their address types alike (1 IPv4, 3 domain,
+# 4 IPv6), so MTop's choice of type for a host serves here too.
+from mtop.wire import address_type_for
+
 VERSION = 0x05
 #: Version byte of the RFC 1929 username/password subnegotiation.
 USERPASS_VERSION = 0x01
@@ -123,16 +127,6 @@ class SocksRequest:
     host: str
     port: int
     address_type: int
-
-
-def address_type_for(host: str) -> int:
-    """The address type an encoder uses for ``host``: IP literals travel as
-    addresses, everything else as a domain name."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
-        return ATYP_DOMAIN
-    return ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
 
 
 # -- parsing helpers ---------------------------------------------------------

@@ -109,7 +109,7 @@ class TunnelProtocol(Protocol):
 
     def connectionMade(self) -> None:
         self.started = self.clock.seconds()
-        self.peer = _address(self.transport.getPeer())
+        self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)
         self._deadline = self.clock.callLater(self.factory.settings.handshake_timeout, self._handshake_expired)
 
@@ -285,14 +285,6 @@ class TunnelProtocol(Protocol):
             detail_text=f" ({self.detail})" if self.detail else "",
             tunnel_event=True,
         )
-
-
-def _address(address: Any) -> str:
-    host = getattr(address, "host", None)
-    port = getattr(address, "port", None)
-    if host is None:
-        return str(address)
-    return wire.format_hostport(host, port)
 
 
 class TunnelFactory(Factory):

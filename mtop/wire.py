@@ -107,6 +107,16 @@ def format_hostport(host: str, port: int) -> str:
     return f"{host}:{port}"
 
 
+def format_address(address: object) -> str:
+    """``host:port`` for a Twisted address object (IPv4Address,
+    IPv6Address), or its ``str`` for other kinds."""
+    host = getattr(address, "host", None)
+    port = getattr(address, "port", None)
+    if host is None or port is None:
+        return str(address)
+    return format_hostport(host, port)
+
+
 def address_type_for(host: str) -> int:
     """The address type an encoder uses for ``host``: IP literals travel as
     addresses, everything else as a domain name."""

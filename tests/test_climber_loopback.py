@@ -6,11 +6,10 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
-from zope.interface import implementer
+
+from helpers import EchoAfterEOF
 
 from climber import http_codec as http
 from climber import socks5_codec as codec
@@ -22,24 +21,6 @@ from climber.pool import ServerPool
 from climber.socks5 import Socks5Connection
 from climber.tunnel import TunnelError, TunnelOpener
 from mtop.server import ServerSettings
-
-
-@implementer(IHalfCloseableProtocol)
-class EchoAfterEOF(Protocol):
-    """Collects until EOF, then answers and closes: needs half-close."""
-
-    def __init__(self):
-        self.data = b""
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def readConnectionLost(self):
-        self.transport.write(b"got:" + self.data)
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
 
 
 def entry(port, paths, **kw):

@@ -7,8 +7,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import deferLater
-from twisted.internet.interfaces import IHalfCloseableProtocol
-from zope.interface import implementer
+
+from helpers import EchoAfterEOF
 
 from mtop import wire
 from mtop.tls import client_context
@@ -180,24 +180,6 @@ async def test_target_that_stops_reading_bounds_server_memory(server):
         client.transport.loseConnection()
     finally:
         target_port.stopListening()
-
-
-@implementer(IHalfCloseableProtocol)
-class EchoAfterEOF(Protocol):
-    """Collects until EOF, then answers and closes: needs half-close."""
-
-    def __init__(self):
-        self.data = b""
-
-    def dataReceived(self, data):
-        self.data += data
-
-    def readConnectionLost(self):
-        self.transport.write(b"got:" + self.data)
-        self.transport.loseConnection()
-
-    def writeConnectionLost(self):
-        pass
 
 
 @pytest_twisted.ensureDeferred

@@ -1,0 +1,25 @@
+"""Small peers shared by the loopback test modules (importable because
+pytest puts this directory on sys.path)."""
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from zope.interface import implementer
+
+
+@implementer(IHalfCloseableProtocol)
+class EchoAfterEOF(Protocol):
+    """Collects until EOF, then answers ``got:`` + what it read and closes:
+    works only if half-close is carried end to end."""
+
+    def __init__(self):
+        self.data = b""
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def readConnectionLost(self):
+        self.transport.write(b"got:" + self.data)
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        pass
