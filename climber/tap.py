@@ -10,6 +10,7 @@ from twisted.python import usage
 
 from climber.config import ClimberConfig, ConfigError, load_climber_data
 from mtop.config import read_yaml
+from mtop.logs import logger
 from mtop.tls import TLSConfigError, client_context
 
 DEFAULT_CONFIG = "/etc/climber/climber.yaml"
@@ -97,11 +98,25 @@ class Options(usage.Options):
             data["strategy"] = self["strategy"]
 
 
-class _Shutdown(Service):
-    """Closes the connections still open when climber stops."""
+class _Lifecycle(Service):
+    """Says which servers climber will use; closes the connections still
+    open when it stops."""
 
-    def __init__(self, climber: Any):
+    _log = logger()
+
+    def __init__(self, climber: Any, config: ClimberConfig):
         self.climber = climber
+        self.config = config
+
+    def startService(self) -> None:
+        super().startService()
+        servers = self.config.usable_servers
+        self._log.info(
+            "climber: {count} server(s), strategy {strategy}: {servers}",
+            count=len(servers),
+            strategy=self.config.strategy,
+            servers=", ".join(s.name for s in servers),
+        )
 
     def stopService(self) -> None:
         super().stopService()
@@ -129,7 +144,7 @@ def makeService(options: Options) -> MultiService:
 
     pool = ServerPool(config.usable_servers, config.strategy, reactor)
     climber = Climber(TunnelOpener(reactor, pool), reactor, config.idle_timeout, config.handshake_timeout)
-    _Shutdown(climber).setServiceParent(root)
+    _Lifecycle(climber, config).setServiceParent(root)
 
     for listener, protocol, label in (
         (config.socks5, Socks5Connection, "SOCKS5 proxy"),
