@@ -1,26 +1,38 @@
 """Fixtures for the end-to-end tests: certificates, a SQLite user database,
-and real ``twistd mtop`` server processes on 127.0.0.1.
+real ``twistd mtop`` server processes and real ``twistd climber`` client
+processes on 127.0.0.1.
 
-Each server runs as a subprocess; its stdout and stderr are read by a
-background thread so the log is always available, both to wait for lines and
-to attach to failing tests.
+Each process runs as a subprocess (`TwistdProcess`: `ServerProcess`,
+`ClimberProcess`); its stdout and stderr are read by a background thread so
+the log is always available, both to wait for lines and to attach to failing
+tests (every running process's part of the log is attached).
+
+Fixtures: ``e2e_setup`` (certificates, users, server configs); the servers
+``server`` and ``errors_server``; the climbers ``climber`` and
+``errors_climber`` (SOCKS5 and HTTP proxies through each server);
+``make_climber`` / ``make_module_climber`` for climbers with other settings;
+``make_target`` for plain TCP targets; ``run_twistd`` for a twistd run that is
+expected to end by itself.  Every listener is on 127.0.0.1, port 0; the ports
+bound are read from the processes' logs.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+
+from peers import TargetServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -32,6 +44,8 @@ STARTUP_TIMEOUT = 20.0
 HANDSHAKE_TIMEOUT = 1.0
 
 LISTENING = re.compile(r"MTop TLS listening on 127\.0\.0\.1:(\d+)")
+CLIMBER_SOCKS5 = re.compile(r"SOCKS5 proxy listening on 127\.0\.0\.1:(\d+)")
+CLIMBER_HTTP = re.compile(r"HTTP proxy listening on 127\.0\.0\.1:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -93,35 +107,46 @@ def write_config(path: Path, *, reply_errors: bool, log_level: str) -> Path:
     return path
 
 
-class ServerProcess:
-    """One ``twistd mtop`` subprocess and its captured log."""
+class TwistdProcess:
+    """One ``twistd --nodaemon <plugin>`` subprocess and its captured log.
+
+    Subclasses name the plugin and say, in `_wait_ready`, which log lines
+    mean the process is serving (and read the ports it bound from them)."""
+
+    plugin = ""
+    kind = "twistd"
 
     def __init__(self, name: str, config: Path, cwd: Path):
         self.name = name
         self.config = config
         self.cwd = cwd
-        self.port: int | None = None
         self._lines: list[str] = []
         self._cond = threading.Condition()
         self._eof = False
         self.proc: subprocess.Popen | None = None
         self._reader: threading.Thread | None = None
 
+    @property
+    def label(self) -> str:
+        return f"{self.kind} {self.name!r}"
+
     # Lifecycle
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "mtop", "--config", str(self.config)],
+            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", self.plugin, "--config", str(self.config)],
             cwd=self.cwd,
             env=subprocess_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
-        self._reader = threading.Thread(target=self._read, name=f"log-{self.name}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"log-{self.plugin}-{self.name}", daemon=True)
         self._reader.start()
-        match = self.wait_for(LISTENING, STARTUP_TIMEOUT, what="the listening line")
-        self.port = int(match.group(1))
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        raise NotImplementedError
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
@@ -162,7 +187,7 @@ class ServerProcess:
     def describe(self, since: int = 0) -> str:
         """The log for an assertion message."""
         state = "running" if self.proc is not None and self.proc.poll() is None else f"exited {self.proc.returncode}"
-        return f"\n----- mtop server {self.name!r} ({state}) log -----\n{self.log(since)}----- end of log -----"
+        return f"\n----- {self.label} ({state}) log -----\n{self.log(since)}----- end of log -----"
 
     def wait_for(self, pattern: re.Pattern | str, timeout: float, since: int = 0, what: str | None = None) -> re.Match:
         """Wait until a log line (from line ``since`` on) matches ``pattern``."""
@@ -184,6 +209,58 @@ class ServerProcess:
             f"no log line matching {regex.pattern!r} ({what or 'expected line'}) within {timeout:g}s"
             + self.describe(since)
         )
+
+
+class ServerProcess(TwistdProcess):
+    """One ``twistd mtop`` server; ``port`` is its TLS port once started."""
+
+    plugin = "mtop"
+    kind = "mtop server"
+
+    def __init__(self, name: str, config: Path, cwd: Path):
+        super().__init__(name, config, cwd)
+        self.port: int | None = None
+
+    def _wait_ready(self) -> None:
+        match = self.wait_for(LISTENING, STARTUP_TIMEOUT, what="the listening line")
+        self.port = int(match.group(1))
+
+
+class ClimberProcess(TwistdProcess):
+    """One ``twistd climber`` client.  Once started, ``socks5_port``,
+    ``http_port`` and ``forward_ports`` (in the config's order) are the
+    ports it bound, read from its log (configs listen on port 0)."""
+
+    plugin = "climber"
+    kind = "climber"
+
+    def __init__(self, name: str, config: Path, cwd: Path):
+        super().__init__(name, config, cwd)
+        self.data = yaml.safe_load(config.read_text())
+        self.socks5_port: int | None = None
+        self.http_port: int | None = None
+        self.forward_ports: list[int] = []
+
+    def _wait_ready(self) -> None:
+        if "socks5" in self.data:
+            self.socks5_port = int(self.wait_for(CLIMBER_SOCKS5, STARTUP_TIMEOUT, what="the SOCKS5 line").group(1))
+        if "http" in self.data:
+            self.http_port = int(self.wait_for(CLIMBER_HTTP, STARTUP_TIMEOUT, what="the HTTP proxy line").group(1))
+        # Listeners start in the config's order, so the lines come in it too.
+        pattern = re.compile(r"forward to (\S+) listening on 127\.0\.0\.1:(\d+)")
+        since = 0
+        for item in self.data.get("forward") or []:
+            match = self.wait_for(pattern, STARTUP_TIMEOUT, since=since, what=f"the line of forward {item}")
+            assert match.group(1) == item["target"], f"forward lines out of order: {match.group(0)}" + self.describe()
+            self.forward_ports.append(int(match.group(2)))
+            since = self._line_index(match) + 1
+
+    def _line_index(self, match: re.Match) -> int:
+        with self._cond:
+            for i, line in enumerate(self._lines):
+                if match.string is line:
+                    return i
+        raise AssertionError("matched line not in the log")
 
 
 @dataclass(frozen=True)
@@ -220,37 +297,169 @@ def e2e_setup(tmp_path_factory) -> Setup:
     return Setup(base, Path(paths.ca_crt), default_config, errors_config)
 
 
-_servers: list[ServerProcess] = []
+_processes: list[TwistdProcess] = []
 
 
-def _start(name: str, config: Path, cwd: Path):
-    server = ServerProcess(name, config, cwd)
-    _servers.append(server)
+def _start(process: TwistdProcess):
+    _processes.append(process)
     try:
-        server.start()
-        yield server
+        process.start()
+        yield process
     finally:
-        server.stop()
-        _servers.remove(server)
+        process.stop()
+        _processes.remove(process)
 
 
 @pytest.fixture(scope="session")
 def server(e2e_setup, tmp_path_factory):
     """The server with the default config (no error replies), log.level debug."""
-    yield from _start("default", e2e_setup.default_config, tmp_path_factory.mktemp("cwd-default"))
+    yield from _start(ServerProcess("default", e2e_setup.default_config, tmp_path_factory.mktemp("cwd-default")))
 
 
 @pytest.fixture(scope="session")
 def errors_server(e2e_setup, tmp_path_factory):
     """The same server with ``reply_errors: true``."""
-    yield from _start("reply_errors", e2e_setup.errors_config, tmp_path_factory.mktemp("cwd-errors"))
+    yield from _start(ServerProcess("reply_errors", e2e_setup.errors_config, tmp_path_factory.mktemp("cwd-errors")))
+
+
+# ---------------------------------------------------------------------------
+# climber
+
+
+def climber_server_entry(server: "ServerProcess | int", setup: Setup, user: User = ALICE) -> dict[str, Any]:
+    """A ``servers:`` item for ``server`` (or a bare port on 127.0.0.1)."""
+    port = server if isinstance(server, int) else server.port
+    return {
+        "host": f"127.0.0.1:{port}",
+        "type": "tls",
+        "username": user.name,
+        "password": user.password,
+        "ca": str(setup.ca),
+        "proto": "mtop",
+    }
+
+
+def write_climber_config(
+    path: Path,
+    setup: Setup,
+    servers: list,
+    *,
+    socks5: bool | dict = True,
+    http: bool | dict = True,
+    forward: list[dict] | tuple = (),
+    strategy: str | None = None,
+    **extra: Any,
+) -> Path:
+    """A climber.yaml listening on port 0 with log level debug.  ``servers``
+    holds `ServerProcess` objects, ports (a dead server, say) or ready
+    ``servers:`` items; ``socks5``/``http`` are True, False or extra keys of
+    that listener (``username``, ``password``, ...)."""
+    data: dict[str, Any] = {"log": {"level": "debug"}}
+    for key, value in (("socks5", socks5), ("http", http)):
+        if value:
+            data[key] = {"listen": "127.0.0.1:0", **(value if isinstance(value, dict) else {})}
+    if forward:
+        data["forward"] = list(forward)
+    if strategy is not None:
+        data["strategy"] = strategy
+    data["servers"] = [item if isinstance(item, dict) else climber_server_entry(item, setup) for item in servers]
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+class ClimberStarter:
+    """``make_climber(servers, ...)`` (arguments as for
+    `write_climber_config`) writes a config into the test's tmp dir and
+    starts a `ClimberProcess`; all are stopped at the end of the test."""
+
+    def __init__(self, setup: Setup, directory: Path):
+        self.setup = setup
+        self.directory = directory
+        self.started: list[ClimberProcess] = []
+
+    def __call__(self, servers: list, name: str = "climber", **kwargs: Any) -> ClimberProcess:
+        cwd = self.directory / f"{name}-{len(self.started)}"
+        cwd.mkdir()
+        config = write_climber_config(cwd / "climber.yaml", self.setup, servers, **kwargs)
+        process = ClimberProcess(name, config, cwd)
+        self.started.append(process)
+        _processes.append(process)
+        process.start()
+        return process
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            process.stop()
+            if process in _processes:
+                _processes.remove(process)
+
+
+@pytest.fixture
+def make_climber(e2e_setup, tmp_path):
+    """A `ClimberStarter` whose climbers live for one test."""
+    starter = ClimberStarter(e2e_setup, tmp_path)
+    try:
+        yield starter
+    finally:
+        starter.stop_all()
+
+
+@pytest.fixture(scope="module")
+def make_module_climber(e2e_setup, tmp_path_factory):
+    """A `ClimberStarter` whose climbers live until the module's tests end
+    (for a module-scoped fixture shared by several tests)."""
+    starter = ClimberStarter(e2e_setup, tmp_path_factory.mktemp("climbers"))
+    try:
+        yield starter
+    finally:
+        starter.stop_all()
+
+
+def _session_climber(name: str, server: ServerProcess, setup: Setup, tmp_path_factory):
+    cwd = tmp_path_factory.mktemp(f"climber-{name}")
+    config = write_climber_config(cwd / "climber.yaml", setup, [server])
+    yield from _start(ClimberProcess(name, config, cwd))
+
+
+@pytest.fixture(scope="session")
+def climber(server, e2e_setup, tmp_path_factory):
+    """climber with SOCKS5 and HTTP proxies on port 0, through `server`."""
+    yield from _session_climber("default", server, e2e_setup, tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def errors_climber(errors_server, e2e_setup, tmp_path_factory):
+    """climber with SOCKS5 and HTTP proxies through `errors_server` (whose
+    refusals are explicit replies)."""
+    yield from _session_climber("errors", errors_server, e2e_setup, tmp_path_factory)
+
+
+@pytest.fixture
+def run_twistd():
+    """``run_twistd(plugin, config, cwd)`` runs ``twistd <plugin> --config``
+    to its end (for configs that must be refused) and returns the
+    `subprocess.CompletedProcess`, output as text."""
+
+    def run(plugin: str, config: Path, cwd: Path, timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", plugin, "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=cwd,
+            env=subprocess_env(),
+            stdin=subprocess.DEVNULL,
+        )
+
+    return run
 
 
 @pytest.fixture(autouse=True)
 def _log_marks(request):
-    """Remember where each running server's log stood when the test began,
+    """Remember where each running process's log stood when the test began,
     so a failure report shows only that test's part."""
-    request.node._mtop_marks = {id(s): s.mark() for s in _servers}
+    request.node._mtop_marks = {id(p): p.mark() for p in _processes}
     yield
 
 
@@ -260,68 +469,8 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if report.when == "call" and report.failed:
         marks = getattr(item, "_mtop_marks", {})
-        for server in list(_servers):
-            report.sections.append(
-                (f"mtop server {server.name!r} log during this test", server.log(marks.get(id(server), 0)))
-            )
-
-
-class TargetServer:
-    """A plain TCP server on 127.0.0.1 (port 0) that runs ``handler(sock)``
-    in a thread per connection and queues what it returns (or raises)."""
-
-    def __init__(self, handler):
-        self.handler = handler
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.listener.settimeout(0.2)
-        self.port = self.listener.getsockname()[1]
-        self.results: queue.Queue = queue.Queue()
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
-        self._accept_thread = threading.Thread(target=self._accept, name=f"target-{self.port}", daemon=True)
-        self._accept_thread.start()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.listener.accept()
-            except socket.timeout:
-                continue
-            except OSError:
-                return
-            self.accepted += 1
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        conn.settimeout(60)
-        try:
-            self.results.put(self.handler(conn))
-        except BaseException as e:  # reported by result()
-            self.results.put(e)
-        finally:
-            conn.close()
-
-    def result(self, timeout: float = 30.0):
-        """What the handler of the next finished connection returned."""
-        try:
-            value = self.results.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(f"target on port {self.port}: no connection finished within {timeout:g}s") from None
-        if isinstance(value, BaseException):
-            raise AssertionError(f"target handler failed: {value!r}") from value
-        return value
-
-    def close(self) -> None:
-        self._stop.set()
-        self._accept_thread.join(timeout=5)
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(timeout=5)
+        for process in list(_processes):
+            report.sections.append((f"{process.label} log during this test", process.log(marks.get(id(process), 0))))
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from mtop import wire
+from peers import closed_port, banner_then_read, echo, reply_after_eof
 
 MiB = 1 << 20
 BULK_SIZE = 64 * MiB
@@ -64,6 +65,9 @@ class TLSClient:
         self.conn.set_connect_state()
         self.eof: str | None = None
         self.write_closed = False
+        #: What `pump` read without a sink of its own; the read methods
+        #: return it first, so a fast reply is never lost.
+        self.unread = bytearray()
 
     def close(self) -> None:
         try:
@@ -138,7 +142,7 @@ class TLSClient:
         at once; then, with ``half_close``, send close_notify; with
         ``until_eof`` keep reading until the server's direction ends."""
         if sink is None:
-            sink = _discard
+            sink = self.unread.extend
         deadline = time.monotonic() + timeout
         chunks = iter(outgoing)
         current = memoryview(b"")
@@ -191,7 +195,8 @@ class TLSClient:
         self.pump(half_close=True, until_eof=False, timeout=timeout)
 
     def read_exactly(self, n: int, timeout: float = 10.0) -> bytes:
-        got = bytearray()
+        got = bytearray(self.unread)
+        self.unread.clear()
         deadline = time.monotonic() + timeout
         while len(got) < n and self.eof is None:
             self._drain(got.extend)
@@ -203,7 +208,8 @@ class TLSClient:
         return bytes(got)
 
     def read_to_eof(self, timeout: float = 10.0) -> bytes:
-        got = bytearray()
+        got = bytearray(self.unread)
+        self.unread.clear()
         self.pump(sink=got.extend, timeout=timeout)
         return bytes(got)
 
@@ -231,13 +237,6 @@ def connect(server, setup, **kwargs) -> TLSClient:
     return client
 
 
-def closed_port() -> int:
-    """A port on 127.0.0.1 that nothing listens on (just released)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def outcome_line(server, client: TLSClient, since: int, timeout: float = 10.0) -> re.Match:
@@ -271,13 +270,6 @@ def digest_of(chunks: Iterable[bytes]) -> str:
     return h.hexdigest()
 
 
-def read_all(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(data)
-        data += chunk
 
 
 def bulk_handler(n: int, seed: int):
@@ -314,26 +306,10 @@ def bulk_handler(n: int, seed: int):
     return handle
 
 
-def reply_after_eof(sock: socket.socket) -> bytes:
-    data = read_all(sock)
-    sock.sendall(b"got:" + data)
-    return data
 
 
-def banner_then_read(sock: socket.socket) -> bytes:
-    sock.sendall(b"banner")
-    sock.shutdown(socket.SHUT_WR)
-    return read_all(sock)
 
 
-def echo(sock: socket.socket) -> bytes:
-    data = bytearray()
-    while True:
-        chunk = sock.recv(65536)
-        if not chunk:
-            return bytes(data)
-        data += chunk
-        sock.sendall(chunk)
 
 
 # ---------------------------------------------------------------------------
