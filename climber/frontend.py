@@ -29,7 +29,7 @@ from zope.interface import implementer
 from climber.tunnel import Tunnel, TunnelError, TunnelOpener
 from mtop import wire
 from mtop.logs import logger
-from mtop.relay import Relay
+from mtop.relay import Relay, no_delay
 
 #: Bytes kept from an application while its tunnel opens.  It is paused, so
 #: this is what one read can bring; the cap is a safety net.
@@ -83,6 +83,7 @@ class LocalConnection(Protocol):
     # IProtocol
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.climber.connections.add(self)
         self.started = self.climber.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())

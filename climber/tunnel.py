@@ -35,6 +35,7 @@ from climber.config import ServerEntry
 from climber.pool import ServerPool, ServerState
 from mtop import wire
 from mtop.logs import logger
+from mtop.relay import no_delay
 from mtop.tls import client_context
 from mtop.tlstransport import client_tls_factory
 
@@ -110,6 +111,7 @@ class Tunnel(Protocol):
     # IProtocol
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         # The TLS transport holds this until the handshake is done.
         self.transport.write(self._auth)
 

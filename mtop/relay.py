@@ -27,6 +27,18 @@ from typing import Any, Callable
 from twisted.internet.interfaces import IReactorTime
 
 
+def no_delay(transport: Any) -> None:
+    """Turn Nagle's algorithm off, as Go does for every TCP connection: a
+    relay's small writes (replies, interactive traffic) must not wait for
+    the peer's delayed ACK (about 40 ms)."""
+    setter = getattr(transport, "setTcpNoDelay", None)
+    if setter is not None:
+        try:
+            setter(True)
+        except OSError:
+            pass
+
+
 class IdleWatch:
     """Calls ``on_idle`` once ``progress()`` (a byte counter) has not
     changed for ``timeout`` seconds.  No timer work per chunk: a periodic

@@ -30,7 +30,7 @@ from mtop import wire
 from mtop.auth import Authenticator
 from mtop.dialer import Dialer
 from mtop.logs import logger
-from mtop.relay import Relay
+from mtop.relay import Relay, no_delay
 from mtop.userstore import StoreUnavailable
 
 #: Bytes accepted from the client between its auth message and our reply.
@@ -58,6 +58,7 @@ class TargetProtocol(Protocol):
         self.relay: Relay | None = None
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.tunnel.target_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
@@ -108,6 +109,7 @@ class TunnelProtocol(Protocol):
     # Connection lifecycle
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.started = self.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)

@@ -612,3 +612,20 @@ async def test_pipelining_server_entry_sends_before_the_reply(server, echo_targe
     finally:
         listening.stopListening()
         climber.close_all()
+
+
+@pytest_twisted.ensureDeferred
+async def test_nagle_is_off_on_every_tunnel_socket(server, echo_target):
+    """Small writes (replies, keystrokes) must not wait ~40 ms for a delayed
+    ACK: climber's tunnel, the server's client side and its target side all
+    set TCP_NODELAY, as Go does."""
+    factory, port, paths = server
+    climber = make_climber([entry(port, paths)])
+    tunnel = await climber.opener.open("127.0.0.1", echo_target, 5)
+    try:
+        (server_side,) = factory.tunnels
+        assert tunnel.transport.getTcpNoDelay()
+        assert server_side.transport.getTcpNoDelay()
+        assert server_side.relay.target.getTcpNoDelay()
+    finally:
+        tunnel.transport.loseConnection()
