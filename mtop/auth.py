@@ -10,7 +10,9 @@
 * coalesces concurrent identical attempts into one lookup and one check;
 * runs expensive (scrypt) checks in the reactor's thread pool;
 * checks unknown users against a dummy scrypt hash, so they cost what a
-  wrong password costs.
+  wrong password costs;
+* refuses users the row's policy refuses (``enabled`` false, past
+  ``expires_at``, traffic over ``quota_bytes``).
 
 Store failures (database down, timeout) fail the Deferred with
 `StoreUnavailable`, so callers can tell them apart from a wrong password.
@@ -21,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+from datetime import datetime, timezone
 from typing import Callable
 
 from twisted.internet.defer import Deferred, TimeoutError, succeed
@@ -34,11 +37,13 @@ from mtop.userstore import StoreUnavailable, UserRecord, UserStore
 MAX_CACHE_ENTRIES = 100_000
 
 
-def _check(record: UserRecord | None, password: str) -> bool:
+def _check(record: UserRecord | None, password: str, now: datetime) -> bool:
     if record is None:
         passwords.verify(passwords.dummy_hash(), "", password)
         return False
-    return passwords.verify(record.password, record.salt, password)
+    # The password is checked even for a refused user: the answer takes the
+    # same time whatever the reason.
+    return passwords.verify(record.password, record.salt, password) and record.refusal(now) is None
 
 
 class Authenticator:
@@ -103,9 +108,12 @@ class Authenticator:
         return failure
 
     def _verify(self, record: UserRecord | None, password: str) -> Deferred[bool] | bool:
+        now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc).replace(tzinfo=None)
+        if record is not None and record.refusal(now) is not None:
+            self._log.info("user {user} refused: {why}", user=record.username, why=record.refusal(now))
         if record is None or passwords.is_expensive(record.password):
-            return self.run_in_thread(_check, record, password)
-        return _check(record, password)
+            return self.run_in_thread(_check, record, password, now)
+        return _check(record, password, now)
 
     def _done(self, outcome: bool | Failure, key: tuple[str, bytes], username: str, token: bytes) -> None:
         waiters = self._inflight.pop(key, [])

@@ -62,6 +62,9 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class DBConfig:
+    """``driverName`` is normalised to ``sqlite``, ``postgres`` or ``mysql``;
+    ``dsn`` is an absolute path for SQLite."""
+
     driverName: str = "sqlite"
     dsn: str = "mtop.db"
     cache_ttl: float = 5.0
@@ -89,7 +92,21 @@ LOG_LEVELS = {
     "critical": "critical",
 }
 LOG_FORMATS = ("text", "json")
-SQLITE_DRIVERS = ("sqlite", "sqlite3")
+#: driverName values (the original's and common spellings) -> our driver.
+DRIVER_NAMES = {
+    "sqlite": "sqlite",
+    "sqlite3": "sqlite",
+    "psql": "postgres",
+    "postgres": "postgres",
+    "postgresql": "postgres",
+    "pgx": "postgres",
+    "mysql": "mysql",
+    "mariadb": "mysql",
+}
+EXAMPLE_DSNS = {
+    "postgres": "postgres://postgres@127.0.0.1/mtop?sslmode=disable",
+    "mysql": "root:password@tcp(127.0.0.1:3306)/mtop",
+}
 TLS_VERSIONS = ("1.2", "1.3")
 SERVER_TYPES = ("tls",)
 
@@ -261,19 +278,32 @@ def _load_log(section: Section) -> LogConfig:
 
 def _load_db(section: Section, base: str) -> DBConfig:
     d = DBConfig()
-    driver = section.get("driverName", d.driverName, as_string).lower()
-    if driver in ("psql", "postgres", "postgresql", "mysql"):
-        raise ConfigError(f"db.driverName: {driver!r} is not supported by this version yet; use 'sqlite'")
-    if driver not in SQLITE_DRIVERS:
-        raise ConfigError(f"db.driverName: {driver!r} is not one of {', '.join(SQLITE_DRIVERS)}")
-    dsn = section.get("dsn", d.dsn, as_string)
-    if dsn.startswith("file:"):
-        dsn = dsn[len("file:") :].split("?", 1)[0]
-    if not dsn:
-        raise ConfigError("db.dsn: the SQLite database path must not be empty")
+    name = section.get("driverName", d.driverName, as_string)
+    driver = DRIVER_NAMES.get(name.lower())
+    if driver is None:
+        raise ConfigError(
+            f"db.driverName: {name!r} is not one of sqlite, psql (or postgres, postgresql), mysql (or mariadb)"
+        )
+    dsn = section.get("dsn", d.dsn if driver == "sqlite" else "", as_string).strip()
+    if driver == "sqlite":
+        if dsn.startswith("file:"):
+            dsn = dsn[len("file:") :].split("?", 1)[0]
+        if not dsn:
+            raise ConfigError("db.dsn: the SQLite database path must not be empty")
+        dsn = path_in(base)("db.dsn", dsn)
+    else:
+        if not dsn:
+            example = EXAMPLE_DSNS[driver]
+            raise ConfigError(f"db.dsn is required for {name}, e.g. {example!r}")
+        from mtop.dsn import DSNError, check_postgres_dsn, parse_mysql_dsn
+
+        try:
+            check_postgres_dsn(dsn) if driver == "postgres" else parse_mysql_dsn(dsn)
+        except DSNError as e:
+            raise ConfigError(f"db.dsn: {e}") from None
     config = DBConfig(
-        driverName="sqlite",
-        dsn=path_in(base)("db.dsn", dsn),
+        driverName=driver,
+        dsn=dsn,
         cache_ttl=section.get("cache_ttl", d.cache_ttl, as_non_negative_seconds),
         query_timeout=section.get("query_timeout", d.query_timeout, as_seconds),
     )

@@ -10,13 +10,13 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
-import sqlite3
 import sys
 from typing import Sequence
 
 from mtop import passwords, wire
 from mtop.config import ConfigError, load_config, parse_listen
-from mtop.schema import SQLITE_SCHEMA, DatabaseError, connect_sqlite
+from mtop.database import DatabaseError, DBSettings, SyncDatabase, connect
+from mtop.dsn import describe_dsn
 from mtop.urls import ServerLink, URLError, make_url, parse_url
 
 DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
@@ -26,11 +26,12 @@ class CommandError(Exception):
     """An error to print as one line."""
 
 
-def _db_path(args: argparse.Namespace) -> str:
+def _db_settings(args: argparse.Namespace) -> DBSettings:
     try:
-        return load_config(args.config, check_files=False).db.dsn
+        db = load_config(args.config, check_files=False).db
     except ConfigError as e:
         raise CommandError(f"{args.config}: {e}") from None
+    return DBSettings(db.driverName, db.dsn)
 
 
 def _read_password(args: argparse.Namespace) -> str:
@@ -65,18 +66,35 @@ def _hash_for(args: argparse.Namespace, password: str) -> tuple[str, str]:
 
 
 def cmd_db_init(args: argparse.Namespace) -> None:
-    path = _db_path(args)
-    with connect_sqlite(path, create=True) as db:
-        db.execute(SQLITE_SCHEMA)
-    print(f"database ready: {path}")
-
-
-def _open(args: argparse.Namespace) -> sqlite3.Connection:
-    db = connect_sqlite(_db_path(args))
+    """Create mtop_user (or complete it) with the policy columns."""
+    settings = _db_settings(args)
+    db = connect(settings, create=True)
     try:
-        db.execute("SELECT 1 FROM mtop_user LIMIT 1")
-    except sqlite3.Error as e:
-        raise DatabaseError(f"cannot read mtop_user: {e}; run 'mtopctl db init' first") from None
+        added = db.upgrade()
+    finally:
+        db.close()
+    where = settings.dsn if settings.driver == "sqlite" else describe_dsn(settings.driver, settings.dsn)
+    print(f"database ready: {where}" + (f" (added {', '.join(added)})" if added else ""))
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> None:
+    """Add what an older or original mtop_user lacks; changes nothing else."""
+    settings = _db_settings(args)
+    db = connect(settings)
+    try:
+        if not db.columns():
+            raise CommandError("there is no mtop_user table; create it with 'mtopctl db init'")
+        added = db.upgrade()
+    finally:
+        db.close()
+    print(f"added columns: {', '.join(added)}" if added else "already up to date")
+
+
+def _open(args: argparse.Namespace) -> SyncDatabase:
+    db = connect(_db_settings(args))
+    if not db.columns():
+        db.close()
+        raise DatabaseError("there is no mtop_user table; run 'mtopctl db init' first")
     return db
 
 
@@ -86,48 +104,54 @@ def cmd_user_add(args: argparse.Namespace) -> None:
     salt, stored = _hash_for(args, password)
     db = _open(args)
     try:
-        with db:
-            db.execute(
-                "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
-                (args.username, salt, stored),
-            )
-    except sqlite3.IntegrityError:
+        db.execute("INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)", (args.username, salt, stored))
+        db.commit()
+    except db.IntegrityError:
         raise CommandError(f"user {args.username!r} already exists; use 'user passwd' to change the password") from None
+    finally:
+        db.close()
     print(f"user {args.username} added")
+
+
+def _change(args: argparse.Namespace, sql: str, params: tuple) -> None:
+    db = _open(args)
+    try:
+        cursor = db.execute(sql, params)
+        db.commit()
+        if cursor.rowcount == 0:
+            raise CommandError(f"no user {args.username!r}")
+    finally:
+        db.close()
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> None:
     password = _read_password(args)
     salt, stored = _hash_for(args, password)
-    db = _open(args)
-    with db:
-        cursor = db.execute(
-            "UPDATE mtop_user SET salt = ?, password = ?, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
-            (salt, stored, args.username),
-        )
-    if cursor.rowcount == 0:
-        raise CommandError(f"no user {args.username!r}")
+    _change(
+        args,
+        "UPDATE mtop_user SET salt = ?, password = ?, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
+        (salt, stored, args.username),
+    )
     print(f"password of {args.username} changed")
 
 
 def cmd_user_del(args: argparse.Namespace) -> None:
-    db = _open(args)
-    with db:
-        cursor = db.execute("DELETE FROM mtop_user WHERE username = ?", (args.username,))
-    if cursor.rowcount == 0:
-        raise CommandError(f"no user {args.username!r}")
+    _change(args, "DELETE FROM mtop_user WHERE username = ?", (args.username,))
     print(f"user {args.username} deleted")
 
 
 def cmd_user_list(args: argparse.Namespace) -> None:
     db = _open(args)
-    rows = db.execute(
-        "SELECT username, password, created_time, updated_time FROM mtop_user ORDER BY username"
-    ).fetchall()
+    try:
+        rows = db.execute(
+            "SELECT username, password, created_time, updated_time FROM mtop_user ORDER BY username"
+        ).fetchall()
+    finally:
+        db.close()
     print(f"{'USERNAME':<32} {'HASH':<8} {'CREATED':<20} UPDATED")
     for username, stored, created, updated in rows:
         kind = "scrypt" if passwords.is_expensive(stored or "") else ("legacy" if stored else "none")
-        print(f"{username:<32} {kind:<8} {str(created or ''):<20} {updated or ''}")
+        print(f"{username:<32} {kind:<8} {str(created or '')[:19]:<20} {str(updated or '')[:19]}")
 
 
 def cmd_url(args: argparse.Namespace) -> None:
@@ -251,7 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     db = sub.add_parser("db", help="database management").add_subparsers(dest="db_command", required=True)
-    db.add_parser("init", help="create the mtop_user table").set_defaults(func=cmd_db_init)
+    db.add_parser("init", help="create the mtop_user table (with the policy columns)").set_defaults(func=cmd_db_init)
+    db.add_parser(
+        "upgrade", help="add the policy columns an existing (original) mtop_user lacks; idempotent, safe live"
+    ).set_defaults(func=cmd_db_upgrade)
 
     user = sub.add_parser("user", help="user management").add_subparsers(dest="user_command", required=True)
     add = user.add_parser("add", help="add a user")
@@ -302,8 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, DatabaseError) as e:
         print(f"mtopctl: error: {e}", file=sys.stderr)
         return 1
-    except sqlite3.Error as e:
-        print(f"mtopctl: error: database: {e}", file=sys.stderr)
+    except Exception as e:  # a DB-API error from one of the drivers
+        if type(e).__module__.split(".")[0] not in ("sqlite3", "psycopg2", "pymysql"):
+            raise
+        print(f"mtopctl: error: database: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

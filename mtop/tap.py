@@ -29,10 +29,26 @@ class Options(usage.Options):
         path = self["config"]
         try:
             self.config_data = load_config(path)
+            _check_driver(self.config_data)
             server = self.config_data.server
             self.context = server_context(server.crt, server.key, server.proto, server.tls_min_version)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{path}: {e}") from None
+
+
+def _check_driver(config: Config) -> None:
+    """The database driver must be installed (it is an optional extra)."""
+    needs = {"postgres": (("txpostgres", "psycopg2"), "postgres"), "mysql": (("pymysql",), "mysql")}
+    if config.db.driverName not in needs:
+        return
+    modules, extra = needs[config.db.driverName]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            raise ConfigError(
+                f"db.driverName {config.db.driverName} needs the Python module {module}: pip install 'mtop[{extra}]'"
+            ) from None
 
 
 class _StartupNotes(Service):
@@ -51,6 +67,22 @@ class _StartupNotes(Service):
             self._log.warn("config {path}: log.format json is not implemented yet; logging text", path=self.config.path)
 
 
+def user_store(config: Config, reactor: Any) -> Service:
+    """The user store ``db.driverName`` names."""
+    db = config.db
+    if db.driverName == "postgres":
+        from mtop.userstore.postgres import PostgresUserStore
+
+        return PostgresUserStore(db.dsn, reactor)
+    if db.driverName == "mysql":
+        from mtop.userstore.mysql import MySQLUserStore
+
+        return MySQLUserStore(db.dsn, db.query_timeout)
+    from mtop.userstore.sqlite import SQLiteUserStore
+
+    return SQLiteUserStore(db.dsn)
+
+
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
@@ -60,14 +92,13 @@ def makeService(options: Options) -> MultiService:
     from mtop.listen import ListenerService, server_endpoint
     from mtop.server import ServerSettings, TunnelFactory
     from mtop.tlstransport import server_tls_factory
-    from mtop.userstore.sqlite import SQLiteUserStore
 
     config = options.config_data
     set_level(config.log.level)
     root = MultiService()
     _StartupNotes(config).setServiceParent(root)
 
-    store = SQLiteUserStore(config.db.dsn)
+    store = user_store(config, reactor)
     store.setServiceParent(root)
 
     def run_in_thread(f, *args):

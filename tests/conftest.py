@@ -10,7 +10,7 @@ from mtop import passwords
 from mtop.auth import Authenticator
 from mtop.certs import init_certs
 from mtop.dialer import Dialer
-from mtop.schema import SQLITE_SCHEMA
+from mtop.database import BASE_TABLE as SQLITE_SCHEMA
 from mtop.server import ServerSettings, TunnelFactory
 from mtop.tls import server_context
 from mtop.tlstransport import server_tls_factory
@@ -55,3 +55,56 @@ def server(tmp_path):
         tunnel.transport.abortConnection()
 
 
+
+
+# Real databases: each test session gets its own throwaway database on the
+# local PostgreSQL and MariaDB servers, dropped at the end.
+
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+MYSQL_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=5)
+MYSQL_START = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
+
+
+def _session_db_name():
+    import os
+    import secrets
+
+    return f"mtop_test_{os.getpid()}_{secrets.token_hex(3)}"
+
+
+@pytest.fixture(scope="session")
+def postgres_dsn():
+    """A libpq DSN of a fresh PostgreSQL database for this test session."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(PG_ADMIN_DSN)
+    except psycopg2.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({e}); start it with: {PG_START}")
+    admin.autocommit = True
+    name = _session_db_name()
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    yield f"postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable"
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.close()
+
+
+@pytest.fixture(scope="session")
+def mysql_dsn():
+    """A Go-style DSN of a fresh MariaDB database for this test session."""
+    import pymysql
+
+    try:
+        admin = pymysql.connect(**MYSQL_ADMIN, autocommit=True)
+    except pymysql.err.OperationalError as e:
+        pytest.fail(f"MariaDB is not reachable on 127.0.0.1:3306 ({e}); start it with: {MYSQL_START}")
+    name = _session_db_name()
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    yield f"root:@tcp(127.0.0.1:3306)/{name}?parseTime=true"
+    with admin.cursor() as cursor:
+        cursor.execute(f"DROP DATABASE IF EXISTS {name}")
+    admin.close()

@@ -7,7 +7,7 @@ from twisted.internet.task import Clock
 
 from mtop import passwords
 from mtop.auth import Authenticator
-from mtop.schema import SQLITE_SCHEMA
+from mtop.database import BASE_TABLE as SQLITE_SCHEMA
 from mtop.userstore import StoreUnavailable, UserRecord
 from mtop.userstore.sqlite import SQLiteUserStore
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 import sqlite3
 from urllib.parse import quote
 
-from twisted.application.service import Service
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
 
-from mtop.logs import logger
-from mtop.userstore import StoreUnavailable, UserRecord
-
-LOOKUP_SQL = "SELECT username, salt, password FROM mtop_user WHERE username = ?"
+from mtop.userstore.sql import SQLUserStore
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -38,61 +35,34 @@ class _SQLiteModule:
     connect = staticmethod(_connect)
 
 
-class SQLiteUserStore(Service):
-    """`UserStore` over a SQLite file; a Service owning its thread pool."""
+class SQLiteUserStore(SQLUserStore):
+    """Users in a SQLite file; one connection in adbapi's thread pool."""
 
-    _log = logger()
+    driver = "sqlite"
 
     def __init__(self, path: str):
+        super().__init__(f"SQLite {path}")
         self.path = path
         self.pool: adbapi.ConnectionPool | None = None
 
-    def startService(self) -> None:
-        super().startService()
+    def _start_pool(self) -> None:
         self.pool = adbapi.ConnectionPool(
             "sqlite3", self.path, cp_min=1, cp_max=1, cp_noisy=False, cp_reconnect=True
         )
         # Connect with _connect(path), not sqlite3.connect(path), so the
         # file is never created by accident.
         self.pool.dbapi = _SQLiteModule
-        self.check()
 
-    def stopService(self) -> None:
-        super().stopService()
+    def _stop_pool(self) -> None:
         if self.pool is not None:
             self.pool.close()
             self.pool = None
 
-    def check(self) -> Deferred:
-        """Log whether the user table can be read (at start-up)."""
-        d = self.pool.runQuery("SELECT COUNT(*) FROM mtop_user")
+    def _query(self, sql: str, params: tuple = ()) -> Deferred:
+        return self.pool.runQuery(sql, params)
 
-        def ok(rows):
-            self._log.info("users: SQLite {path} has {count} users", path=self.path, count=rows[0][0])
+    def _sql(self, sql: str) -> str:
+        return sql
 
-        def bad(failure):
-            self._log.error(
-                "users: cannot read mtop_user in SQLite {path}: {error}; "
-                "create it with 'mtopctl db init'",
-                path=self.path,
-                error=failure.getErrorMessage(),
-            )
-
-        return d.addCallbacks(ok, bad)
-
-    def lookup(self, username: str) -> Deferred[UserRecord | None]:
-        if self.pool is None:
-            raise StoreUnavailable("the SQLite user store is not running")
-        d = self.pool.runQuery(LOOKUP_SQL, (username,))
-
-        def row(rows):
-            if not rows:
-                return None
-            name, salt, password = rows[0]
-            return UserRecord(name, salt or "", password or "")
-
-        def failed(failure):
-            failure.trap(sqlite3.Error)
-            raise StoreUnavailable(f"SQLite {self.path}: {failure.getErrorMessage()}")
-
-        return d.addCallbacks(row, failed)
+    def _is_database_error(self, failure: Failure) -> bool:
+        return bool(failure.check(sqlite3.Error))

@@ -1,0 +1,225 @@
+"""The user stores against real databases: SQLite, PostgreSQL and MariaDB
+(each test session in its own throwaway database), with mtopctl creating
+and changing users as an operator would."""
+
+import datetime
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
+
+from mtop import ctl, passwords
+from mtop.auth import Authenticator
+from mtop.database import BASE_TABLE, POLICY_COLUMN_NAMES, DBSettings, connect
+from mtop.tap import user_store
+from mtop.config import load_config
+from mtop.userstore import StoreUnavailable
+
+
+@pytest.fixture(params=["sqlite", "postgres", "mysql"])
+def backend(request, tmp_path):
+    """(settings, path of an mtop.yaml using them) with no mtop_user table."""
+    driver = request.param
+    if driver == "sqlite":
+        dsn = str(tmp_path / "users.db")
+        config_dsn = "users.db"
+        driver_name = "sqlite"
+    elif driver == "postgres":
+        dsn = config_dsn = request.getfixturevalue("postgres_dsn")
+        driver_name = "psql"  # the original's name
+    else:
+        dsn = config_dsn = request.getfixturevalue("mysql_dsn")
+        driver_name = "mysql"
+    settings = DBSettings(driver, dsn)
+    if driver != "sqlite":
+        db = connect(settings)
+        db.execute("DROP TABLE IF EXISTS mtop_user")
+        db.commit()
+        db.close()
+    config = tmp_path / "mtop.yaml"
+    config.write_text(
+        "server: {listen: ':0', crt: x.crt, key: x.key}\n"
+        f"db: {{driverName: {driver_name}, dsn: '{config_dsn}', cache_ttl: 0}}\n"
+    )
+    return settings, config
+
+
+def mtopctl(config, *args, stdin=None, monkeypatch=None):
+    code = ctl.main(["-c", str(config), *args])
+    assert code == 0, f"mtopctl {' '.join(args)} exited {code}"
+
+
+def sql(settings, text, params=()):
+    db = connect(settings, create=settings.driver == "sqlite")
+    try:
+        cursor = db.execute(text, params)
+        rows = cursor.fetchall() if cursor.description else None
+        db.commit()
+        return rows
+    finally:
+        db.close()
+
+
+def started_store(config_path):
+    config = load_config(str(config_path), check_files=False)
+    store = user_store(config, reactor)
+    store.startService()
+    return store
+
+
+def authenticator(store):
+    return Authenticator(
+        store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), cache_ttl=0
+    )
+
+
+async def stopped(store):
+    result = store.stopService()
+    if result is not None:
+        await result
+
+
+async def columns_detected(store):
+    await store._detect_columns()
+
+
+@pytest_twisted.ensureDeferred
+async def test_db_init_user_add_and_login(backend, capsys):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "alice", "-p", "Alice-pw-1")
+    mtopctl(config, "user", "list")
+    assert "alice" in capsys.readouterr().out
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert set(store.policy_columns) == {"enabled", "expires_at", "max_connections", "rate_limit", "quota_bytes", "bytes_up", "bytes_down"}
+        auth = authenticator(store)
+        assert await auth.authenticate("alice", "Alice-pw-1") is True
+        assert await auth.authenticate("alice", "wrong") is False
+        assert await auth.authenticate("nobody", "Alice-pw-1") is False
+        record = await store.lookup("alice")
+        assert record.enabled and record.quota_bytes is None and record.bytes_up == 0
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_original_table_authenticates_then_upgrades_live(backend, capsys):
+    settings, config = backend
+    # The original's table and a row written the original's way.
+    sql(settings, BASE_TABLE)
+    sql(settings, "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
+        ("old", "salt1", passwords.legacy_hash("salt1", "Old-pw-2")))
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.policy_columns == ()
+        auth = authenticator(store)
+        assert await auth.authenticate("old", "Old-pw-2") is True
+        # Upgrade while the store runs: idempotent, and the store sees it.
+        mtopctl(config, "db", "upgrade")
+        assert "added columns: enabled" in capsys.readouterr().out
+        mtopctl(config, "db", "upgrade")
+        assert "already up to date" in capsys.readouterr().out
+        db = connect(settings)
+        assert set(POLICY_COLUMN_NAMES) <= db.columns()
+        db.close()
+        await columns_detected(store)
+        assert "enabled" in store.policy_columns
+        assert await auth.authenticate("old", "Old-pw-2") is True
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_rows_changed_by_any_program_take_effect(backend):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        auth = authenticator(store)
+        assert await auth.authenticate("bob", "Bob-pw-3") is False
+        sql(settings, "INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)",
+            ("bob", "s", passwords.scrypt_hash("Bob-pw-3")))
+        assert await auth.authenticate("bob", "Bob-pw-3") is True
+        sql(settings, "UPDATE mtop_user SET enabled = ? WHERE username = ?", (False, "bob"))
+        assert await auth.authenticate("bob", "Bob-pw-3") is False
+        sql(settings, "UPDATE mtop_user SET enabled = NULL, expires_at = ? WHERE username = ?",
+            (datetime.datetime(2000, 1, 1), "bob"))
+        assert await auth.authenticate("bob", "Bob-pw-3") is False
+        sql(settings, "UPDATE mtop_user SET expires_at = ?, quota_bytes = ?, bytes_up = ?, bytes_down = ? WHERE username = ?",
+            (datetime.datetime(2999, 1, 1), 1000, 600, 400, "bob"))
+        assert await auth.authenticate("bob", "Bob-pw-3") is False  # over quota
+        sql(settings, "UPDATE mtop_user SET quota_bytes = ? WHERE username = ?", (1001, "bob"))
+        assert await auth.authenticate("bob", "Bob-pw-3") is True
+        sql(settings, "DELETE FROM mtop_user WHERE username = ?", ("bob",))
+        assert await auth.authenticate("bob", "Bob-pw-3") is False
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_missing_table_is_store_unavailable(backend):
+    settings, config = backend
+    if settings.driver == "sqlite":
+        sql(settings, "SELECT 1")  # creates the empty file
+    store = started_store(config)
+    try:
+        with pytest.raises(StoreUnavailable):
+            await store.lookup("alice")
+    finally:
+        await stopped(store)
+
+
+def _kill_connections(settings):
+    """Cut every other session to the test database, as a restart would."""
+    if settings.driver == "postgres":
+        sql(settings, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    else:
+        db = connect(settings)
+        try:
+            ids = [row[0] for row in db.execute(
+                "SELECT id FROM information_schema.processlist WHERE db = DATABASE() AND id <> CONNECTION_ID()"
+            ).fetchall()]
+            for connection_id in ids:
+                db.execute(f"KILL {int(connection_id)}")
+        finally:
+            db.close()
+
+
+@pytest.mark.parametrize("driver", ["postgres", "mysql"])
+@pytest_twisted.ensureDeferred
+async def test_store_reconnects_after_its_connections_are_killed(request, tmp_path, driver):
+    dsn = request.getfixturevalue(f"{driver}_dsn")
+    settings = DBSettings(driver, dsn)
+    config = tmp_path / "mtop.yaml"
+    config.write_text(f"server: {{listen: ':0'}}\ndb: {{driverName: {driver}, dsn: '{dsn}', cache_ttl: 0}}\n")
+    sql(settings, "DROP TABLE IF EXISTS mtop_user")
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "carol", "-p", "Carol-pw-4", "--legacy")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        auth = authenticator(store)
+        assert await auth.authenticate("carol", "Carol-pw-4") is True
+        _kill_connections(settings)
+        # Lookups may fail while the pool notices and reconnects, never
+        # wrongly succeed, and work again within a few seconds.
+        outcomes = []
+        for _ in range(60):
+            try:
+                outcomes.append(await auth.authenticate("carol", "Carol-pw-4"))
+            except StoreUnavailable:
+                outcomes.append("unavailable")
+            if outcomes[-1] is True:
+                break
+            await deferLater(reactor, 0.25, lambda: None)
+        assert outcomes[-1] is True, outcomes
+        assert False not in outcomes
+    finally:
+        await stopped(store)
