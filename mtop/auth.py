@@ -1,6 +1,8 @@
 """Authentication: one interface over pluggable user stores.
 
-`Authenticator.authenticate(username, password)` fires ``True`` or
+`Authenticator.login(username, password)` fires with the user's
+`UserRecord` (its policy: limits, quota, counters; the password hash
+blanked) or ``None``; `Authenticator.authenticate` fires ``True`` or
 ``False``.  It
 
 * caches successful verifications for ``cache_ttl`` seconds, keyed by an HMAC
@@ -12,21 +14,26 @@
 * checks unknown users against a dummy scrypt hash, so they cost what a
   wrong password costs;
 * refuses users the row's policy refuses (``enabled`` false, past
-  ``expires_at``, traffic over ``quota_bytes``).
+  ``expires_at``, traffic over ``quota_bytes``), also on a cache hit;
+* while the store is unavailable, keeps accepting a user whose same
+  password it verified within ``outage_grace`` seconds (others are
+  refused).
 
-Store failures (database down, timeout) fail the Deferred with
-`StoreUnavailable`, so callers can tell them apart from a wrong password.
+Store failures (database down, timeout) outside that grace fail the
+Deferred with `StoreUnavailable`, so callers can tell them apart from a
+wrong password.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import hmac
 import os
 from datetime import datetime, timezone
 from typing import Callable
 
-from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
 
@@ -46,6 +53,24 @@ def _check(record: UserRecord | None, password: str, now: datetime) -> bool:
     return passwords.verify(record.password, record.salt, password) and record.refusal(now) is None
 
 
+def utc_now(clock: IReactorTime) -> datetime:
+    """``clock``'s time as a naive UTC datetime (how the tables keep time)."""
+    return datetime.fromtimestamp(clock.seconds(), timezone.utc).replace(tzinfo=None)
+
+
+@dataclasses.dataclass
+class _Verified:
+    """A cached verification: which password (HMAC), when, until when it
+    is used without asking the store, until when it stands in for an
+    unavailable store, and the row's policy."""
+
+    token: bytes
+    verified: float
+    fresh_until: float
+    stale_until: float
+    record: UserRecord
+
+
 class Authenticator:
     _log = logger()
 
@@ -56,14 +81,16 @@ class Authenticator:
         run_in_thread: Callable[..., Deferred],
         cache_ttl: float = 5.0,
         query_timeout: float = 5.0,
+        outage_grace: float = 0.0,
     ):
         self.store = store
         self.clock = clock
         self.run_in_thread = run_in_thread
         self.cache_ttl = cache_ttl
         self.query_timeout = query_timeout
+        self.outage_grace = outage_grace
         self._key = os.urandom(32)
-        self._cache: dict[str, tuple[bytes, float]] = {}
+        self._cache: dict[str, _Verified] = {}
         self._inflight: dict[tuple[str, bytes], list[Deferred]] = {}
 
     def _token(self, username: str, password: str) -> bytes:
@@ -78,27 +105,38 @@ class Authenticator:
             self._cache.pop(username, None)
 
     def authenticate(self, username: str, password: str) -> Deferred[bool]:
+        return self.login(username, password).addCallback(lambda record: record is not None)
+
+    def login(self, username: str, password: str) -> Deferred[UserRecord | None]:
         token = self._token(username, password)
         now = self.clock.seconds()
         cached = self._cache.get(username)
         if cached is not None:
-            if cached[1] > now and hmac.compare_digest(cached[0], token):
-                return succeed(True)
-            if cached[1] <= now:
+            if cached.fresh_until > now and hmac.compare_digest(cached.token, token):
+                return succeed(self._admissible(cached.record))
+            if cached.stale_until <= now:
                 del self._cache[username]
         key = (username, token)
         waiters = self._inflight.get(key)
-        result: Deferred[bool] = Deferred()
+        result: Deferred[UserRecord | None] = Deferred()
         if waiters is not None:
             waiters.append(result)
             return result
         self._inflight[key] = [result]
-        lookup = self.store.lookup(username)
+        lookup = maybeDeferred(self.store.lookup, username)
         lookup.addTimeout(self.query_timeout, self.clock)
         lookup.addErrback(self._store_failed, username)
         lookup.addCallback(self._verify, password)
+        lookup.addErrback(self._from_cache, username, token)
         lookup.addBoth(self._done, key, username, token)
         return result
+
+    def _admissible(self, record: UserRecord) -> UserRecord | None:
+        refusal = record.refusal(utc_now(self.clock))
+        if refusal is not None:
+            self._log.info("user {user} refused: {why}", user=record.username, why=refusal)
+            return None
+        return record
 
     def _store_failed(self, failure: Failure, username: str) -> Failure:
         if failure.check(TimeoutError):
@@ -107,29 +145,60 @@ class Authenticator:
             return Failure(StoreUnavailable(failure.getErrorMessage()))
         return failure
 
-    def _verify(self, record: UserRecord | None, password: str) -> Deferred[bool] | bool:
-        now = datetime.fromtimestamp(self.clock.seconds(), timezone.utc).replace(tzinfo=None)
+    def _verify(self, record: UserRecord | None, password: str) -> Deferred[UserRecord | None] | UserRecord | None:
+        now = utc_now(self.clock)
         if record is not None and record.refusal(now) is not None:
             self._log.info("user {user} refused: {why}", user=record.username, why=record.refusal(now))
-        if record is None or passwords.is_expensive(record.password):
-            return self.run_in_thread(_check, record, password, now)
-        return _check(record, password, now)
+        policy = None if record is None else dataclasses.replace(record, salt="", password="")
 
-    def _done(self, outcome: bool | Failure, key: tuple[str, bytes], username: str, token: bytes) -> None:
+        def checked(ok: bool) -> UserRecord | None:
+            return policy if ok else None
+
+        if record is None or passwords.is_expensive(record.password):
+            return self.run_in_thread(_check, record, password, now).addCallback(checked)
+        return checked(_check(record, password, now))
+
+    def _from_cache(self, failure: Failure, username: str, token: bytes) -> UserRecord | None | Failure:
+        """The store is unavailable: a recent verification of the same
+        password stands in for it during the grace period."""
+        cached = self._cache.get(username)
+        if (
+            not failure.check(StoreUnavailable)
+            or cached is None
+            or cached.stale_until <= self.clock.seconds()
+            or not hmac.compare_digest(cached.token, token)
+        ):
+            return failure
+        self._log.warn(
+            "user store unavailable ({error}); {user} accepted from a login verified {age:.0f}s ago",
+            error=failure.getErrorMessage(),
+            user=username,
+            age=self.clock.seconds() - cached.verified,
+        )
+        return self._admissible(cached.record)
+
+    def _done(
+        self, outcome: UserRecord | None | Failure, key: tuple[str, bytes], username: str, token: bytes
+    ) -> None:
         waiters = self._inflight.pop(key, [])
-        if outcome is True and self.cache_ttl > 0:
+        cached = self._cache.get(username)
+        from_store = not (cached is not None and outcome is cached.record)
+        if isinstance(outcome, UserRecord) and from_store and (self.cache_ttl > 0 or self.outage_grace > 0):
             if len(self._cache) >= MAX_CACHE_ENTRIES:
                 self._expire()
-            self._cache[username] = (token, self.clock.seconds() + self.cache_ttl)
+            now = self.clock.seconds()
+            self._cache[username] = _Verified(
+                token, now, now + self.cache_ttl, now + max(self.cache_ttl, self.outage_grace), outcome
+            )
         for waiter in waiters:
             if isinstance(outcome, Failure):
                 waiter.errback(outcome)
             else:
-                waiter.callback(bool(outcome))
+                waiter.callback(outcome)
 
     def _expire(self) -> None:
         now = self.clock.seconds()
-        for name in [name for name, (_, until) in self._cache.items() if until <= now]:
+        for name in [name for name, entry in self._cache.items() if entry.stale_until <= now]:
             del self._cache[name]
         if len(self._cache) >= MAX_CACHE_ENTRIES:
             self._cache.clear()

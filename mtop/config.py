@@ -69,6 +69,9 @@ class DBConfig:
     dsn: str = "mtop.db"
     cache_ttl: float = 5.0
     query_timeout: float = 5.0
+    recheck_interval: float = 5.0
+    flush_interval: float = 5.0
+    outage_grace: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -306,6 +309,9 @@ def _load_db(section: Section, base: str) -> DBConfig:
         dsn=dsn,
         cache_ttl=section.get("cache_ttl", d.cache_ttl, as_non_negative_seconds),
         query_timeout=section.get("query_timeout", d.query_timeout, as_seconds),
+        recheck_interval=section.get("recheck_interval", d.recheck_interval, as_seconds),
+        flush_interval=section.get("flush_interval", d.flush_interval, as_seconds),
+        outage_grace=section.get("outage_grace", d.outage_grace, as_non_negative_seconds),
     )
     section.finish()
     return config

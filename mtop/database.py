@@ -20,6 +20,12 @@ bytes_down          bytes sent to the user's clients, added by every server
 last_seen           last successful login
 ==================  ==========================================================
 
+Traffic counters are added with ``SET bytes_up = bytes_up + ?`` so several
+servers sharing the database add up.  Each server's flush is one
+transaction that also records ``(server_id, seq)`` in ``mtop_usage_flush``:
+a flush retried after a lost reply finds its row and is not counted twice.
+Each server keeps only its latest row there.
+
 ``db upgrade`` only adds what is missing, so it is idempotent and safe on a
 live database (adding a nullable or constant-default column does not
 rewrite the table on PostgreSQL 11+, MariaDB 10.3+ or SQLite).
@@ -63,6 +69,16 @@ CREATE TABLE IF NOT EXISTS mtop_user (
     password VARCHAR(1024) NOT NULL DEFAULT '',
     created_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
     updated_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+)
+"""
+
+#: Which usage flushes have been applied (see the module docstring).
+FLUSH_TABLE = """
+CREATE TABLE IF NOT EXISTS mtop_usage_flush (
+    server_id VARCHAR(64) NOT NULL,
+    seq BIGINT NOT NULL,
+    flushed_at TIMESTAMP DEFAULT CURRENT_TIMESTAMP,
+    PRIMARY KEY (server_id, seq)
 )
 """
 
@@ -166,6 +182,7 @@ class SyncDatabase:
         Returns the columns added."""
         try:
             self.execute(BASE_TABLE)
+            self.execute(FLUSH_TABLE)
             self.commit()
             have = self.columns()
             added = []

@@ -13,7 +13,10 @@ climber (local application <-> MTop tunnel).  What it guarantees:
 * **idle timeout** on an injected clock, without per-chunk timer work: a
   periodic check compares byte counters;
 * **byte counts** both ways and an outcome, reported once through
-  ``on_finished`` when both sides are gone.
+  ``on_finished`` when both sides are gone;
+* an optional **meter** (``relay.meter``, e.g. a per-user rate limit) told of
+  every chunk, which may pause either side through its `Valve` for its own
+  reasons without disturbing flow control.
 
 The two protocols that own the transports forward their events to
 `Relay.client_data`, `Relay.client_eof`, `Relay.client_lost` and the
@@ -22,7 +25,7 @@ The two protocols that own the transports forward their events to
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from twisted.internet.interfaces import IReactorTime
 
@@ -74,8 +77,56 @@ class IdleWatch:
         self._call = None
 
 
+class Valve:
+    """A push producer standing in front of a transport: the transport is
+    paused while any reason holds ("flow" from the consumer it is
+    registered with, others such as "rate" from a meter) and resumed when
+    none does.  Transports' pause/resume do not count, so two independent
+    pausers of one transport need this."""
+
+    __slots__ = ("transport", "reasons")
+
+    def __init__(self, transport: Any):
+        self.transport = transport
+        self.reasons: set[str] = set()
+
+    def pause(self, reason: str) -> None:
+        if not self.reasons:
+            self.transport.pauseProducing()
+        self.reasons.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason not in self.reasons:
+            return
+        self.reasons.discard(reason)
+        if not self.reasons:
+            self.transport.resumeProducing()
+
+    # IPushProducer, for the consumer this valve is registered with.
+
+    def pauseProducing(self) -> None:
+        self.pause("flow")
+
+    def resumeProducing(self) -> None:
+        self.resume("flow")
+
+    def stopProducing(self) -> None:
+        self.transport.stopProducing()
+
+
+class Meter(Protocol):
+    """What a relay tells of its traffic (see `mtop.ratelimit`)."""
+
+    def spent_up(self, relay: "Relay", size: int) -> None: ...
+
+    def spent_down(self, relay: "Relay", size: int) -> None: ...
+
+
 class Relay:
-    """Both directions of one tunnel.  "Up" is client to target."""
+    """Both directions of one tunnel.  "Up" is client to target.
+
+    ``client_valve`` and ``target_valve`` pause reading from each side;
+    ``meter``, when set, is told of every chunk."""
 
     bytes_up = 0
     bytes_down = 0
@@ -100,13 +151,16 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_finished = on_finished
         self._idle: IdleWatch | None = None
+        self.client_valve = Valve(client)
+        self.target_valve = Valve(target)
+        self.meter: Meter | None = None
 
     def start(self) -> None:
         """Register the producers and start the idle timer.  Call once both
         transports are connected."""
         # A full write buffer on one side pauses reading from the other.
-        self.client.registerProducer(self.target, True)
-        self.target.registerProducer(self.client, True)
+        self.client.registerProducer(self.target_valve, True)
+        self.target.registerProducer(self.client_valve, True)
         if self.idle_timeout > 0:
             self._idle = IdleWatch(
                 self.clock, self.idle_timeout, lambda: self.bytes_up + self.bytes_down, self._idle_expired
@@ -120,6 +174,8 @@ class Relay:
     def client_data(self, data: bytes) -> None:
         self.bytes_up += len(data)
         self.target.write(data)
+        if self.meter is not None:
+            self.meter.spent_up(self, len(data))
 
     def client_eof(self) -> None:
         if self._client_eof:
@@ -146,6 +202,8 @@ class Relay:
     def target_data(self, data: bytes) -> None:
         self.bytes_down += len(data)
         self.client.write(data)
+        if self.meter is not None:
+            self.meter.spent_down(self, len(data))
 
     def target_eof(self) -> None:
         if self._target_eof:

@@ -9,6 +9,10 @@ One `TunnelProtocol` per client connection (the TLS layer below it is
 ``relay``       bytes flow both ways through a `mtop.relay.Relay`;
 ``closed``.
 
+With a `mtop.sessions.UserSessions` on the factory, a logged-in tunnel is
+admitted by it (per-user limits), relays under the user's rate limit, is
+counted for accounting and can be revoked by it (`TunnelProtocol.revoke`).
+
 Whatever the client sent after the auth message is kept and written to the
 target once it is connected.  Every connection ends with exactly one outcome
 log event.
@@ -31,7 +35,7 @@ from mtop.auth import Authenticator
 from mtop.dialer import Dialer
 from mtop.logs import logger
 from mtop.relay import Relay, no_delay
-from mtop.userstore import StoreUnavailable
+from mtop.userstore import StoreUnavailable, UserRecord
 
 #: Bytes accepted from the client between its auth message and our reply.
 #: The client is paused during that time, so only what one read delivered
@@ -97,6 +101,7 @@ class TunnelProtocol(Protocol):
     outcome: str | None = None
     detail: str | None = None
     _client_eof = False
+    _admitted = False
 
     def __init__(self, factory: "TunnelFactory"):
         self.factory = factory
@@ -175,7 +180,7 @@ class TunnelProtocol(Protocol):
         # Nothing more is read from the client until the target is there.
         self.transport.pauseProducing()
         self.state = "auth"
-        self._pending = self.factory.authenticator.authenticate(self.request.username, self.request.password)
+        self._pending = self.factory.authenticator.login(self.request.username, self.request.password)
         self._pending.addCallbacks(self._auth_result, self._auth_error)
 
     def _handshake_expired(self) -> None:
@@ -190,13 +195,20 @@ class TunnelProtocol(Protocol):
 
     # Auth and connect
 
-    def _auth_result(self, ok: bool) -> None:
+    def _auth_result(self, record: UserRecord | None) -> None:
         self._pending = None
         if self.state != "auth":
             return
-        if not ok:
+        if record is None:
             self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
             return
+        sessions = self.factory.sessions
+        if sessions is not None:
+            refusal = sessions.admit(self, self.request.username, record)
+            if refusal is not None:
+                self._fail("user-limit", wire.STATUS_AUTH_FAILURE, refusal)
+                return
+            self._admitted = True
         self.state = "connecting"
         self._pending = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
         self._pending.addErrback(self._connect_error)
@@ -236,6 +248,8 @@ class TunnelProtocol(Protocol):
             self._relay_finished,
         )
         self.relay = target.relay = relay
+        if self._admitted:
+            self.factory.sessions.relay_started(self, self.request.username)
         self.transport.write(wire.REPLY_SUCCESS)
         if self._buffer:
             relay.client_data(self._buffer)
@@ -245,6 +259,15 @@ class TunnelProtocol(Protocol):
             relay.client_eof()
         else:
             self.transport.resumeProducing()
+
+    def revoke(self, outcome: str, detail: str) -> None:
+        """Close now: the user may no longer tunnel (called by
+        `mtop.sessions.UserSessions`)."""
+        if self.state == "relay":
+            self.detail = detail
+            self.relay.close(outcome, abort=True)
+        elif self.state in ("auth", "connecting"):
+            self._fail(outcome, None, detail)
 
     def _relay_finished(self, relay: Relay) -> None:
         self.state = "closed"
@@ -272,6 +295,9 @@ class TunnelProtocol(Protocol):
 
     def _finish(self, bytes_up: int, bytes_down: int) -> None:
         self.factory.tunnels.discard(self)
+        if self._admitted:
+            self._admitted = False
+            self.factory.sessions.release(self, self.request.username)
         request = self.request
         self._log.info(
             "tunnel {outcome}: client={client} user={user} target={target} "
@@ -300,11 +326,13 @@ class TunnelFactory(Factory):
         dialer: Dialer,
         clock: Any,
         settings: ServerSettings = ServerSettings(),
+        sessions: Any = None,
     ):
         self.authenticator = authenticator
         self.dialer = dialer
         self.clock = clock
         self.settings = settings
+        self.sessions = sessions
         self.tunnels: set[TunnelProtocol] = set()
 
     def buildProtocol(self, addr: Any) -> TunnelProtocol:

@@ -91,6 +91,7 @@ def makeService(options: Options) -> MultiService:
     from mtop.dialer import Dialer
     from mtop.listen import ListenerService, server_endpoint
     from mtop.server import ServerSettings, TunnelFactory
+    from mtop.sessions import UserSessions
     from mtop.tlstransport import server_tls_factory
 
     config = options.config_data
@@ -99,7 +100,6 @@ def makeService(options: Options) -> MultiService:
     _StartupNotes(config).setServiceParent(root)
 
     store = user_store(config, reactor)
-    store.setServiceParent(root)
 
     def run_in_thread(f, *args):
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
@@ -110,7 +110,19 @@ def makeService(options: Options) -> MultiService:
         run_in_thread,
         cache_ttl=config.db.cache_ttl,
         query_timeout=config.db.query_timeout,
+        outage_grace=config.db.outage_grace,
     )
+    # The sessions own the store: their last traffic flush runs before it
+    # closes.
+    sessions = UserSessions(
+        store,
+        authenticator,
+        reactor,
+        recheck_interval=config.db.recheck_interval,
+        flush_interval=config.db.flush_interval,
+        flush_timeout=max(config.db.query_timeout, 5.0),
+    )
+    sessions.setServiceParent(root)
     server = config.server
     factory = TunnelFactory(
         authenticator,
@@ -121,6 +133,7 @@ def makeService(options: Options) -> MultiService:
             handshake_timeout=server.handshake_timeout,
             idle_timeout=server.idle_timeout,
         ),
+        sessions,
     )
     context = options.context
     tls_factory = server_tls_factory(factory, lambda: context)

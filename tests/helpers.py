@@ -23,3 +23,18 @@ class EchoAfterEOF(Protocol):
 
     def writeConnectionLost(self):
         pass
+
+
+def run_sql(settings, text, params=()):
+    """Run one statement on a test database (as any other program would,
+    through `mtop.database.connect`); the rows if it returns any."""
+    from mtop.database import connect
+
+    db = connect(settings, create=settings.driver == "sqlite")
+    try:
+        cursor = db.execute(text, params)
+        rows = cursor.fetchall() if cursor.description else None
+        db.commit()
+        return rows
+    finally:
+        db.close()

@@ -20,6 +20,8 @@ class DictStore:
 
     def lookup(self, username):
         self.lookups += 1
+        if self.pending == "hang":
+            return Deferred()
         if self.pending is not None:
             return self.pending
         return succeed(self.rows.get(username))
@@ -134,3 +136,44 @@ async def test_sqlite_store_never_creates_a_missing_database(tmp_path):
         assert not path.exists()
     finally:
         store.stopService()
+
+
+def test_outage_grace_serves_recent_logins_only():
+    store, clock = DictStore(), Clock()
+    store.rows["alice"] = UserRecord("alice", "salt", passwords.legacy_hash("salt", "pw"))
+    store.rows["carl"] = UserRecord("carl", "salt", passwords.legacy_hash("salt", "pw3"))
+    auth = Authenticator(store, clock, run_now, cache_ttl=5, query_timeout=2, outage_grace=60)
+    assert results(auth.authenticate("alice", "pw")) == [True]
+    store.pending = "hang"  # the database stops answering
+    clock.advance(30)
+    out = results(auth.login("alice", "pw"))
+    clock.advance(2.1)
+    assert len(out) == 1 and out[0].username == "alice" and out[0].password == ""
+    # Not the wrong password, not a user never verified.
+    out = results(auth.authenticate("alice", "nope"))
+    clock.advance(2.1)
+    assert out[0].check(StoreUnavailable)
+    out = results(auth.authenticate("carl", "pw3"))
+    clock.advance(2.1)
+    assert out[0].check(StoreUnavailable)
+    # The grace counts from the last real verification, not from its uses.
+    clock.advance(30)
+    out = results(auth.authenticate("alice", "pw"))
+    clock.advance(2.1)
+    assert out[0].check(StoreUnavailable)
+
+
+def test_cached_login_still_honours_expiry():
+    from datetime import datetime
+
+    store, clock = DictStore(), Clock()
+    clock.advance(1_800_000_000)
+    store.rows["alice"] = UserRecord(
+        "alice", "salt", passwords.legacy_hash("salt", "pw"), expires_at=datetime.utcfromtimestamp(1_800_000_003)
+    )
+    auth = Authenticator(store, clock, run_now, cache_ttl=5)
+    assert results(auth.authenticate("alice", "pw")) == [True]
+    clock.advance(4)
+    assert store.lookups == 1
+    assert results(auth.authenticate("alice", "pw")) == [False]
+    assert store.lookups == 1  # refused from the cache, at once

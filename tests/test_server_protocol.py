@@ -8,6 +8,7 @@ from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
 from mtop import wire
+from mtop.userstore import UserRecord
 from mtop.server import ServerSettings, TunnelFactory
 
 
@@ -32,13 +33,18 @@ class Transport(StringTransport):
 
 
 class FakeAuth:
+    """Logs everyone in (``result`` True) or no one (False); a Deferred
+    ``result`` is returned as it is."""
+
     def __init__(self, result=True):
         self.result = result
         self.calls = []
 
-    def authenticate(self, username, password):
+    def login(self, username, password):
         self.calls.append(username)
-        return self.result if isinstance(self.result, Deferred) else succeed(self.result)
+        if isinstance(self.result, Deferred):
+            return self.result
+        return succeed(UserRecord(username, "", "") if self.result else None)
 
 
 class FakeDialer:
@@ -113,7 +119,7 @@ def test_success_replies_0100_and_delivers_early_data(events):
     assert target.value() == b"early morelater"
     target_protocol.dataReceived(b"answer")
     assert client.value() == b"\x01\x00answer"
-    assert client.producer is target and target.producer is client
+    assert client.producer.transport is target and target.producer.transport is client
 
 
 def test_half_close_both_ways_then_one_outcome_event(events):

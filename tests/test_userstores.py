@@ -10,6 +10,7 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
 
+from helpers import run_sql
 from mtop import ctl, passwords
 from mtop.auth import Authenticator
 from mtop.database import BASE_TABLE, POLICY_COLUMN_NAMES, DBSettings, connect
@@ -36,6 +37,7 @@ def backend(request, tmp_path):
     if driver != "sqlite":
         db = connect(settings)
         db.execute("DROP TABLE IF EXISTS mtop_user")
+        db.execute("DROP TABLE IF EXISTS mtop_usage_flush")
         db.commit()
         db.close()
     config = tmp_path / "mtop.yaml"
@@ -51,15 +53,7 @@ def mtopctl(config, *args, stdin=None, monkeypatch=None):
     assert code == 0, f"mtopctl {' '.join(args)} exited {code}"
 
 
-def sql(settings, text, params=()):
-    db = connect(settings, create=settings.driver == "sqlite")
-    try:
-        cursor = db.execute(text, params)
-        rows = cursor.fetchall() if cursor.description else None
-        db.commit()
-        return rows
-    finally:
-        db.close()
+sql = run_sql
 
 
 def started_store(config_path):
@@ -221,5 +215,110 @@ async def test_store_reconnects_after_its_connections_are_killed(request, tmp_pa
             await deferLater(reactor, 0.25, lambda: None)
         assert outcomes[-1] is True, outcomes
         assert False not in outcomes
+    finally:
+        await stopped(store)
+
+
+# Accounting and live changes at the store level
+
+
+def _counters(settings, username):
+    rows = sql(settings, "SELECT bytes_up, bytes_down, last_seen FROM mtop_user WHERE username = ?", (username,))
+    return rows[0]
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_is_added_exactly_once_per_flush(backend):
+    from mtop.userstore.sql import Usage
+
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    for name in ("dave", "erin"):
+        mtopctl(config, "user", "add", "-u", name, "-p", f"{name}-Pw-5", "--legacy")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.counts_usage is True
+        batch = {"dave": Usage(100, 2000, "2026-11-23 10:00:00"), "erin": Usage(7, 0, None)}
+        assert await store.add_usage("server-a", 1, batch) is True
+        # The same flush again (its first answer was lost): not counted twice.
+        assert await store.add_usage("server-a", 1, batch) is False
+        # Another server adds to the same rows.
+        assert await store.add_usage("server-b", 1, {"dave": Usage(1, 1, None)}) is True
+        assert await store.add_usage("server-a", 2, {"dave": Usage(10, 10, None)}) is True
+        up, down, seen = _counters(settings, "dave")
+        assert (up, down) == (111, 2011)
+        assert str(seen).startswith("2026-11-23 10:00:00")
+        assert _counters(settings, "erin")[:2] == (7, 0)
+        # Each server keeps only its latest ledger row.
+        rows = sql(settings, "SELECT server_id, seq FROM mtop_usage_flush ORDER BY server_id")
+        assert [tuple(r) for r in rows] == [("server-a", 2), ("server-b", 1)]
+        found = await store.lookup_many(["dave", "erin", "nobody"])
+        assert set(found) == {"dave", "erin"} and found["dave"].bytes_down == 2011
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_lookup_many_reads_hundreds_of_users(backend):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    db = connect(settings)
+    try:
+        for i in range(450):
+            db.execute("INSERT INTO mtop_user (username, salt, password, rate_limit) VALUES (?, ?, ?, ?)", (f"u{i:03d}", "s", "x", i))
+        db.commit()
+    finally:
+        db.close()
+    store = started_store(config)
+    try:
+        found = await store.lookup_many([f"u{i:03d}" for i in range(0, 460)])
+        assert len(found) == 450
+        assert found["u449"].rate_limit == 449
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_postgres_tells_of_row_changes(postgres_dsn, tmp_path):
+    settings = DBSettings("postgres", postgres_dsn)
+    config = tmp_path / "mtop.yaml"
+    config.write_text(f"server: {{listen: ':0'}}\ndb: {{driverName: psql, dsn: '{postgres_dsn}'}}\n")
+    sql(settings, "DROP TABLE IF EXISTS mtop_user")
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "frank", "-p", "Frank-pw-6", "--legacy")
+    changed = []
+    store = user_store(load_config(str(config), check_files=False), reactor)
+    store.watch(changed.append)
+    store.startService()
+    try:
+        for _ in range(100):  # until LISTEN is in place (it reports "any user")
+            if None in changed:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert None in changed
+        sql(settings, "UPDATE mtop_user SET enabled = ? WHERE username = ?", (False, "frank"))
+        sql(settings, "UPDATE mtop_user SET bytes_up = bytes_up + 5 WHERE username = ?", ("frank",))
+        mtopctl(config, "user", "del", "-u", "frank")
+        for _ in range(100):
+            if changed.count("frank") >= 2:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        # The disable and the delete, not the counter update.
+        assert changed.count("frank") == 2, changed
+        # After a cut, it listens again and says any user may have changed.
+        changed.clear()
+        _kill_connections(settings)
+        for _ in range(200):
+            if None in changed:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert None in changed
+        mtopctl(config, "user", "add", "-u", "frank", "-p", "Frank-pw-7", "--legacy")
+        for _ in range(100):
+            if "frank" in changed:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        assert "frank" in changed
     finally:
         await stopped(store)

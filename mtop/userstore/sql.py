@@ -1,18 +1,22 @@
 """What the SQL user stores share: which columns to read, row decoding, the
 start-up check and column re-detection.
 
-A subclass provides `_start_pool`, `_stop_pool` and `_query(sql, params)`
-(a Deferred firing with a list of row tuples); SQL is written with ``?``
-placeholders and converted by `_sql` for ``%s`` drivers.
+A subclass provides `_start_pool`, `_stop_pool`, `_query(sql, params)`
+(a Deferred firing with a list of row tuples) and `_transaction(steps)`
+(runs `UsageFlush` steps in one transaction); SQL is written with ``?``
+placeholders and converted by `_sql` for ``%s`` drivers.  `AdbapiUserStore`
+does all that for the DB-API drivers run in adbapi's thread pool.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -24,6 +28,9 @@ BASE_COLUMNS = ("username", "salt", "password")
 #: Policy columns the lookup reads (the counters are for the quota).
 READ_POLICY = ("enabled", "expires_at", "max_connections", "rate_limit", "quota_bytes", "bytes_up", "bytes_down")
 assert set(READ_POLICY) <= set(POLICY_COLUMN_NAMES)
+
+#: Usernames per ``WHERE username IN (...)`` query.
+LOOKUP_BATCH = 200
 
 #: How often the table's columns are looked at again, so `mtopctl db
 #: upgrade` on a live database is noticed without a restart.
@@ -41,6 +48,51 @@ def _timestamp(value: Any) -> datetime | None:
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Traffic of one user to add to the table: bytes each way and the last
+    login (``"YYYY-MM-DD HH:MM:SS"`` UTC, or ``None``)."""
+
+    up: int
+    down: int
+    last_seen: str | None = None
+
+
+class UsageFlush:
+    """One exactly-once flush: skipped whole if ``(server_id, seq)`` is
+    already in ``mtop_usage_flush``, else the increments and the ledger row
+    are written in one transaction (and this server's older ledger rows
+    dropped).  ``usage`` is in name order, so servers flushing at the same
+    time lock rows in the same order and cannot deadlock."""
+
+    def __init__(self, server_id: str, seq: int, usage: dict[str, Usage], sql: Callable[[str], str]):
+        self.server_id = server_id
+        self.seq = seq
+        self.usage = sorted(usage.items())
+        self.check = (sql("SELECT 1 FROM mtop_usage_flush WHERE server_id = ? AND seq = ?"), (server_id, seq))
+        update = sql(
+            "UPDATE mtop_user SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
+            "last_seen = COALESCE(?, last_seen) WHERE username = ?"
+        )
+        self.writes = [
+            (sql("INSERT INTO mtop_usage_flush (server_id, seq) VALUES (?, ?)"), (server_id, seq)),
+            *((update, (u.up, u.down, u.last_seen, name)) for name, u in self.usage),
+            (sql("DELETE FROM mtop_usage_flush WHERE server_id = ? AND seq < ?"), (server_id, seq)),
+        ]
+
+    def run_blocking(self, cursor: Any, begin: str | None = None) -> bool:
+        """Run on a DB-API cursor inside a transaction; ``True`` if applied
+        now, ``False`` if it had been already."""
+        if begin:
+            cursor.execute(begin)
+        cursor.execute(*self.check)
+        if cursor.fetchall():
+            return False
+        for statement, params in self.writes:
+            cursor.execute(statement, params)
+        return True
 
 
 class SQLUserStore(Service):
@@ -65,6 +117,9 @@ class SQLUserStore(Service):
         raise NotImplementedError
 
     def _query(self, sql: str, params: tuple = ()) -> Deferred:
+        raise NotImplementedError
+
+    def _transaction(self, flush: UsageFlush) -> Deferred[bool]:
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:
@@ -132,38 +187,153 @@ class SQLUserStore(Service):
     # UserStore
 
     def lookup(self, username: str) -> Deferred[UserRecord | None]:
+        return self._select([username]).addCallback(lambda records: records.get(username))
+
+    def lookup_many(self, usernames: Iterable[str]) -> Deferred[dict[str, UserRecord]]:
+        """The rows of those of ``usernames`` that exist, by name."""
+        names = sorted(set(usernames))
+        batches = [self._select(names[i : i + LOOKUP_BATCH]) for i in range(0, len(names), LOOKUP_BATCH)]
+
+        def merged(results: list[dict[str, UserRecord]]) -> dict[str, UserRecord]:
+            return {name: record for result in results for name, record in result.items()}
+
+        return gatherResults(batches, consumeErrors=True).addCallbacks(merged, lambda f: f.value.subFailure)
+
+    @property
+    def counts_usage(self) -> bool | None:
+        """Whether the table has the traffic counters (`add_usage` works);
+        ``None`` until the columns have been read."""
+        if not self._columns_known:
+            return None
+        return "bytes_up" in self.policy_columns and "bytes_down" in self.policy_columns
+
+    def add_usage(self, server_id: str, seq: int, usage: dict[str, Usage]) -> Deferred[bool]:
+        """Add ``usage`` to the users' counters, exactly once per
+        ``(server_id, seq)``: fires ``True`` when written now, ``False`` when
+        an earlier attempt (whose answer was lost) had written it."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
+        d = self._transaction(UsageFlush(server_id, seq, usage, self._sql))
+        return d.addErrback(self._unavailable)
+
+    def _select(self, usernames: list[str]) -> Deferred[dict[str, UserRecord]]:
+        if not self.running:
+            raise StoreUnavailable(f"the user store {self.description} is not running")
+        if not self._columns_known:
+            # Never read a row without its policy columns (a disabled user
+            # would get in): learn them first.
+            def known(_: Any) -> Deferred[dict[str, UserRecord]]:
+                if not self._columns_known:
+                    raise StoreUnavailable(f"{self.description}: cannot read the columns of mtop_user")
+                return self._select(usernames)
+
+            return self._detect_columns().addCallback(known)
         columns = BASE_COLUMNS + self.policy_columns
-        sql = self._sql(f"SELECT {', '.join(columns)} FROM mtop_user WHERE username = ?")
-        d = self._query(sql, (username,))
+        marks = ", ".join("?" * len(usernames))
+        sql = self._sql(f"SELECT {', '.join(columns)} FROM mtop_user WHERE username IN ({marks})")
+        d = self._query(sql, tuple(usernames))
 
-        def row(rows: list) -> UserRecord | None:
-            if not rows:
-                return None
-            values = dict(zip(columns, rows[0]))
-            return UserRecord(
-                username=values["username"],
-                salt=values["salt"] or "",
-                password=values["password"] or "",
-                enabled=values.get("enabled") is None or bool(values["enabled"]),
-                expires_at=_timestamp(values.get("expires_at")),
-                max_connections=_int(values.get("max_connections")),
-                rate_limit=_int(values.get("rate_limit")),
-                quota_bytes=_int(values.get("quota_bytes")),
-                bytes_up=_int(values.get("bytes_up")) or 0,
-                bytes_down=_int(values.get("bytes_down")) or 0,
-            )
+        def records(rows: list) -> dict[str, UserRecord]:
+            found = {}
+            for row in rows:
+                values = dict(zip(columns, row))
+                found[values["username"]] = UserRecord(
+                    username=values["username"],
+                    salt=values["salt"] or "",
+                    password=values["password"] or "",
+                    enabled=values.get("enabled") is None or bool(values["enabled"]),
+                    expires_at=_timestamp(values.get("expires_at")),
+                    max_connections=_int(values.get("max_connections")),
+                    rate_limit=_int(values.get("rate_limit")),
+                    quota_bytes=_int(values.get("quota_bytes")),
+                    bytes_up=_int(values.get("bytes_up")) or 0,
+                    bytes_down=_int(values.get("bytes_down")) or 0,
+                )
+            return found
 
-        def failed(failure: Failure) -> None:
-            if failure.check(StoreUnavailable) or not self._is_database_error(failure):
-                return failure
-            if self.policy_columns:
-                # A column may have been dropped: look again before the next lookup.
-                self._detect_columns()
-            raise StoreUnavailable(f"{self.description}: {_first_line(failure)}")
+        return d.addCallbacks(records, self._unavailable)
 
-        return d.addCallbacks(row, failed)
+    def _unavailable(self, failure: Failure) -> Failure:
+        if failure.check(StoreUnavailable) or not self._is_database_error(failure):
+            return failure
+        if self.policy_columns:
+            # A column may have been dropped: look again before the next query.
+            self._detect_columns()
+        return Failure(StoreUnavailable(f"{self.description}: {_first_line(failure)}"))
+
+    def watch(self, on_change: Callable[[str], None]) -> None:
+        """Call ``on_change(username)`` when a row changes, if the database
+        can say so (PostgreSQL's NOTIFY); otherwise do nothing."""
+
+
+class _QuietConnection(adbapi.Connection):
+    """adbapi's reconnecting connection, without the traceback it logs when
+    the rollback after a failed query fails too (the connection is gone:
+    expected in an outage, and the query's own error is reported)."""
+
+    def rollback(self) -> None:
+        if not self._pool.reconnect:
+            self._connection.rollback()
+            return
+        try:
+            self._connection.rollback()
+            cursor = self._connection.cursor()
+            cursor.execute(self._pool.good_sql)
+            cursor.close()
+            self._connection.commit()
+            return
+        except BaseException:
+            pass
+        self._pool.disconnect(self._connection)
+        raise adbapi.ConnectionLost()
+
+
+class QuietConnectionPool(adbapi.ConnectionPool):
+    """An adbapi pool whose lost connections are dropped without tracebacks
+    in the log; what failed reaches the caller as before."""
+
+    connectionFactory = _QuietConnection
+
+    def _runInteraction(self, interaction: Callable, *args: Any, **kw: Any) -> Any:
+        conn = self.connectionFactory(self)
+        trans = self.transactionFactory(self, conn)
+        try:
+            result = interaction(trans, *args, **kw)
+            trans.close()
+            conn.commit()
+            return result
+        except BaseException:
+            try:
+                conn.rollback()
+            except BaseException:
+                pass
+            raise
+
+
+class AdbapiUserStore(SQLUserStore):
+    """A store over a blocking DB-API driver in adbapi's thread pool; with
+    ``cp_reconnect`` a connection that fails is dropped and the next query
+    opens a new one, so the store recovers by itself when the database
+    comes back."""
+
+    #: Run first in a usage transaction (MySQL runs in autocommit mode so
+    #: lookups see fresh rows, and needs an explicit start).
+    begin: str | None = None
+
+    def __init__(self, description: str):
+        super().__init__(description)
+        self.pool: QuietConnectionPool | None = None
+
+    def _stop_pool(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _query(self, sql: str, params: tuple = ()) -> Deferred:
+        return self.pool.runQuery(sql, params)
+
+    def _transaction(self, flush: UsageFlush) -> Deferred[bool]:
+        return self.pool.runInteraction(flush.run_blocking, self.begin)
 
 
 def _first_line(failure: Failure) -> str:

@@ -9,11 +9,9 @@ from __future__ import annotations
 import sqlite3
 from urllib.parse import quote
 
-from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
-from mtop.userstore.sql import SQLUserStore
+from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 
 def _connect(path: str) -> sqlite3.Connection:
@@ -35,7 +33,7 @@ class _SQLiteModule:
     connect = staticmethod(_connect)
 
 
-class SQLiteUserStore(SQLUserStore):
+class SQLiteUserStore(AdbapiUserStore):
     """Users in a SQLite file; one connection in adbapi's thread pool."""
 
     driver = "sqlite"
@@ -43,23 +41,14 @@ class SQLiteUserStore(SQLUserStore):
     def __init__(self, path: str):
         super().__init__(f"SQLite {path}")
         self.path = path
-        self.pool: adbapi.ConnectionPool | None = None
 
     def _start_pool(self) -> None:
-        self.pool = adbapi.ConnectionPool(
+        self.pool = QuietConnectionPool(
             "sqlite3", self.path, cp_min=1, cp_max=1, cp_noisy=False, cp_reconnect=True
         )
         # Connect with _connect(path), not sqlite3.connect(path), so the
         # file is never created by accident.
         self.pool.dbapi = _SQLiteModule
-
-    def _stop_pool(self) -> None:
-        if self.pool is not None:
-            self.pool.close()
-            self.pool = None
-
-    def _query(self, sql: str, params: tuple = ()) -> Deferred:
-        return self.pool.runQuery(sql, params)
 
     def _sql(self, sql: str) -> str:
         return sql

@@ -1,0 +1,427 @@
+"""Users' open tunnels: per-user policy while tunnels run, and traffic
+accounting written back to the user table.
+
+`UserSessions` is the service between the server protocol and the user
+store (its child service):
+
+* **admission**: a tunnel whose login succeeded is admitted unless the
+  user already has ``max_connections`` tunnels open here, or the traffic
+  in the table plus what this server has not written yet reaches
+  ``quota_bytes``;
+* **rate limits and quotas while tunnels run**: all of a user's relays share
+  one meter (`_UserMeter`), which applies the user's `mtop.ratelimit.UserRate`
+  and counts the quota down chunk by chunk, closing the user's tunnels the
+  moment it is used up (users with neither have no meter: no work per chunk);
+* **live changes**: every ``recheck_interval`` seconds the rows of the users
+  with open tunnels are read again (one query per 200 users); a user
+  deleted, disabled, expired or over quota has every tunnel closed, and new
+  limits apply to the open ones.  A change notification from the store
+  (PostgreSQL's NOTIFY) triggers the same check at once, and drops the
+  login cache;
+* **accounting**: every ``flush_interval`` seconds the bytes each user moved
+  since the last flush (read from the relays' counters: no work per chunk)
+  are added to the table in one exactly-once transaction
+  (`mtop.userstore.sql.UsageFlush`).  A flush that fails is kept and
+  retried as it was, while new traffic gathers for the next one: during a
+  database outage nothing is lost, and nothing is counted twice.  The
+  last flush runs when the service stops (before the store closes).
+
+Limits are per server process: several servers sharing one database share
+quotas and counters (through the table) but each enforces
+``max_connections`` and ``rate_limit`` on its own.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Protocol
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from mtop.auth import Authenticator, utc_now
+from mtop.logs import logger
+from mtop.ratelimit import UserRate
+from mtop.relay import Relay
+from mtop.userstore import UserRecord
+from mtop.userstore.sql import Usage
+
+
+class Tunnel(Protocol):
+    """What `UserSessions` needs of a tunnel (`mtop.server.TunnelProtocol`)."""
+
+    relay: Relay | None
+
+    def revoke(self, outcome: str, detail: str) -> None:
+        """Close the tunnel now, logging ``outcome``."""
+
+
+class _UserMeter:
+    """The `mtop.relay.Meter` of one user's relays: the rate limit (if any)
+    and the bytes left of the quota (if any); ``exhausted`` is called once
+    when those run out."""
+
+    def __init__(self, rate: UserRate | None, left: int | None, exhausted: Any):
+        self.rate = rate
+        self.left = left
+        self.exhausted = exhausted
+
+    def spent_up(self, relay: Relay, size: int) -> None:
+        if self.rate is not None:
+            self.rate.spent_up(relay, size)
+        if self.left is not None:
+            self._spend(size)
+
+    def spent_down(self, relay: Relay, size: int) -> None:
+        if self.rate is not None:
+            self.rate.spent_down(relay, size)
+        if self.left is not None:
+            self._spend(size)
+
+    def _spend(self, size: int) -> None:
+        was = self.left
+        self.left -= size
+        if self.left <= 0 < was:
+            self.exhausted()
+
+
+@dataclass
+class _User:
+    name: str
+    record: UserRecord
+    #: Open tunnels and the bytes (up, down) of each already counted.
+    tunnels: dict[Any, list[int]] = field(default_factory=dict)
+    rate: UserRate | None = None
+    meter: _UserMeter | None = None
+
+
+@dataclass
+class _Pending:
+    """Traffic counted but not yet in a flush."""
+
+    up: int = 0
+    down: int = 0
+    last_seen: str | None = None
+
+
+def _revocation(record: UserRecord | None, unflushed: int, now: Any) -> tuple[str, str] | None:
+    """(outcome, detail) if the user's tunnels must close."""
+    if record is None:
+        return "user-deleted", "the user was deleted"
+    if not record.enabled:
+        return "user-disabled", "the user was disabled"
+    if record.expires_at is not None and record.expires_at <= now:
+        return "user-expired", f"the user expired at {record.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+    if record.quota_bytes is not None and record.bytes_up + record.bytes_down + unflushed >= record.quota_bytes:
+        return "over-quota", f"the user's traffic reached the quota of {record.quota_bytes} bytes"
+    return None
+
+
+class UserSessions(MultiService):
+    """Open tunnels by user (see the module docstring).  The user store is
+    its child, so the last flush happens before the store closes."""
+
+    _log = logger()
+
+    def __init__(
+        self,
+        store: Any,
+        authenticator: Authenticator,
+        clock: Any,
+        recheck_interval: float = 5.0,
+        flush_interval: float = 5.0,
+        flush_timeout: float = 10.0,
+        server_id: str | None = None,
+    ):
+        super().__init__()
+        self.store = store
+        self.authenticator = authenticator
+        self.clock = clock
+        self.recheck_interval = recheck_interval
+        self.flush_interval = flush_interval
+        self.flush_timeout = flush_timeout
+        self.server_id = server_id or uuid.uuid4().hex
+        self.users: dict[str, _User] = {}
+        self.pending: dict[str, _Pending] = {}
+        self._batch: dict[str, Usage] | None = None
+        self._seq = 0
+        self._flushing: Deferred | None = None
+        self._flush_failed = False
+        self._stopping = False
+        self._loops: list[LoopingCall] = []
+        self._recheck_soon: set[str] | None = None
+        if hasattr(store, "setServiceParent"):
+            store.setServiceParent(self)
+        watch = getattr(store, "watch", None)
+        if watch is not None:
+            watch(self.user_changed)
+
+    # Service
+
+    def startService(self) -> None:
+        super().startService()
+        for interval, work in ((self.recheck_interval, self.recheck), (self.flush_interval, self.flush)):
+            loop = LoopingCall(work)
+            loop.clock = self.clock
+            loop.start(interval, now=False).addErrback(self._log_loop_failure)
+            self._loops.append(loop)
+
+    def _log_loop_failure(self, failure: Failure) -> None:
+        self._log.failure("users: periodic work stopped", failure)
+
+    def stopService(self) -> Deferred:
+        self._stopping = True
+        for loop in self._loops:
+            if loop.running:
+                loop.stop()
+        self._loops = []
+        d = self.flush()
+        d.addTimeout(self.flush_timeout, self.clock)
+        d.addErrback(self._last_flush_failed)
+        d.addBoth(lambda _: MultiService.stopService(self))
+        return d
+
+    def _last_flush_failed(self, failure: Failure) -> None:
+        lost = {name: (u.up, u.down) for name, u in (self._batch or {}).items()}
+        for name, p in self.pending.items():
+            up, down = lost.get(name, (0, 0))
+            lost[name] = (up + p.up, down + p.down)
+        self._log.error(
+            "users: the last traffic flush failed ({error}); not written (user: up, down): {lost}",
+            error=failure.getErrorMessage(),
+            lost=", ".join(f"{name}: {up}, {down}" for name, (up, down) in sorted(lost.items())),
+        )
+
+    # Tunnels
+
+    def admit(self, tunnel: Any, username: str, record: UserRecord) -> str | None:
+        """Register ``tunnel`` of ``username`` (logged in with ``record``),
+        or say why it is refused."""
+        user = self.users.get(username)
+        if user is None:
+            user = self.users[username] = _User(username, record)
+        elif not user.tunnels:
+            user.record = record
+        record = user.record
+        if record.max_connections is not None and len(user.tunnels) >= record.max_connections:
+            self._forget_if_idle(user)
+            return f"too many tunnels (max_connections {record.max_connections})"
+        refusal = _revocation(record, self._unflushed(user), utc_now(self.clock))
+        if refusal is not None:
+            self._forget_if_idle(user)
+            return refusal[1]
+        user.tunnels[tunnel] = [0, 0]
+        self._pending(username).last_seen = f"{utc_now(self.clock):%Y-%m-%d %H:%M:%S}"
+        return None
+
+    def relay_started(self, tunnel: Any, username: str) -> None:
+        """``tunnel``'s relay is running: apply the user's rate limit and
+        quota to it."""
+        user = self.users.get(username)
+        if user is None or tunnel not in user.tunnels:
+            return
+        if user.meter is None:
+            self._apply_policy(user)
+        tunnel.relay.meter = user.meter
+
+    def release(self, tunnel: Any, username: str) -> None:
+        """``tunnel`` has ended; its last bytes are counted."""
+        user = self.users.get(username)
+        if user is None or tunnel not in user.tunnels:
+            return
+        self._count(username, tunnel, user.tunnels.pop(tunnel))
+        if user.rate is not None and tunnel.relay is not None:
+            user.rate.forget(tunnel.relay)
+        self._forget_if_idle(user)
+
+    def tunnel_count(self, username: str) -> int:
+        user = self.users.get(username)
+        return len(user.tunnels) if user is not None else 0
+
+    def _forget_if_idle(self, user: _User) -> None:
+        if not user.tunnels:
+            if user.rate is not None:
+                user.rate.stop()
+            self.users.pop(user.name, None)
+
+    def _apply_policy(self, user: _User) -> None:
+        """Set up the meter of ``user``'s relays from its row: rate limit,
+        and what is left of the quota (table plus what is not written yet)."""
+        rate = user.record.rate_limit
+        if rate is not None and rate > 0:
+            if user.rate is None:
+                user.rate = UserRate(self.clock, rate)
+            else:
+                user.rate.set_rate(rate)
+        elif user.rate is not None:
+            user.rate.stop()
+            user.rate = None
+        quota = user.record.quota_bytes
+        left = None
+        if quota is not None:
+            left = quota - user.record.bytes_up - user.record.bytes_down - self._unflushed(user)
+        if user.rate is None and left is None:
+            user.meter = None
+        elif user.meter is None:
+            user.meter = _UserMeter(user.rate, left, lambda: self.clock.callLater(0, self._quota_used_up, user.name))
+        else:
+            user.meter.rate, user.meter.left = user.rate, left
+        for tunnel in user.tunnels:
+            if tunnel.relay is not None:
+                tunnel.relay.meter = user.meter
+
+    def _quota_used_up(self, username: str) -> None:
+        user = self.users.get(username)
+        if user is not None and user.meter is not None and user.meter.left is not None and user.meter.left <= 0:
+            self._revoke(user, "over-quota", f"the user's traffic reached the quota of {user.record.quota_bytes} bytes")
+
+    def _revoke(self, user: _User, outcome: str, detail: str) -> None:
+        self.authenticator.forget(user.name)
+        self._log.info("user {user}: closing {count} tunnel(s): {detail}", user=user.name, count=len(user.tunnels), detail=detail)
+        for tunnel in list(user.tunnels):
+            tunnel.revoke(outcome, detail)
+
+    # Counting
+
+    def _pending(self, username: str) -> _Pending:
+        pending = self.pending.get(username)
+        if pending is None:
+            pending = self.pending[username] = _Pending()
+        return pending
+
+    def _count(self, username: str, tunnel: Any, counted: list[int]) -> None:
+        relay = tunnel.relay
+        if relay is None:
+            return
+        up, down = relay.bytes_up - counted[0], relay.bytes_down - counted[1]
+        if up or down:
+            pending = self._pending(username)
+            pending.up += up
+            pending.down += down
+            counted[0], counted[1] = relay.bytes_up, relay.bytes_down
+
+    def _collect(self) -> None:
+        for user in self.users.values():
+            for tunnel, counted in user.tunnels.items():
+                self._count(user.name, tunnel, counted)
+
+    def _unflushed(self, user: _User) -> int:
+        """Bytes of ``user`` this server has not written to the table."""
+        total = 0
+        pending = self.pending.get(user.name)
+        if pending is not None:
+            total += pending.up + pending.down
+        if self._batch is not None and user.name in self._batch:
+            total += self._batch[user.name].up + self._batch[user.name].down
+        for tunnel, (up, down) in user.tunnels.items():
+            if tunnel.relay is not None:
+                total += tunnel.relay.bytes_up - up + tunnel.relay.bytes_down - down
+        return total
+
+    # Live changes
+
+    def user_changed(self, username: str | None) -> None:
+        """The store says ``username``'s row changed (``None``: maybe any
+        row): drop cached logins and check the open tunnels now."""
+        self.authenticator.forget(username)
+        names = set(self.users) if username is None else ({username} & set(self.users))
+        if not names:
+            return
+        if self._recheck_soon is None:
+            self._recheck_soon = set()
+            self.clock.callLater(0, self._recheck_now)
+        self._recheck_soon |= names
+
+    def _recheck_now(self) -> None:
+        names, self._recheck_soon = self._recheck_soon or set(), None
+        self.recheck(names)
+
+    def recheck(self, names: Iterable[str] | None = None) -> Deferred:
+        """Read the rows of users with open tunnels (or of ``names``) and
+        apply them."""
+        names = list(self.users) if names is None else [n for n in names if n in self.users]
+        if not names:
+            return succeed(None)
+        d = maybeDeferred(self.store.lookup_many, names)
+        d.addTimeout(self.authenticator.query_timeout, self.clock)
+        d.addCallbacks(self._apply_rows, self._recheck_failed, callbackArgs=(names,))
+        return d
+
+    def _recheck_failed(self, failure: Failure) -> None:
+        # Open tunnels stay open while the store is away.
+        self._log.debug("users: cannot recheck open tunnels: {error}", error=failure.getErrorMessage())
+
+    def _apply_rows(self, rows: dict[str, UserRecord], names: list[str]) -> None:
+        now = utc_now(self.clock)
+        for name in names:
+            user = self.users.get(name)
+            if user is None:
+                continue
+            record = rows.get(name)
+            revocation = _revocation(record, self._unflushed(user), now)
+            if revocation is not None:
+                self._revoke(user, *revocation)
+                continue
+            user.record = record
+            self._apply_policy(user)
+
+    # Accounting
+
+    def flush(self) -> Deferred:
+        """Write the traffic counted so far (see the module docstring)."""
+        if self._flushing is not None:
+            return self._flushing
+        counts = getattr(self.store, "counts_usage", False)
+        if counts is None:
+            return succeed(None)  # not known yet: keep what is pending
+        if not counts:
+            self.pending.clear()
+            return succeed(None)
+        self._collect()
+        if self._batch is None:
+            if not self.pending:
+                return succeed(None)
+            self._batch = {name: Usage(p.up, p.down, p.last_seen) for name, p in self.pending.items()}
+            self.pending = {}
+            self._seq += 1
+        batch, seq = self._batch, self._seq
+        d = maybeDeferred(self.store.add_usage, self.server_id, seq, batch)
+        d.addTimeout(self.flush_timeout, self.clock)
+        d.addCallbacks(self._flushed, self._flush_error, callbackArgs=(batch,))
+        self._flushing = d
+        d.addBoth(self._flush_done)
+        return d
+
+    def _flush_done(self, result: Any) -> Any:
+        self._flushing = None
+        return result
+
+    def _flushed(self, applied: bool, batch: dict[str, Usage]) -> None:
+        self._batch = None
+        # The rows now hold this traffic: so do the copies kept here.
+        for name, usage in batch.items():
+            user = self.users.get(name)
+            if user is not None:
+                user.record = dataclasses.replace(
+                    user.record, bytes_up=user.record.bytes_up + usage.up, bytes_down=user.record.bytes_down + usage.down
+                )
+        if self._flush_failed:
+            self._flush_failed = False
+            self._log.info("users: traffic written again ({count} users)", count=len(batch))
+        self._log.debug(
+            "users: traffic of {count} users written{again}", count=len(batch), again="" if applied else " (already)"
+        )
+
+    def _flush_error(self, failure: Failure) -> Failure | None:
+        if not self._flush_failed:
+            self._flush_failed = True
+            self._log.warn(
+                "users: cannot write traffic ({error}); kept in memory and retried every {interval:g}s",
+                error=failure.getErrorMessage(),
+                interval=self.flush_interval,
+            )
+        return failure if self._stopping else None
