@@ -71,3 +71,23 @@ def test_cert_init_writes_usable_files(tmp_path, capsys):
     server_context(str(tmp_path / "server.crt"), str(tmp_path / "server.key"), "mtop")
     code, out, err = run(capsys, "cert", "init", "--host", "vpn.example", "--dir", str(tmp_path))
     assert code == 1 and "--force" in err
+
+
+@pytest.mark.parametrize(
+    "text, size",
+    [("512K", 512 << 10), ("10M", 10 << 20), ("2GiB", 2 << 30), ("1.5g", 3 << 29), ("100", 100), ("none", None)],
+)
+def test_sizes(text, size):
+    from mtop.ctl import _size
+
+    assert _size(text) == size
+
+
+@pytest.mark.parametrize("text", ["nan", "inf", "-1", "", "12Q", "9999999T"])
+def test_bad_sizes_are_one_line_errors(text):
+    import argparse
+
+    from mtop.ctl import _size
+
+    with pytest.raises(argparse.ArgumentTypeError):
+        _size(text)
