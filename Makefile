@@ -21,7 +21,10 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 
 venv: $(VENV)/.installed
 
+# PostgreSQL and MariaDB on 127.0.0.1 are part of the suite: started (or, on
+# a fresh Debian machine as root, installed) by tests/services.sh.
 test: venv
+	@bash tests/services.sh
 	$(PY) -m pytest -q -ra
 
 run: venv
