@@ -322,3 +322,30 @@ async def test_postgres_tells_of_row_changes(postgres_dsn, tmp_path):
         assert "frank" in changed
     finally:
         await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtopctl_sets_shows_and_resets_policy(backend, capsys):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "gina", "-p", "Gina-pw-9")
+    mtopctl(config, "user", "set", "-u", "gina", "--disable", "--expires", "2030-01-31 12:00", "--max-conns", "3",
+            "--rate", "512K", "--quota", "10G")
+    sql(settings, "UPDATE mtop_user SET bytes_up = 5, bytes_down = 1073741824 WHERE username = ?", ("gina",))
+    store = started_store(config)
+    try:
+        record = await store.lookup("gina")
+    finally:
+        await stopped(store)
+    assert (record.enabled, record.max_connections, record.rate_limit, record.quota_bytes) == (False, 3, 524288, 10 << 30)
+    assert record.expires_at == datetime.datetime(2030, 1, 31, 12, 0)
+    capsys.readouterr()
+    mtopctl(config, "user", "show", "-u", "gina")
+    shown = capsys.readouterr().out
+    assert "enabled          no" in shown and "10.0 GiB" in shown and "10.0%" in shown and "Gina-pw-9" not in shown
+    mtopctl(config, "user", "set", "-u", "gina", "--enable", "--quota", "none", "--expires", "never")
+    mtopctl(config, "user", "reset-usage", "-u", "gina")
+    row = sql(settings, "SELECT enabled, quota_bytes, expires_at, bytes_up, bytes_down, rate_limit FROM mtop_user WHERE username = ?", ("gina",))[0]
+    assert bool(row[0]) and row[1] is None and row[2] is None and (row[3], row[4]) == (0, 0) and row[5] == 524288
+    assert ctl.main(["-c", str(config), "user", "set", "-u", "nobody", "--disable"]) == 1
+    assert "no user 'nobody'" in capsys.readouterr().err
