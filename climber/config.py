@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtop.config import (
+    DEFAULT_QUIC_PACKET_SIZE,
     LOG_LEVELS,
     ConfigError,
     ListenAddress,
@@ -33,6 +34,7 @@ from mtop.config import (
     Section,
     as_bool,
     as_non_negative_seconds,
+    as_packet_size,
     as_seconds,
     as_string,
     choice,
@@ -69,6 +71,8 @@ class ServerEntry:
     enabled: bool = True
     #: QUIC: tunnels (streams) per connection before another one opens.
     max_streams: int = DEFAULT_MAX_STREAMS
+    #: QUIC: largest UDP payload sent (no path MTU discovery).
+    quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
 
     @property
     def name(self) -> str:
@@ -195,6 +199,7 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
     if ca and not insecure:
         require_readable(section.key("ca"), ca)
     max_streams = section.get("max_streams", DEFAULT_MAX_STREAMS, _stream_count)
+    packet_size = section.get("quic_packet_size", DEFAULT_QUIC_PACKET_SIZE, as_packet_size)
 
     entries: list[ServerEntry] = []
     if urls:
@@ -211,7 +216,7 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             entries.append(
                 ServerEntry(
                     link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure,
-                    pipelining, enabled, max_streams,
+                    pipelining, enabled, max_streams, packet_size,
                 )
             )
     else:
@@ -238,6 +243,7 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
                 pipelining,
                 enabled,
                 max_streams,
+                packet_size,
             )
         )
     for entry in entries:

@@ -29,7 +29,8 @@ class QuicConnector:
     def __init__(self, reactor: Any, entry: ServerEntry, idle_timeout: float = DEFAULT_IDLE):
         self.entry = entry
         configuration = client_configuration(
-            entry.sni or entry.host, entry.proto, entry.ca or None, entry.insecure, idle_timeout or DEFAULT_IDLE
+            entry.sni or entry.host, entry.proto, entry.ca or None, entry.insecure, idle_timeout or DEFAULT_IDLE,
+            entry.quic_packet_size,
         )
         self.pool = QuicClientPool(reactor, entry.host, entry.port, configuration, entry.max_streams)
         if entry.insecure:

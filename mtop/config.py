@@ -40,6 +40,11 @@ class ListenAddress:
         return f"{self.host}:{self.port}"
 
 
+#: QUIC's UDP payload size unless configured: fits every usual path
+#: (1500-byte Ethernet minus IPv6, UDP and tunnel overheads).
+DEFAULT_QUIC_PACKET_SIZE = 1350
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     type: str = "tls"
@@ -52,6 +57,8 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
+    #: Largest UDP payload QUIC listeners send (no path MTU discovery).
+    quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
 
 
 @dataclass(frozen=True)
@@ -189,6 +196,13 @@ def as_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
 
 
+def as_packet_size(key: str, value: Any) -> int:
+    """A QUIC UDP payload size: 1200 (QUIC's minimum) to 65527 bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1200 <= value <= 65527:
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a UDP payload size from 1200 to 65527 bytes")
+
+
 def as_seconds(key: str, value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
@@ -276,6 +290,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         handshake_timeout=section.get("handshake_timeout", d.handshake_timeout, as_seconds),
         connect_timeout=section.get("connect_timeout", d.connect_timeout, as_seconds),
         idle_timeout=section.get("idle_timeout", d.idle_timeout, as_non_negative_seconds),
+        quic_packet_size=section.get("quic_packet_size", d.quic_packet_size, as_packet_size),
     )
     section.finish()
     return config

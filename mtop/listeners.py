@@ -46,7 +46,9 @@ def prepare_listeners(config: Config, reactor: Any = None) -> list[PreparedListe
             from mtop.quic.server import QuicConfigError, server_configuration
 
             try:
-                security = server_configuration(listener.crt, listener.key, listener.proto, server.idle_timeout)
+                security = server_configuration(
+                    listener.crt, listener.key, listener.proto, server.idle_timeout, server.quic_packet_size
+                )
             except QuicConfigError as e:
                 raise ConfigError(str(e)) from None
         else:

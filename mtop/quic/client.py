@@ -29,7 +29,13 @@ from twisted.internet.threads import deferToThread
 from twisted.python.failure import Failure
 
 from mtop.logs import logger
-from mtop.quic.connection import FlowControlledConnection, QuicDriver, size_socket_buffers, tuned_configuration
+from mtop.quic.connection import (
+    MAX_DATAGRAM_SIZE,
+    FlowControlledConnection,
+    QuicDriver,
+    size_socket_buffers,
+    tuned_configuration,
+)
 from mtop.quic.server import twisted_address
 from mtop.quic.stream import QuicStreamTransport
 
@@ -46,13 +52,15 @@ class QuicConnectError(Exception):
 
 
 def client_configuration(
-    server_name: str, proto: str, ca: str | None, insecure: bool, idle_timeout: float
+    server_name: str, proto: str, ca: str | None, insecure: bool, idle_timeout: float,
+    packet_size: int = MAX_DATAGRAM_SIZE,
 ) -> Any:
     """The aioquic client configuration for one server."""
     import ssl
 
     configuration = tuned_configuration(
         is_client=True,
+        max_datagram_size=packet_size,
         alpn_protocols=[proto],
         server_name=server_name,
         idle_timeout=idle_timeout,

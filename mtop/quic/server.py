@@ -30,7 +30,13 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol
 
 from mtop.logs import logger
-from mtop.quic.connection import FlowControlledConnection, QuicDriver, size_socket_buffers, tuned_configuration
+from mtop.quic.connection import (
+    MAX_DATAGRAM_SIZE,
+    FlowControlledConnection,
+    QuicDriver,
+    size_socket_buffers,
+    tuned_configuration,
+)
 from mtop.quic.stream import QuicStreamTransport
 
 #: Session tickets kept for resumption (each is used once).
@@ -44,10 +50,13 @@ class QuicConfigError(ValueError):
     """A certificate or key that cannot be loaded; the message names the file."""
 
 
-def server_configuration(crt: str, key: str, proto: str, idle_timeout: float) -> Any:
+def server_configuration(
+    crt: str, key: str, proto: str, idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE
+) -> Any:
     """The aioquic server configuration for ``server.crt``/``key``/``proto``."""
     configuration = tuned_configuration(
         is_client=False,
+        max_datagram_size=packet_size,
         alpn_protocols=[proto],
         idle_timeout=idle_timeout if idle_timeout > 0 else LONGEST_IDLE,
     )
@@ -165,7 +174,9 @@ class QuicServerProtocol(DatagramProtocol):
         self.host = self.transport.getHost()
 
     def send(self, data: bytes, address: Any) -> None:
-        self.transport.write(data, address)
+        # Straight to the socket: Twisted's UDP write re-validates the
+        # address on every datagram.
+        self.transport.socket.sendto(data, address)
 
     def datagramReceived(self, data: bytes, address: Any) -> None:
         try:
