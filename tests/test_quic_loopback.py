@@ -4,6 +4,7 @@ server's own `TunnelFactory`, and climber's QUIC connector, on 127.0.0.1
 UDP port, so these run on the test reactor."""
 
 import hashlib
+import socket
 
 import pytest
 import pytest_twisted
@@ -26,6 +27,15 @@ def sleep(seconds):
     d = Deferred()
     reactor.callLater(seconds, d.callback, None)
     return d
+
+
+async def eventually(predicate, seconds=5.0):
+    """Wait until ``predicate()`` is true (or the time is up)."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await sleep(0.05)
+    return predicate()
 
 
 @pytest.fixture
@@ -148,3 +158,121 @@ async def _gather(deferreds):
     from twisted.internet.defer import gatherResults
 
     return await gatherResults(deferreds, consumeErrors=True)
+
+
+def collect_tunnel(tunnel):
+    """Attach to an open tunnel; returns (received chunks, a Deferred fired
+    when it is lost)."""
+    received, lost = [], Deferred()
+    tunnel.attach(received.append, lambda: None, lambda: lost.callback(None))
+    return received, lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_reset_closes_that_tunnel_only(quic_server, echo_target, make_forward):
+    factory, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    first = await forward.opener.open("127.0.0.1", echo_target, 5)
+    second = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert first.transport.driver is second.transport.driver  # one connection
+    _, first_lost = collect_tunnel(first)
+    received, second_lost = collect_tunnel(second)
+    await sleep(0.2)
+    assert len(factory.tunnels) == 2
+
+    first.transport.abortConnection()  # RESET_STREAM + STOP_SENDING
+    await first_lost
+    assert await eventually(lambda: len(factory.tunnels) == 1)
+
+    second.transport.write(b"still here")
+    second.transport.loseWriteConnection()
+    await second_lost
+    assert b"".join(received) == b"got:still here"
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_connections_resume_the_session(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    first = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert first.resumed is False
+    first.transport.abortConnection()
+    await sleep(0.2)  # the session ticket arrives after the handshake
+    connector = forward.opener.connectors[id(forward.opener.pool.servers[0])]
+    assert connector.pool.ticket is not None and connector.pool.ticket.max_early_data_size is None
+    connector.close()
+    second = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert second.resumed is True
+    second.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_shutdown_closes_tunnels(quic_server, echo_target, make_forward):
+    factory, port, paths, protocol = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    tunnel = await forward.opener.open("127.0.0.1", echo_target, 5)
+    _, lost = collect_tunnel(tunnel)
+    protocol.close_all()  # CONNECTION_CLOSE to the client
+    await lost
+    assert await eventually(lambda: not factory.tunnels)
+    assert not forward.connections
+
+
+@pytest.fixture
+def log_failures():
+    """Log events carrying a failure (tracebacks) while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_junk_datagrams_are_dropped_quietly(quic_server, echo_target, make_forward, log_failures):
+    import os
+
+    _, port, paths, protocol = quic_server
+    junk = [b"", b"\x00", os.urandom(40), b"\xc0\x00\x00\x00\x01" + os.urandom(1300), b"\xc3\xff\x00\x00\x1d" + os.urandom(1300)]
+    junk += [bytes([0xC0]) + b"\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + os.urandom(1200) for _ in range(20)]
+    junk += [b"\x40" + os.urandom(100) for _ in range(20)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in junk:
+            s.sendto(datagram, ("127.0.0.1", port))
+    await sleep(0.3)
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    answer = await deferToThread(send_half_close_read, forward.port, b"after junk")
+    assert answer == b"got:after junk"
+    assert not log_failures
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_deadline(server, log_failures):
+    """A client that starts a handshake and goes silent is dropped after
+    the handshake timeout."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    factory, _, paths = server
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), 0.5)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    try:
+        address = ("127.0.0.1", port.getHost().port)
+        client = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=["mtop"]))
+        client.connect(address, now=0.0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for datagram, _ in client.datagrams_to_send(now=0.0):
+                s.sendto(datagram, address)
+            await sleep(0.2)
+            assert len(set(protocol.connections.values())) == 1
+            assert await eventually(lambda: not protocol.connections)
+        assert not log_failures
+    finally:
+        protocol.close_all()
+        await port.stopListening()

@@ -85,6 +85,8 @@ class _ClientUDP(DatagramProtocol):
 class QuicClientConnection(QuicDriver):
     """One connection to a server; `open_stream` once `when_ready` fired."""
 
+    _ended = False
+
     def __init__(
         self,
         reactor: Any,
@@ -229,7 +231,7 @@ class QuicClientConnection(QuicDriver):
     def _end(self, reason: str) -> None:
         """Leave the pool; fail whoever waits; give the UDP port back once
         aioquic has nothing more to send."""
-        first = not getattr(self, "_ended", False)
+        first = not self._ended
         self._ended = True
         self.close_reason = self.close_reason or reason
         for call in (self._deadline, self._linger, self._keepalive):
@@ -243,17 +245,11 @@ class QuicClientConnection(QuicDriver):
             self.on_ended(self)
             # The CONNECTION_CLOSE has gone out in flush(); the port can go.
             self.reactor.callLater(0.5, self._stop_udp)
-        if not self.terminated:
-            for stream in list(self.streams.values()):
-                stream.connection_lost(reason)
+        for stream in list(self.streams.values()):
+            stream.connection_lost(reason)
 
     def _stop_udp(self) -> None:
-        self.terminated = True
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
-        self._timer = self._flush_call = None
+        self.abandon(self.close_reason or "closed")
         if self._udp_port is not None:
             port, self._udp_port = self._udp_port, None
             port.stopListening()

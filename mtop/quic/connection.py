@@ -165,7 +165,10 @@ class QuicDriver:
             self.close(reason="bad packet")
             return
         self._process_events()
-        self.schedule_flush()
+        if self.quic._close_event is not None:
+            self.flush()
+        else:
+            self.schedule_flush()
 
     # Output
 
@@ -189,6 +192,12 @@ class QuicDriver:
         if self._write_blocked:
             self._resume_writers()
         self._process_events()
+        closing = self.quic._close_event
+        if closing is not None:
+            # aioquic reports the end only after the closing period (three
+            # probe timeouts); the tunnels end now.
+            self.abandon(describe_close(closing))
+            return
         self._set_timer()
 
     def _set_timer(self) -> None:
@@ -293,18 +302,22 @@ class QuicDriver:
         self.stream_closed(stream)
 
     def _terminated(self, event: events.ConnectionTerminated) -> None:
+        self.abandon(describe_close(event))
+
+    def abandon(self, reason: str) -> None:
+        """Stop driving the connection (it ended, or its socket is going
+        away): timers off, every stream lost, `connection_terminated`."""
         if self.terminated:
             return
         self.terminated = True
-        self.close_reason = describe_close(event)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        if self._flush_call is not None and self._flush_call.active():
-            self._flush_call.cancel()
+        self.close_reason = reason
+        for call in (self._timer, self._flush_call):
+            if call is not None and call.active():
+                call.cancel()
         self._timer = self._flush_call = None
         for stream in list(self.streams.values()):
-            stream.connection_lost(self.close_reason)
-        self.connection_terminated(self.close_reason)
+            stream.connection_lost(reason)
+        self.connection_terminated(reason)
 
     def close(self, error_code: int = 0, reason: str = "") -> None:
         """Close the whole connection (every stream on it)."""

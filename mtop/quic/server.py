@@ -230,11 +230,12 @@ class QuicServerProtocol(DatagramProtocol):
             del self.connections[cid]
 
     def close_all(self) -> None:
-        """Close every connection (with CONNECTION_CLOSE) and accept no more."""
+        """Close every connection (CONNECTION_CLOSE goes out now) and accept
+        no more; the socket can go right after."""
         self.stopping = True
         for connection in set(self.connections.values()):
             connection.close(reason="server shutting down")
-            connection.flush()
+            connection.abandon("server shutting down")
 
 
 class QuicListenerService(Service):
