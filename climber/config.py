@@ -12,7 +12,8 @@ Our own optional keys: ``strategy`` (random, round_robin, failover,
 fastest), ``forward`` (port forwards), ``idle_timeout``,
 ``handshake_timeout``; per listener ``username``/``password`` (local proxy
 auth) and ``timeout``; per server ``url``/``urls`` (``mtop://`` share links),
-``sni``, ``insecure`` and ``pipelining``.
+``sni``, ``insecure``, ``pipelining``, and for ``type: quic`` servers
+``max_streams`` and ``quic_packet_size``.
 
 A listen address without a host (``":1080"``) means loopback here: climber
 is a local proxy, and an open proxy on every interface would be anyone's.
