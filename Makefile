@@ -38,6 +38,9 @@ run: venv
 		'  crt: server.crt' \
 		'  key: server.key' \
 		'  proto: mtop' \
+		'listeners:' \
+		'  - type: tls' \
+		'  - type: quic' \
 		'log:' \
 		'  level: info' \
 		'db:' \
@@ -48,18 +51,22 @@ run: venv
 	@$(VENV)/bin/mtopctl -c $(STATE)/mtop.yaml user del -u demo >/dev/null 2>&1 || true
 	@$(VENV)/bin/mtopctl -c $(STATE)/mtop.yaml user add -u demo --password-stdin < $(STATE)/demo-password >/dev/null
 	@$(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) --password-stdin < $(STATE)/demo-password > $(STATE)/demo-link
+	@$(VENV)/bin/mtopctl url -u demo -H 127.0.0.1 -P $(DEMO_PORT) -t quic --password-stdin < $(STATE)/demo-password > $(STATE)/demo-link-quic
 	@printf '%s\n' \
 		'# Demo climber configuration written by make run.' \
 		'socks5:' \
 		'  listen: "127.0.0.1:$(DEMO_SOCKS)"' \
 		'http:' \
 		'  listen: "127.0.0.1:$(DEMO_HTTP)"' \
+		'strategy: failover' \
 		'servers:' \
+		"  - url: \"$$(cat $(STATE)/demo-link-quic)\"" \
+		'    ca: ca.crt' \
 		"  - url: \"$$(cat $(STATE)/demo-link)\"" \
 		'    ca: ca.crt' > $(STATE)/climber.yaml
 	@mkdir -p $(STATE)/www && echo '<h1>Hello through MTop</h1>' > $(STATE)/www/index.html
-	@echo "MTop demo: server on 127.0.0.1:$(DEMO_PORT) (TLS 1.3, ALPN mtop, user 'demo'),"
-	@echo "climber SOCKS5 proxy on 127.0.0.1:$(DEMO_SOCKS), HTTP proxy on 127.0.0.1:$(DEMO_HTTP),"
+	@echo "MTop demo: server on 127.0.0.1:$(DEMO_PORT) (TLS 1.3 on TCP and QUIC on UDP, ALPN mtop, user 'demo'),"
+	@echo "climber (QUIC first, TLS as failover) SOCKS5 proxy on 127.0.0.1:$(DEMO_SOCKS), HTTP proxy on 127.0.0.1:$(DEMO_HTTP),"
 	@echo "and a web page on 127.0.0.1:$(DEMO_WEB).  From another terminal:"
 	@echo "  curl --socks5-hostname 127.0.0.1:$(DEMO_SOCKS) http://127.0.0.1:$(DEMO_WEB)/"
 	@echo "  curl -x http://127.0.0.1:$(DEMO_HTTP) http://127.0.0.1:$(DEMO_WEB)/"
@@ -67,8 +74,8 @@ run: venv
 	@echo "Share link (contains the password): $(STATE)/demo-link.  Stop with Ctrl-C."
 	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
 	$(PY) -m http.server --bind 127.0.0.1 --directory $(STATE)/www $(DEMO_WEB) >/dev/null 2>&1 & \
-	$(VENV)/bin/twistd --nodaemon --pidfile= mtop --config $(STATE)/mtop.yaml & \
-	$(VENV)/bin/twistd --nodaemon --pidfile= climber --config $(STATE)/climber.yaml
+	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio mtop --config $(STATE)/mtop.yaml & \
+	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio climber --config $(STATE)/climber.yaml
 
 clean:
 	rm -rf $(VENV) $(STATE) build *.egg-info twisted/plugins/dropin.cache

@@ -12,7 +12,8 @@ Our own optional keys: ``strategy`` (random, round_robin, failover,
 fastest), ``forward`` (port forwards), ``idle_timeout``,
 ``handshake_timeout``; per listener ``username``/``password`` (local proxy
 auth) and ``timeout``; per server ``url``/``urls`` (``mtop://`` share links),
-``sni``, ``insecure`` and ``pipelining``.
+``sni``, ``insecure``, ``pipelining``, and for ``type: quic`` servers
+``max_streams`` and ``quic_packet_size``.
 
 A listen address without a host (``":1080"``) means loopback here: climber
 is a local proxy, and an open proxy on every interface would be anyone's.
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtop.config import (
+    DEFAULT_QUIC_PACKET_SIZE,
     LOG_LEVELS,
     ConfigError,
     ListenAddress,
@@ -33,6 +35,7 @@ from mtop.config import (
     Section,
     as_bool,
     as_non_negative_seconds,
+    as_packet_size,
     as_seconds,
     as_string,
     choice,
@@ -45,7 +48,8 @@ from mtop.urls import DEFAULT_PROTO, URLError, parse_url
 
 STRATEGIES = ("random", "round_robin", "failover", "fastest")
 SERVER_TYPES = ("tls", "quic")
-SUPPORTED_TYPES = ("tls",)
+SUPPORTED_TYPES = ("tls", "quic")
+DEFAULT_MAX_STREAMS = 100
 DEFAULT_SOCKS5 = ListenAddress("127.0.0.1", 1080)
 DEFAULT_HTTP = ListenAddress("127.0.0.1", 8080)
 LOOPBACK = "127.0.0.1"
@@ -66,6 +70,10 @@ class ServerEntry:
     insecure: bool = False
     pipelining: bool = False
     enabled: bool = True
+    #: QUIC: tunnels (streams) per connection before another one opens.
+    max_streams: int = DEFAULT_MAX_STREAMS
+    #: QUIC: largest UDP payload sent (no path MTU discovery).
+    quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
 
     @property
     def name(self) -> str:
@@ -191,6 +199,8 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
     pipelining = section.get("pipelining", False, as_bool)
     if ca and not insecure:
         require_readable(section.key("ca"), ca)
+    max_streams = section.get("max_streams", DEFAULT_MAX_STREAMS, _stream_count)
+    packet_size = section.get("quic_packet_size", DEFAULT_QUIC_PACKET_SIZE, as_packet_size)
 
     entries: list[ServerEntry] = []
     if urls:
@@ -205,7 +215,10 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             proto = section.get("proto", link.proto, as_string)
             server_type = section.get("type", link.type, choice(SERVER_TYPES))
             entries.append(
-                ServerEntry(link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure, pipelining, enabled)
+                ServerEntry(
+                    link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure,
+                    pipelining, enabled, max_streams, packet_size,
+                )
             )
     else:
         if "host" not in section.data:
@@ -230,6 +243,8 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
                 insecure,
                 pipelining,
                 enabled,
+                max_streams,
+                packet_size,
             )
         )
     for entry in entries:
@@ -237,6 +252,12 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             raise ConfigError(f"{section.key('proto')}: {entry.proto!r} must be 1 to 255 bytes long")
     section.finish()
     return entries
+
+
+def _stream_count(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000:
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a number of streams from 1 to 10000")
 
 
 def _forward(section: Section, default_timeout: float) -> Forward:
@@ -294,11 +315,8 @@ def load_climber_data(data: Any, path: str | None = None) -> ClimberConfig:
     )
     top.finish()
 
-    for entry in config.servers:
-        if entry.enabled and entry.type not in SUPPORTED_TYPES:
-            warnings.append(f"server {entry.name} is type {entry.type}, which this version cannot use yet; skipped")
     if not config.usable_servers:
-        raise ConfigError("servers: no enabled TLS server; add one (host, username, password) or a url: mtop://...")
+        raise ConfigError("servers: no enabled server; add one (host, username, password) or a url: mtop://...")
     if not (config.socks5 or config.http or config.forwards):
         raise ConfigError("nothing to listen on: configure socks5, http or forward")
     listens = [(name, listener.listen) for name, listener in (("socks5", socks5), ("http", http)) if listener]

@@ -66,6 +66,7 @@ class Options(usage.Options):
             self.config_data = load_climber_data(data, path)
             for server in self.config_data.usable_servers:
                 client_context(server.ca or None, server.proto, server.insecure)
+            _check_quic_reactor(self.config_data, label)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{label}: {e}") from None
 
@@ -98,6 +99,21 @@ class Options(usage.Options):
             data["strategy"] = self["strategy"]
 
 
+def _check_quic_reactor(config: ClimberConfig, label: str) -> None:
+    """QUIC servers need a reactor that can host QUIC (the asyncio one)."""
+    quic = [s for s in config.usable_servers if s.type == "quic"]
+    if not quic:
+        return
+    from twisted.internet import reactor
+
+    from mtop.quic import reactor_problem
+
+    command = f"twistd -r asyncio climber --config {config.path}" if config.path else "twistd -r asyncio climber ..."
+    problem = reactor_problem(reactor, command)
+    if problem:
+        raise ConfigError(f"server {quic[0].name} is QUIC: {problem}")
+
+
 class _Lifecycle(Service):
     """Says which servers climber will use; closes the connections still
     open when it stops."""
@@ -121,6 +137,7 @@ class _Lifecycle(Service):
     def stopService(self) -> None:
         super().stopService()
         self.climber.close_all()
+        self.climber.opener.close()
 
 
 def makeService(options: Options) -> MultiService:
@@ -143,7 +160,7 @@ def makeService(options: Options) -> MultiService:
     _StartupNotes(config).setServiceParent(root)
 
     pool = ServerPool(config.usable_servers, config.strategy, reactor)
-    climber = Climber(TunnelOpener(reactor, pool), reactor, config.idle_timeout, config.handshake_timeout)
+    climber = Climber(TunnelOpener(reactor, pool, config.idle_timeout), reactor, config.idle_timeout, config.handshake_timeout)
     _Lifecycle(climber, config).setServiceParent(root)
 
     for listener, protocol, label in (

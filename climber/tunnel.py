@@ -117,7 +117,7 @@ class Tunnel(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_time = time.monotonic() - self._started
-        self.resumed = _session_reused(self.transport.getHandle())
+        self.resumed = _session_reused(getattr(self.transport, "getHandle", lambda: None)())
         if self._pipelining:
             self._fire()
 
@@ -261,16 +261,38 @@ class ServerConnector:
         if session is not None:
             self.sessions[self.entry.sni or self.entry.host] = session
 
+    def connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
+        """Connect ``protocol`` to the server over TCP and TLS."""
+        endpoint = HostnameEndpoint(reactor, self.entry.host, self.entry.port, timeout=timeout)
+        return endpoint.connect(self.tls_factory(_OneProtocol(protocol)))
+
+    def close(self) -> None:
+        """Nothing shared to close: each tunnel is its own connection."""
+
+
+def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:
+    """The connector for ``entry``'s transport (TLS, or QUIC streams)."""
+    if entry.type == "quic":
+        from climber.quic import QuicConnector
+
+        return QuicConnector(reactor, entry, idle_timeout)
+    return ServerConnector(entry)
+
 
 class TunnelOpener:
     """Opens tunnels through the pool's servers, retrying on the next."""
 
     _log = logger()
 
-    def __init__(self, reactor: Any, pool: ServerPool):
+    def __init__(self, reactor: Any, pool: ServerPool, idle_timeout: float = 300.0):
         self.reactor = reactor
         self.pool = pool
-        self.connectors = {id(state): ServerConnector(state.entry) for state in pool.servers}
+        self.connectors = {id(state): connector_for(reactor, state.entry, idle_timeout) for state in pool.servers}
+
+    def close(self) -> None:
+        """Close what the connectors share (QUIC connections)."""
+        for connector in self.connectors.values():
+            connector.close()
 
     def open(self, host: str, port: int, timeout: float) -> Deferred:
         """A Deferred firing with an open `Tunnel` to ``host:port``, or
@@ -336,8 +358,7 @@ class TunnelOpener:
             wire.AuthRequest(entry.username, entry.password, request.host, request.port, request.address_type)
         )
         tunnel = Tunnel(server, auth, entry.pipelining, time.monotonic(), connector.save_session)
-        endpoint = HostnameEndpoint(self.reactor, entry.host, entry.port, timeout=timeout)
-        connecting = endpoint.connect(connector.tls_factory(_OneProtocol(tunnel)))
+        connecting = connector.connect(self.reactor, tunnel, timeout)
         timed_out = False
 
         def stop() -> None:

@@ -40,6 +40,11 @@ class ListenAddress:
         return f"{self.host}:{self.port}"
 
 
+#: QUIC's UDP payload size unless configured: fits every usual path
+#: (1500-byte Ethernet minus IPv6, UDP and tunnel overheads).
+DEFAULT_QUIC_PACKET_SIZE = 1350
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     type: str = "tls"
@@ -52,6 +57,20 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     connect_timeout: float = 10.0
     idle_timeout: float = 300.0
+    #: Largest UDP payload QUIC listeners send (no path MTU discovery).
+    quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
+
+
+@dataclass(frozen=True)
+class ListenerConfig:
+    """One listener of ``listeners:`` (or the one ``server:`` describes):
+    a transport on an address, with its certificate and ALPN."""
+
+    type: str
+    listen: ListenAddress
+    crt: str
+    key: str
+    proto: str
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,8 @@ class Config:
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     db: DBConfig = DBConfig()
+    #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
+    listeners: tuple[ListenerConfig, ...] = ()
     path: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -111,7 +132,7 @@ EXAMPLE_DSNS = {
     "mysql": "root:password@tcp(127.0.0.1:3306)/mtop",
 }
 TLS_VERSIONS = ("1.2", "1.3")
-SERVER_TYPES = ("tls",)
+SERVER_TYPES = ("tls", "quic")
 
 
 def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
@@ -178,6 +199,13 @@ def as_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
 
 
+def as_packet_size(key: str, value: Any) -> int:
+    """A QUIC UDP payload size: 1200 (QUIC's minimum) to 65527 bytes."""
+    if isinstance(value, int) and not isinstance(value, bool) and 1200 <= value <= 65527:
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a UDP payload size from 1200 to 65527 bytes")
+
+
 def as_seconds(key: str, value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         seconds = float(value)
@@ -241,11 +269,9 @@ def require_readable(key: str, path: str) -> None:
         raise ConfigError(f"{key}: cannot read {path}: {e.strerror}") from None
 
 
-def _load_server(section: Section, base: str, check_files: bool) -> ServerConfig:
+def _load_server(section: Section, base: str, check_files: bool, has_listeners: bool = False) -> ServerConfig:
     d = ServerConfig()
     server_type = section.get("type", d.type, as_string).lower()
-    if server_type == "quic":
-        raise ConfigError("server.type: 'quic' is not supported by this version yet; use 'tls'")
     if server_type not in SERVER_TYPES:
         raise ConfigError(f"server.type: {server_type!r} is not one of {', '.join(SERVER_TYPES)}")
     proto = section.get("proto", d.proto, as_string)
@@ -253,7 +279,7 @@ def _load_server(section: Section, base: str, check_files: bool) -> ServerConfig
         raise ConfigError(f"server.proto: {proto!r} must be 1 to 255 bytes long")
     crt = section.get("crt", "", path_in(base))
     key = section.get("key", "", path_in(base))
-    if check_files:
+    if check_files and not has_listeners:
         require_readable("server.crt", crt)
         require_readable("server.key", key)
     config = ServerConfig(
@@ -267,9 +293,39 @@ def _load_server(section: Section, base: str, check_files: bool) -> ServerConfig
         handshake_timeout=section.get("handshake_timeout", d.handshake_timeout, as_seconds),
         connect_timeout=section.get("connect_timeout", d.connect_timeout, as_seconds),
         idle_timeout=section.get("idle_timeout", d.idle_timeout, as_non_negative_seconds),
+        quic_packet_size=section.get("quic_packet_size", d.quic_packet_size, as_packet_size),
     )
     section.finish()
     return config
+
+
+def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bool, warnings: list[str]) -> tuple[ListenerConfig, ...]:
+    """``listeners:``, each ``{type, listen, crt, key, proto}`` with what it
+    leaves out taken from ``server:``; without it, the ``server:`` block."""
+    if value is None:
+        return (ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto),)
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {value!r}")
+    listeners = []
+    for i, item in enumerate(value):
+        section = Section(f"listeners[{i}]", item, warnings)
+        listener_type = section.get("type", server.type, choice(SERVER_TYPES))
+        proto = section.get("proto", server.proto, as_string)
+        if not proto or len(proto.encode("utf-8")) > 255:
+            raise ConfigError(f"{section.key('proto')}: {proto!r} must be 1 to 255 bytes long")
+        crt = section.get("crt", server.crt, path_in(base))
+        key = section.get("key", server.key, path_in(base))
+        if check_files:
+            require_readable(section.key("crt"), crt)
+            require_readable(section.key("key"), key)
+        listen = section.get("listen", server.listen, lambda k, v: parse_listen(v, k))
+        section.finish()
+        listener = ListenerConfig(listener_type, listen, crt, key, proto)
+        for other in listeners:
+            if (other.type, other.listen) == (listener.type, listener.listen):
+                raise ConfigError(f"{section.key('listen')}: {listen} is already a {listener_type} listener")
+        listeners.append(listener)
+    return tuple(listeners)
 
 
 def _load_log(section: Section) -> LogConfig:
@@ -324,11 +380,15 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     warnings: list[str] = []
     top = Section("", data, warnings)
-    server = _load_server(Section("server", top.get("server", {}, lambda k, v: v), warnings), base, check_files)
+    listeners_data = top.get("listeners", None, lambda k, v: v)
+    server = _load_server(
+        Section("server", top.get("server", {}, lambda k, v: v), warnings), base, check_files, listeners_data is not None
+    )
+    listeners = _load_listeners(listeners_data, server, base, check_files, warnings)
     log = _load_log(Section("log", top.get("log", {}, lambda k, v: v), warnings))
     db = _load_db(Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
     top.finish()
-    return Config(server=server, log=log, db=db, path=path, warnings=tuple(warnings))
+    return Config(server=server, log=log, db=db, listeners=listeners, path=path, warnings=tuple(warnings))
 
 
 def read_yaml(path: str) -> Any:

@@ -10,28 +10,28 @@ from twisted.python import usage
 
 from mtop.config import Config, ConfigError, load_config
 from mtop.logs import logger, set_level
-from mtop.tls import TLSConfigError, server_context
+from mtop.listeners import listener_services, prepare_listeners
+from mtop.tls import TLSConfigError
 
 DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
 
 
 class Options(usage.Options):
     synopsis = "[--config FILE]"
-    longdesc = "Serve MTop protocol v1 over TLS 1.3, with users from a database."
+    longdesc = "Serve MTop protocol v1 over TLS 1.3 and/or QUIC, with users from a database."
     optParameters = [
         ["config", "c", os.environ.get("MTOP_CONFIG", DEFAULT_CONFIG), "Path of mtop.yaml."],
     ]
 
     config_data: Config
-    context: Any
+    listeners: list
 
     def postOptions(self) -> None:
         path = self["config"]
         try:
             self.config_data = load_config(path)
             _check_driver(self.config_data)
-            server = self.config_data.server
-            self.context = server_context(server.crt, server.key, server.proto, server.tls_min_version)
+            self.listeners = prepare_listeners(self.config_data)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{path}: {e}") from None
 
@@ -89,10 +89,8 @@ def makeService(options: Options) -> MultiService:
 
     from mtop.auth import Authenticator
     from mtop.dialer import Dialer
-    from mtop.listen import ListenerService, server_endpoint
     from mtop.server import ServerSettings, TunnelFactory
     from mtop.sessions import UserSessions
-    from mtop.tlstransport import server_tls_factory
 
     config = options.config_data
     set_level(config.log.level)
@@ -135,7 +133,6 @@ def makeService(options: Options) -> MultiService:
         ),
         sessions,
     )
-    context = options.context
-    tls_factory = server_tls_factory(factory, lambda: context)
-    ListenerService(server_endpoint(reactor, server.listen), tls_factory, "MTop TLS").setServiceParent(root)
+    for service in listener_services(options.listeners, factory, reactor, server.handshake_timeout):
+        service.setServiceParent(root)
     return root

@@ -1,6 +1,8 @@
 """Small peers shared by the loopback test modules (importable because
 pytest puts this directory on sys.path)."""
 
+import socket
+
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
@@ -38,3 +40,14 @@ def run_sql(settings, text, params=()):
         return rows
     finally:
         db.close()
+
+
+def send_half_close_read(port: int, data: bytes, timeout: float = 10) -> bytes:
+    """Blocking client: send, shut the write side, read to EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(data)
+        s.shutdown(socket.SHUT_WR)
+        chunks = []
+        while chunk := s.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -104,11 +104,16 @@ def test_host_without_port_defaults_to_443():
     assert config.servers[0].port == 443
 
 
-def test_quic_servers_are_skipped_with_a_warning():
-    config = load(ORIGINAL.replace("type: tls\n    username: test111\n    password: \"123456\"\n    ca", "type: quic\n    username: test111\n    password: \"123456\"\n    ca", 1)
+def test_quic_servers_are_used_with_a_stream_cap():
+    config = load(ORIGINAL.replace("type: tls\n    username: test111\n    password: \"123456\"\n    ca", "type: quic\n    max_streams: 7\n    username: test111\n    password: \"123456\"\n    ca", 1)
                   .replace("enabled: false", "enabled: true"))
-    assert [s.host for s in config.usable_servers] == ["backup.example.com"]
-    assert any("quic" in w for w in config.warnings)
+    assert [(s.type, s.max_streams) for s in config.usable_servers] == [("quic", 7), ("tls", 100)]
+    assert not any("quic" in w for w in config.warnings)
+
+
+def test_max_streams_must_be_a_count():
+    with pytest.raises(ConfigError, match=r"servers\[0\]\.max_streams: 0 is not a number of streams"):
+        load("socks5: {}\nservers: [{host: 'a:1', username: u, password: p, type: quic, max_streams: 0}]")
 
 
 def test_open_listener_without_auth_warns():
@@ -119,7 +124,7 @@ def test_open_listener_without_auth_warns():
 @pytest.mark.parametrize(
     "text,message",
     [
-        ("socks5: {}\nservers: []", "no enabled TLS server"),
+        ("socks5: {}\nservers: []", "no enabled server"),
         ("servers: [{host: 'a:1', username: u, password: p}]", "nothing to listen on"),
         ("socks5: {}\nservers: [{host: 'a:1', password: p}]", "servers[0].username"),
         ("socks5: {}\nservers: [{username: u, password: p}]", "servers[0]: a server needs host"),

@@ -9,7 +9,7 @@ from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.threads import deferToThread
 
-from helpers import EchoAfterEOF
+from helpers import EchoAfterEOF, send_half_close_read
 
 from climber import http_codec as http
 from climber import socks5_codec as codec
@@ -46,17 +46,6 @@ def echo_target():
     port = reactor.listenTCP(0, Factory.forProtocol(EchoAfterEOF), interface="127.0.0.1")
     yield port.getHost().port
     port.stopListening()
-
-
-def send_half_close_read(port, data):
-    """Blocking client: send, shut the write side, read to EOF."""
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(data)
-        s.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := s.recv(65536):
-            chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.fixture

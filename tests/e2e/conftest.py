@@ -115,6 +115,8 @@ class TwistdProcess:
 
     plugin = ""
     kind = "twistd"
+    #: twistd options before the plugin name (``("-r", "asyncio")`` for QUIC).
+    twistd_options: tuple[str, ...] = ()
 
     def __init__(self, name: str, config: Path, cwd: Path):
         self.name = name
@@ -134,7 +136,8 @@ class TwistdProcess:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", self.plugin, "--config", str(self.config)],
+            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", *self.twistd_options, self.plugin,
+             "--config", str(self.config)],
             cwd=self.cwd,
             env=subprocess_env(),
             stdin=subprocess.DEVNULL,

@@ -1,0 +1,290 @@
+"""The QUIC listener of the server (``server.type: quic``).
+
+`QuicServerProtocol` is a Twisted `DatagramProtocol` on one UDP port.  It
+routes datagrams to connections by destination connection ID, accepts new
+connections from Initial packets, answers unknown versions with Version
+Negotiation, and gives every bidirectional stream a client opens to a
+protocol from the tunnel factory (the same `TunnelProtocol` as for TLS):
+one stream, one tunnel, starting with one auth message.
+
+ALPN is required and must be ``server.proto``; a client offering another
+fails the handshake (``no_application_protocol``).  A connection must finish
+its handshake within the handshake timeout; it is closed after
+``idle_timeout`` without packets.  Session tickets are issued and accepted
+(single use, kept in memory), so clients resume; early data (0-RTT) is not
+accepted for tunnels, whose first bytes are a replayable login.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections import OrderedDict
+from typing import Any
+
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
+from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
+from aioquic.tls import SessionTicket
+from twisted.application.service import Service
+from twisted.internet.address import IPv4Address, IPv6Address
+from twisted.internet.protocol import DatagramProtocol
+
+from mtop.logs import logger
+from mtop.quic.connection import (
+    MAX_DATAGRAM_SIZE,
+    FlowControlledConnection,
+    QuicDriver,
+    size_socket_buffers,
+    tuned_configuration,
+)
+from mtop.quic.stream import QuicStreamTransport
+
+#: Session tickets kept for resumption (each is used once).
+MAX_TICKETS = 10000
+#: A connection (not a tunnel) with no packets for this long is closed when
+#: tunnels never idle out (``idle_timeout: 0``).
+LONGEST_IDLE = 3600.0
+
+
+class QuicConfigError(ValueError):
+    """A certificate or key that cannot be loaded; the message names the file."""
+
+
+def server_configuration(
+    crt: str, key: str, proto: str, idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE
+) -> Any:
+    """The aioquic server configuration for ``server.crt``/``key``/``proto``."""
+    configuration = tuned_configuration(
+        is_client=False,
+        max_datagram_size=packet_size,
+        alpn_protocols=[proto],
+        idle_timeout=idle_timeout if idle_timeout > 0 else LONGEST_IDLE,
+    )
+    try:
+        configuration.load_cert_chain(crt, key)
+    except (OSError, ValueError) as e:
+        raise QuicConfigError(f"server.crt/server.key: cannot load {crt} and {key} for QUIC: {e}") from None
+    return configuration
+
+
+def twisted_address(address: Any) -> Any:
+    """A Twisted UDP address object for a socket address tuple."""
+    host, port = address[0], address[1]
+    if host.startswith("::ffff:") and "." in host:
+        host = host[len("::ffff:") :]
+    try:
+        version = ipaddress.ip_address(host.split("%", 1)[0]).version
+    except ValueError:
+        version = 4
+    return (IPv6Address if version == 6 else IPv4Address)("UDP", host, port)
+
+
+class TicketStore:
+    """Session tickets issued to clients, each usable once, oldest dropped
+    first past `MAX_TICKETS`."""
+
+    def __init__(self, limit: int = MAX_TICKETS):
+        self.limit = limit
+        self._tickets: OrderedDict[bytes, SessionTicket] = OrderedDict()
+
+    def add(self, ticket: SessionTicket) -> None:
+        # Never offer early data: a tunnel's first bytes are its login.
+        ticket.max_early_data_size = None
+        self._tickets[ticket.ticket] = ticket
+        while len(self._tickets) > self.limit:
+            self._tickets.popitem(last=False)
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        return self._tickets.pop(label, None)
+
+
+class _ServerConnection(QuicDriver):
+    """One client's connection to the server."""
+
+    def __init__(self, listener: "QuicServerProtocol", quic: FlowControlledConnection, address: Any):
+        super().__init__(listener.reactor, quic, listener.send, twisted_address(address))
+        self.listener = listener
+        self.host = listener.host
+        self._deadline = self.reactor.callLater(listener.handshake_timeout, self._handshake_expired)
+
+    def _handshake_expired(self) -> None:
+        self._deadline = None
+        if not self.handshake_complete:
+            self.close(reason="handshake timeout")
+
+    def handshake_completed(self, event: Any) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self._log.debug(
+            "QUIC connection from {client} ready (ALPN {alpn}, resumed {resumed})",
+            client=self.peer, alpn=event.alpn_protocol, resumed=event.session_resumed,
+        )
+
+    def accept_stream(self, stream_id: int) -> QuicStreamTransport | None:
+        # Only client-initiated bidirectional streams carry tunnels.
+        if stream_id & 3 != 0 or not self.handshake_complete or self.listener.stopping:
+            return None
+        protocol = self.listener.factory.buildProtocol(self.peer)
+        if protocol is None:
+            return None
+        stream = QuicStreamTransport(self, stream_id, protocol)
+        stream.start()
+        return stream
+
+    def connection_id_issued(self, cid: bytes) -> None:
+        self.listener.connections[cid] = self
+
+    def connection_id_retired(self, cid: bytes) -> None:
+        if self.listener.connections.get(cid) is self:
+            del self.listener.connections[cid]
+
+    def connection_terminated(self, reason: str) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+        self.listener.forget(self)
+        if self.handshake_complete:
+            self._log.debug("QUIC connection from {client} ended: {reason}", client=self.peer, reason=reason)
+        else:
+            self._log.info(
+                "QUIC handshake from {client} failed: {reason}", client=self.peer, reason=reason, tunnel_outcome="quic-handshake-failed"
+            )
+
+
+class QuicServerProtocol(DatagramProtocol):
+    """Serves MTop over QUIC on one UDP port, with streams handed to
+    ``factory``'s protocols."""
+
+    _log = logger()
+    noisy = False
+    stopping = False
+
+    def __init__(self, reactor: Any, factory: Any, configuration: Any, handshake_timeout: float):
+        self.reactor = reactor
+        self.factory = factory
+        self.configuration = configuration
+        self.handshake_timeout = handshake_timeout
+        self.connections: dict[bytes, _ServerConnection] = {}
+        self.tickets = TicketStore()
+        self.host: Any = None
+
+    def startProtocol(self) -> None:
+        size_socket_buffers(self.transport)
+        self.host = self.transport.getHost()
+
+    def send(self, data: bytes, address: Any) -> None:
+        # Straight to the socket: Twisted's UDP write re-validates the
+        # address on every datagram.
+        self.transport.socket.sendto(data, address)
+
+    def datagramReceived(self, data: bytes, address: Any) -> None:
+        try:
+            header = pull_quic_header(Buffer(data=data), host_cid_length=self.configuration.connection_id_length)
+        except ValueError:
+            return
+        supported = self.configuration.supported_versions
+        if header.version is not None and header.version not in supported:
+            # Never answer a Version Negotiation packet (reflection loops).
+            if header.packet_type != QuicPacketType.VERSION_NEGOTIATION:
+                self._send_quietly(
+                    encode_quic_version_negotiation(
+                        source_cid=header.destination_cid,
+                        destination_cid=header.source_cid,
+                        supported_versions=supported,
+                    ),
+                    address,
+                )
+            return
+        connection = self.connections.get(header.destination_cid)
+        if connection is None:
+            if (
+                self.stopping
+                or header.packet_type != QuicPacketType.INITIAL
+                or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+            ):
+                return
+            try:
+                quic = FlowControlledConnection(
+                    configuration=self.configuration,
+                    original_destination_connection_id=header.destination_cid,
+                    session_ticket_fetcher=self.tickets.pop,
+                    session_ticket_handler=self.tickets.add,
+                )
+            except Exception as e:
+                self._log.debug("QUIC connection from {client} refused: {error!r}", client=address, error=e)
+                return
+            connection = _ServerConnection(self, quic, address)
+            self.connections[header.destination_cid] = connection
+            self.connections[quic.host_cid] = connection
+        connection.datagram_received(data, address)
+
+    def _send_quietly(self, data: bytes, address: Any) -> None:
+        try:
+            self.transport.write(data, address)
+        except OSError:
+            pass
+
+    def forget(self, connection: _ServerConnection) -> None:
+        for cid in [cid for cid, c in self.connections.items() if c is connection]:
+            del self.connections[cid]
+
+    def close_all(self) -> None:
+        """Close every connection (CONNECTION_CLOSE goes out now) and accept
+        no more; the socket can go right after."""
+        self.stopping = True
+        for connection in set(self.connections.values()):
+            connection.close(reason="server shutting down")
+            connection.abandon("server shutting down")
+
+
+class QuicListenerService(Service):
+    """Listens for QUIC on a UDP address while running; logs the address
+    bound (``label listening on host:port``, as the TLS listener does)."""
+
+    _log = logger()
+
+    def __init__(self, reactor: Any, protocol: QuicServerProtocol, host: str | None, port: int, label: str = "MTop QUIC"):
+        self.reactor = reactor
+        self.protocol = protocol
+        self.interface = host
+        self.port_number = port
+        self.label = label
+        self.port: Any = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        if self.port is None:
+            self._listen()
+        super().startService()
+
+    def _listen(self) -> None:
+        interface = self.interface
+        if interface is None:
+            interface = "::" if _ipv6_available() else "0.0.0.0"
+        try:
+            self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=interface, maxPacketSize=65535)
+        except Exception as e:
+            self._log.critical("{label} cannot listen: {error}", label=self.label, error=e)
+            self.reactor.callLater(0, self.reactor.stop)
+            return
+        host = self.port.getHost()
+        shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+        self._log.info("{label} listening on {address}", label=self.label, address=shown, port=host.port)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self.port is None:
+            return None
+        self.protocol.close_all()
+        port, self.port = self.port, None
+        return port.stopListening()
+
+
+def _ipv6_available() -> bool:
+    from mtop.listen import _ipv6_available as available
+
+    return available()

@@ -1,0 +1,358 @@
+"""End to end over QUIC: ``twistd -r asyncio mtop`` serving TLS and QUIC on
+the same port number, ``twistd -r asyncio climber`` with a ``type: quic``
+server, driven through climber's SOCKS5 proxy with plain sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import (
+    ALICE,
+    STARTUP_TIMEOUT,
+    ClimberProcess,
+    ServerProcess,
+    _processes,
+    run_ctl,
+    subprocess_env,
+)
+from peers import banner_then_read, echo, recv_to_eof
+from test_climber_e2e import (
+    body_chunks,
+    body_digest,
+    peak_rss_kib,
+    recv_exactly,
+    rss_kib,
+    socks5_request,
+)
+
+MiB = 1 << 20
+SIZE = 64 * MiB
+SOCKET_TIMEOUT = 60.0
+QUIC_LISTENING = re.compile(r"MTop QUIC listening on 127\.0\.0\.1:(\d+)")
+TLS_LISTENING = re.compile(r"MTop TLS listening on 127\.0\.0\.1:(\d+)")
+TUNNEL_DONE = re.compile(r"tunnel (\S+): client=127\.0\.0\.1:(\d+) user=alice target=127\.0\.0\.1:(\d+)")
+
+
+class QuicServerProcess(ServerProcess):
+    twistd_options = ("-r", "asyncio")
+    kind = "mtop server (QUIC)"
+
+    def _wait_ready(self) -> None:
+        self.port = int(self.wait_for(QUIC_LISTENING, STARTUP_TIMEOUT, what="the QUIC listening line").group(1))
+        self.tls_port = int(self.wait_for(TLS_LISTENING, STARTUP_TIMEOUT, what="the TLS listening line").group(1))
+
+
+class QuicClimberProcess(ClimberProcess):
+    twistd_options = ("-r", "asyncio")
+    kind = "climber (QUIC)"
+
+
+def free_port_both() -> int:
+    """A port number free on 127.0.0.1 for both TCP and UDP (just released)."""
+    for _ in range(20):
+        with socket.socket() as tcp, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            tcp.bind(("127.0.0.1", 0))
+            port = tcp.getsockname()[1]
+            try:
+                udp.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no port free for both TCP and UDP")
+
+
+def write_server_config(directory: Path, setup, port: int, **server) -> Path:
+    data = {
+        "server": {
+            "listen": f"127.0.0.1:{port}",
+            "crt": str(setup.dir / "certs" / "server.crt"),
+            "key": str(setup.dir / "certs" / "server.key"),
+            "proto": "mtop",
+            "handshake_timeout": 2,
+            "connect_timeout": 5,
+            **server,
+        },
+        "listeners": [{"type": "tls"}, {"type": "quic"}],
+        "log": {"level": "info"},
+        "db": {"driverName": "sqlite", "dsn": str(setup.dir / "mtop.db")},
+    }
+    path = directory / "mtop.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def start(process):
+    _processes.append(process)
+    try:
+        process.start()
+    except BaseException:
+        stop(process)
+        raise
+    return process
+
+
+def stop(process) -> None:
+    process.stop()
+    if process in _processes:
+        _processes.remove(process)
+
+
+def start_server(setup, directory: Path, **server) -> QuicServerProcess:
+    return start(QuicServerProcess("quic", write_server_config(directory, setup, free_port_both(), **server), directory))
+
+
+def start_climber(setup, directory: Path, server_port: int, top: dict | None = None, **entry) -> QuicClimberProcess:
+    data = {
+        **(top or {}),
+        "log": {"level": "info"},
+        "socks5": {"listen": "127.0.0.1:0"},
+        "servers": [
+            {
+                "host": f"127.0.0.1:{server_port}",
+                "type": "quic",
+                "username": ALICE.name,
+                "password": ALICE.password,
+                "ca": str(setup.ca),
+                **entry,
+            }
+        ],
+    }
+    directory.mkdir(exist_ok=True)
+    config = directory / "climber.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False))
+    return start(QuicClimberProcess("quic", config, directory))
+
+
+@pytest.fixture(scope="module")
+def quic_server(e2e_setup, tmp_path_factory):
+    process = start_server(e2e_setup, tmp_path_factory.mktemp("quic-server"))
+    yield process
+    stop(process)
+
+
+@pytest.fixture(scope="module")
+def quic_climber(quic_server, e2e_setup, tmp_path_factory):
+    process = start_climber(e2e_setup, tmp_path_factory.mktemp("quic-climber"), quic_server.port)
+    yield process
+    stop(process)
+
+
+def assert_no_traceback(*processes) -> None:
+    for process in processes:
+        log = process.log()
+        assert "Traceback" not in log and "Unhandled" not in log, process.describe()
+
+
+def open_tunnel(climber, target_port: int) -> socket.socket:
+    sock, reply = socks5_request(climber.socks5_port, "127.0.0.1", target_port)
+    assert reply[:2] == b"\x05\x00", reply.hex()
+    sock.settimeout(SOCKET_TIMEOUT)
+    return sock
+
+
+def test_same_port_serves_tls_and_quic(quic_server, e2e_setup):
+    assert quic_server.port == quic_server.tls_port
+    url = f"mtop://{ALICE.name}:{ALICE.password}@127.0.0.1:{quic_server.tls_port}/tls?proto=mtop"
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        result = subprocess.run(
+            [sys.executable, "-m", "mtop.ctl", "check", "--ca", str(e2e_setup.ca),
+             "--target", f"127.0.0.1:{listener.getsockname()[1]}", url],
+            capture_output=True, text=True, timeout=60, env=subprocess_env(),
+        )
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout + result.stderr
+
+
+def digest_upload_then_send(size: int, seed: int):
+    """Target: hash everything up to EOF, then send ``size`` bytes of
+    ``seed`` and close; returns (bytes read, their sha256)."""
+
+    def handler(sock: socket.socket):
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := sock.recv(1 << 18):
+            digest.update(chunk)
+            count += len(chunk)
+        for chunk in body_chunks(size, seed):
+            sock.sendall(chunk)
+        return count, digest.hexdigest()
+
+    return handler
+
+
+def test_64mib_each_way_with_half_close(quic_climber, quic_server, make_target):
+    """64 MiB up, the client's FIN, then 64 MiB down, all intact."""
+    target = make_target(digest_upload_then_send(SIZE, 42))
+    since = quic_server.mark()
+    sock = open_tunnel(quic_climber, target.port)
+    started = time.monotonic()
+    with sock:
+        for chunk in body_chunks(SIZE, 41):
+            sock.sendall(chunk)
+        sock.shutdown(socket.SHUT_WR)
+        up_done = time.monotonic()
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := sock.recv(1 << 18):
+            digest.update(chunk)
+            count += len(chunk)
+    done = time.monotonic()
+    assert target.result() == (SIZE, body_digest(SIZE, 41))
+    assert (count, digest.hexdigest()) == (SIZE, body_digest(SIZE, 42))
+    print(f"QUIC: up {SIZE / MiB / (up_done - started):.1f} MiB/s, down {SIZE / MiB / (done - up_done):.1f} MiB/s")
+    quic_server.wait_for(r"tunnel done: .* up=67108864 ", 10, since=since, what="the tunnel's done line")
+    assert_no_traceback(quic_server, quic_climber)
+
+
+def test_target_half_close(quic_climber, make_target):
+    """The target speaks first and shuts its side: the client sees EOF, and
+    can still send."""
+    target = make_target(banner_then_read)
+    with open_tunnel(quic_climber, target.port) as sock:
+        assert recv_to_eof(sock) == b"banner"
+        sock.sendall(b"after the banner")
+        sock.shutdown(socket.SHUT_WR)
+    assert target.result() == b"after the banner"
+
+
+def test_100_concurrent_tunnels_on_one_connection(quic_climber, quic_server, make_target):
+    target = make_target(echo)
+    target.listener.listen(128)
+    since = quic_server.mark()
+    count = 100
+    outcomes: dict[int, object] = {}
+    barrier = threading.Barrier(count, timeout=SOCKET_TIMEOUT)
+
+    def one(i: int) -> None:
+        try:
+            with open_tunnel(quic_climber, target.port) as sock:
+                barrier.wait()  # all 100 tunnels open at the same time
+                payload = bytes([i]) * (1000 + i)
+                sock.sendall(payload)
+                sock.shutdown(socket.SHUT_WR)
+                outcomes[i] = recv_to_eof(sock) == payload
+        except BaseException as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=one, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(SOCKET_TIMEOUT * 2)
+    failed = {i: v for i, v in outcomes.items() if v is not True}
+    assert len(outcomes) == count and not failed, f"failed: {failed}" + quic_climber.describe()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        done = [m for m in TUNNEL_DONE.finditer(quic_server.log(since)) if int(m.group(3)) == target.port]
+        if len(done) >= count:
+            break
+        time.sleep(0.2)
+    assert len(done) == count, quic_server.describe(since)
+    assert {m.group(1) for m in done} == {"done"}
+    # One QUIC connection (one client UDP port) carried them all.
+    assert len({m.group(2) for m in done}) == 1, quic_server.describe(since)
+
+
+def sender_of(size: int):
+    def handler(sock: socket.socket):
+        sent = 0
+        for chunk in body_chunks(size, 5):
+            sock.sendall(chunk)
+            sent += len(chunk)
+        return sent
+
+    return handler
+
+
+#: What a process may grow by while 64 MiB wait for a slow reader.
+MEMORY_SLACK_KIB = 24 * 1024
+
+
+def test_slow_reader_keeps_memory_bounded(quic_climber, quic_server, make_target):
+    """The client does not read for two seconds while the target sends
+    64 MiB: neither process may buffer it."""
+    target = make_target(sender_of(SIZE))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(SOCKET_TIMEOUT)
+    with sock:
+        sock.connect(("127.0.0.1", quic_climber.socks5_port))
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        server_before, climber_before = rss_kib(quic_server.proc.pid), rss_kib(quic_climber.proc.pid)
+        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + target.port.to_bytes(2, "big"))
+        assert recv_exactly(sock, 10)[:2] == b"\x05\x00"
+        climber_peak = peak_rss_kib(quic_climber.proc.pid, 1.0)
+        server_peak = peak_rss_kib(quic_server.proc.pid, 1.0)
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := sock.recv(1 << 18):
+            digest.update(chunk)
+            count += len(chunk)
+    assert (count, digest.hexdigest()) == (SIZE, body_digest(SIZE, 5))
+    print(f"RSS growth while not reading: server {(server_peak - server_before) >> 10} MiB, climber {(climber_peak - climber_before) >> 10} MiB")
+    assert server_peak - server_before < MEMORY_SLACK_KIB, quic_server.describe()
+    assert climber_peak - climber_before < MEMORY_SLACK_KIB, quic_climber.describe()
+
+
+def test_wrong_alpn_is_refused(quic_server, e2e_setup, tmp_path):
+    since = quic_server.mark()
+    climber = start_climber(e2e_setup, tmp_path / "climber", quic_server.port, proto="not-mtop")
+    try:
+        sock, reply = socks5_request(climber.socks5_port, "127.0.0.1", 9)
+        sock.close()
+        assert reply[1] == 0x03, reply.hex()  # network unreachable: no server reachable
+        climber.wait_for(r"ALPN", 10, what="the handshake failure")
+        quic_server.wait_for(r"QUIC handshake from .* failed: .*ALPN", 10, since=since, what="the refusal")
+        assert_no_traceback(climber)
+    finally:
+        stop(climber)
+
+
+@pytest.mark.parametrize("how", ["stopped", "killed"])
+def test_connection_loss_mid_transfer_closes_tunnels(e2e_setup, tmp_path, make_target, how):
+    """The server goes away mid-download: the client's connection ends
+    (quickly when the server says so; after the idle timeout when it just
+    vanishes), climber logs no traceback and opens a new connection for the
+    next tunnel once a server is back."""
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = start_server(e2e_setup, server_dir)
+    # A vanished server is noticed by the idle timeout (QUIC has no FIN).
+    idle = 4
+    climber = start_climber(e2e_setup, tmp_path / "climber", server.port, top={"idle_timeout": idle})
+    try:
+        target = make_target(sender_of(SIZE))
+        sock = open_tunnel(climber, target.port)
+        with sock:
+            assert len(recv_exactly(sock, MiB)) == MiB
+            started = time.monotonic()
+            if how == "stopped":
+                server.stop()
+            else:
+                server.proc.kill()
+                server.proc.wait(10)
+            sock.settimeout(idle + 30)
+            try:
+                while sock.recv(1 << 18):
+                    pass
+            except ConnectionResetError:
+                pass
+            elapsed = time.monotonic() - started
+        assert elapsed < (5 if how == "stopped" else idle + 10), elapsed
+        climber.wait_for(r"socks5 tunnel (target-closed|idle-timeout)", 10, what="the tunnel's end")
+        assert_no_traceback(climber)
+    finally:
+        stop(climber)
+        stop(server)

@@ -1,0 +1,81 @@
+"""QUIC in the configs and taps: ``listeners:``, ``server.type: quic``,
+climber's ``type: quic`` servers, and the reactor check."""
+
+import pytest
+import yaml
+from twisted.python import usage
+
+from climber.tap import Options as ClimberOptions
+from mtop.certs import init_certs
+from mtop.config import ConfigError, ListenAddress, ListenerConfig, load_config_data
+from mtop.tap import Options as ServerOptions
+
+SERVER = {"listen": ":8443", "crt": "server.crt", "key": "server.key", "proto": "mtop"}
+
+
+def load(data, tmp_path, check_files=False):
+    return load_config_data(data, str(tmp_path / "mtop.yaml"), check_files=check_files)
+
+
+def test_the_server_block_is_the_one_listener(tmp_path):
+    config = load({"server": {**SERVER, "type": "quic"}}, tmp_path)
+    assert config.listeners == (
+        ListenerConfig("quic", ListenAddress(None, 8443), str(tmp_path / "server.crt"), str(tmp_path / "server.key"), "mtop"),
+    )
+
+
+def test_listeners_inherit_from_the_server_block(tmp_path):
+    config = load(
+        {"server": SERVER, "listeners": [{"type": "tls"}, {"type": "quic", "proto": "h3-mtop", "listen": "127.0.0.1:9443"}]},
+        tmp_path,
+    )
+    tls, quic = config.listeners
+    assert (tls.type, tls.listen, tls.proto) == ("tls", ListenAddress(None, 8443), "mtop")
+    assert (quic.type, quic.listen, quic.proto, quic.crt) == ("quic", ListenAddress("127.0.0.1", 9443), "h3-mtop", tls.crt)
+
+
+@pytest.mark.parametrize(
+    "listeners,message",
+    [
+        ([{"type": "udp"}], "listeners[0].type: 'udp' is not one of tls, quic"),
+        ([{"type": "tls"}, {"type": "tls"}], "listeners[1].listen: :8443 is already a tls listener"),
+        ("quic", "listeners: expected a list"),
+        ([], "listeners: expected a list"),
+    ],
+)
+def test_listener_errors_name_the_key(tmp_path, listeners, message):
+    with pytest.raises(ConfigError) as info:
+        load({"server": SERVER, "listeners": listeners}, tmp_path)
+    assert message in str(info.value)
+
+
+def test_quic_packet_size(tmp_path):
+    assert load({"server": SERVER}, tmp_path).server.quic_packet_size == 1350
+    assert load({"server": {**SERVER, "quic_packet_size": 9000}}, tmp_path).server.quic_packet_size == 9000
+    with pytest.raises(ConfigError, match=r"server.quic_packet_size: 1000 is not a UDP payload size from 1200"):
+        load({"server": {**SERVER, "quic_packet_size": 1000}}, tmp_path)
+
+
+def test_server_tap_asks_for_the_asyncio_reactor(tmp_path):
+    init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    path = tmp_path / "mtop.yaml"
+    path.write_text(yaml.safe_dump({"server": {**SERVER, "type": "quic"}, "db": {"dsn": "mtop.db"}}))
+    with pytest.raises(usage.UsageError) as info:
+        ServerOptions().parseOptions(["--config", str(path)])
+    assert f"run: twistd -r asyncio mtop --config {path}" in str(info.value)
+
+
+def test_server_tap_without_quic_needs_no_asyncio(tmp_path):
+    init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    path = tmp_path / "mtop.yaml"
+    path.write_text(yaml.safe_dump({"server": SERVER, "db": {"dsn": "mtop.db"}}))
+    options = ServerOptions()
+    options.parseOptions(["--config", str(path)])
+    assert [item.config.type for item in options.listeners] == ["tls"]
+
+
+def test_climber_tap_asks_for_the_asyncio_reactor():
+    with pytest.raises(usage.UsageError) as info:
+        ClimberOptions().parseOptions(["--server", "mtop://u:p@127.0.0.1:4433/quic?proto=mtop", "--insecure"])
+    assert "QUIC runs on Twisted's asyncio reactor" in str(info.value)
+    assert "twistd -r asyncio climber" in str(info.value)

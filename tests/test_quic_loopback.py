@@ -1,0 +1,278 @@
+"""MTop over QUIC in this process: the adapter's server listener with the
+server's own `TunnelFactory`, and climber's QUIC connector, on 127.0.0.1
+(real QUIC via aioquic, real SQLite).  The adapter is sans-IO on a Twisted
+UDP port, so these run on the test reactor."""
+
+import hashlib
+import socket
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThread
+
+from helpers import EchoAfterEOF, send_half_close_read
+
+from climber.config import ServerEntry
+from climber.forward import ForwardConnection
+from climber.frontend import Climber, LocalFactory
+from climber.pool import ServerPool
+from climber.tunnel import TunnelError, TunnelOpener
+from mtop.quic.server import QuicServerProtocol, server_configuration
+
+
+def sleep(seconds):
+    d = Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    return d
+
+
+async def eventually(predicate, seconds=5.0):
+    """Wait until ``predicate()`` is true (or the time is up)."""
+    for _ in range(int(seconds / 0.05)):
+        if predicate():
+            return True
+        await sleep(0.05)
+    return predicate()
+
+
+@pytest.fixture
+def quic_server(server):
+    """The in-process server's tunnel factory also served over QUIC on a
+    UDP port; yields (factory, UDP port number, certificate paths, protocol)."""
+    factory, _, paths = server
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), 5)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    yield factory, port.getHost().port, paths, protocol
+    protocol.close_all()
+    port.stopListening()
+
+
+def quic_entry(port, paths, **kw):
+    values = dict(host="127.0.0.1", port=port, username="alice", password="pw", ca=paths.ca_crt, type="quic")
+    values.update(kw)
+    return ServerEntry(**values)
+
+
+@pytest.fixture
+def echo_target():
+    port = reactor.listenTCP(0, Factory.forProtocol(EchoAfterEOF), interface="127.0.0.1")
+    yield port.getHost().port
+    port.stopListening()
+
+
+class Forward:
+    """A climber port forward to ``target`` through a QUIC server."""
+
+    def __init__(self, entry, target_port):
+        pool = ServerPool((entry,), "failover", reactor)
+        self.opener = TunnelOpener(reactor, pool, 30)
+        self.climber = Climber(self.opener, reactor, idle_timeout=30, handshake_timeout=5)
+        self.listening = reactor.listenTCP(
+            0, LocalFactory(ForwardConnection, self.climber, timeout=5, host="127.0.0.1", port=target_port),
+            interface="127.0.0.1",
+        )
+        self.port = self.listening.getHost().port
+
+    @property
+    def connections(self):
+        return self.opener.connectors[id(self.opener.pool.servers[0])].pool.connections
+
+    def close(self):
+        self.climber.close_all()
+        self.opener.close()
+        return self.listening.stopListening()
+
+
+@pytest.fixture
+def make_forward():
+    made = []
+
+    def make(entry, target_port):
+        forward = Forward(entry, target_port)
+        made.append(forward)
+        return forward
+
+    yield make
+    for forward in made:
+        forward.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tunnel_over_quic_with_half_close(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    answer = await deferToThread(send_half_close_read, forward.port, b"hello over quic")
+    assert answer == b"got:hello over quic"
+
+
+@pytest_twisted.ensureDeferred
+async def test_many_tunnels_share_one_connection_up_to_the_cap(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths, max_streams=4), echo_target)
+    first = await deferToThread(send_half_close_read, forward.port, b"one")
+    assert first == b"got:one"
+    assert len(forward.connections) == 1
+
+    # Ten at once: at most four streams per connection.  (Blocking clients
+    # in threads: leave threads for the server's name resolution.)
+    reactor.suggestThreadPoolSize(30)
+    results = await _gather([deferToThread(send_half_close_read, forward.port, b"n%d" % i) for i in range(10)])
+    assert sorted(results) == sorted(b"got:n%d" % i for i in range(10))
+    assert 3 <= len(forward.connections) <= 4
+
+
+@pytest_twisted.ensureDeferred
+async def test_megabytes_both_ways(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    data = hashlib.sha256(b"seed").digest() * (8 << 15)  # 8 MiB
+    answer = await deferToThread(send_half_close_read, forward.port, data, 60)
+    assert len(answer) == len(data) + 4 and answer[4:] == data
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_alpn_is_refused(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths, proto="not-mtop"), echo_target)
+    d = forward.opener.open("127.0.0.1", echo_target, 5)
+    with pytest.raises(TunnelError) as info:
+        await d
+    assert info.value.kind == "unreachable"
+    assert "ALPN" in info.value.reason or "application protocol" in info.value.reason.lower()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wrong_password_closes_the_stream_only(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths, password="nope"), echo_target)
+    with pytest.raises(TunnelError) as info:
+        await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert info.value.kind == "refused"
+    assert len(forward.connections) == 1  # the connection stays for other tunnels
+
+
+async def _gather(deferreds):
+    from twisted.internet.defer import gatherResults
+
+    return await gatherResults(deferreds, consumeErrors=True)
+
+
+def collect_tunnel(tunnel):
+    """Attach to an open tunnel; returns (received chunks, a Deferred fired
+    when it is lost)."""
+    received, lost = [], Deferred()
+    tunnel.attach(received.append, lambda: None, lambda: lost.callback(None))
+    return received, lost
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stream_reset_closes_that_tunnel_only(quic_server, echo_target, make_forward):
+    factory, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    first = await forward.opener.open("127.0.0.1", echo_target, 5)
+    second = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert first.transport.driver is second.transport.driver  # one connection
+    _, first_lost = collect_tunnel(first)
+    received, second_lost = collect_tunnel(second)
+    await sleep(0.2)
+    assert len(factory.tunnels) == 2
+
+    first.transport.abortConnection()  # RESET_STREAM + STOP_SENDING
+    await first_lost
+    assert await eventually(lambda: len(factory.tunnels) == 1)
+
+    second.transport.write(b"still here")
+    second.transport.loseWriteConnection()
+    await second_lost
+    assert b"".join(received) == b"got:still here"
+
+
+@pytest_twisted.ensureDeferred
+async def test_new_connections_resume_the_session(quic_server, echo_target, make_forward):
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    first = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert first.resumed is False
+    first.transport.abortConnection()
+    await sleep(0.2)  # the session ticket arrives after the handshake
+    connector = forward.opener.connectors[id(forward.opener.pool.servers[0])]
+    assert connector.pool.ticket is not None and connector.pool.ticket.max_early_data_size is None
+    connector.close()
+    second = await forward.opener.open("127.0.0.1", echo_target, 5)
+    assert second.resumed is True
+    second.transport.abortConnection()
+
+
+@pytest_twisted.ensureDeferred
+async def test_server_shutdown_closes_tunnels(quic_server, echo_target, make_forward):
+    factory, port, paths, protocol = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    tunnel = await forward.opener.open("127.0.0.1", echo_target, 5)
+    _, lost = collect_tunnel(tunnel)
+    protocol.close_all()  # CONNECTION_CLOSE to the client
+    await lost
+    assert await eventually(lambda: not factory.tunnels)
+    assert not forward.connections
+
+
+@pytest.fixture
+def log_failures():
+    """Log events carrying a failure (tracebacks) while the test runs."""
+    from twisted.logger import globalLogPublisher
+
+    failures = []
+
+    def observe(event):
+        if "log_failure" in event:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(observe)
+    yield failures
+    globalLogPublisher.removeObserver(observe)
+
+
+@pytest_twisted.ensureDeferred
+async def test_junk_datagrams_are_dropped_quietly(quic_server, echo_target, make_forward, log_failures):
+    import os
+
+    _, port, paths, protocol = quic_server
+    junk = [b"", b"\x00", os.urandom(40), b"\xc0\x00\x00\x00\x01" + os.urandom(1300), b"\xc3\xff\x00\x00\x1d" + os.urandom(1300)]
+    junk += [bytes([0xC0]) + b"\x00\x00\x00\x01\x08" + os.urandom(8) + b"\x08" + os.urandom(8) + os.urandom(1200) for _ in range(20)]
+    junk += [b"\x40" + os.urandom(100) for _ in range(20)]
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        for datagram in junk:
+            s.sendto(datagram, ("127.0.0.1", port))
+    await sleep(0.3)
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    answer = await deferToThread(send_half_close_read, forward.port, b"after junk")
+    assert answer == b"got:after junk"
+    assert not log_failures
+
+
+@pytest_twisted.ensureDeferred
+async def test_handshake_deadline(server, log_failures):
+    """A client that starts a handshake and goes silent is dropped after
+    the handshake timeout."""
+    from aioquic.quic.configuration import QuicConfiguration
+    from aioquic.quic.connection import QuicConnection
+
+    factory, _, paths = server
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), 0.5)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    try:
+        address = ("127.0.0.1", port.getHost().port)
+        client = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=["mtop"]))
+        client.connect(address, now=0.0)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for datagram, _ in client.datagrams_to_send(now=0.0):
+                s.sendto(datagram, address)
+            await sleep(0.2)
+            assert len(set(protocol.connections.values())) == 1
+            assert await eventually(lambda: not protocol.connections)
+        assert not log_failures
+    finally:
+        protocol.close_all()
+        await port.stopListening()
