@@ -100,12 +100,29 @@ def make_forward():
         forward.close()
 
 
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
 @pytest_twisted.ensureDeferred
-async def test_tunnel_over_quic_with_half_close(quic_server, echo_target, make_forward):
+async def test_tunnel_over_quic_with_half_close(quic_server, echo_target, make_forward, host):
     _, port, paths, _ = quic_server
-    forward = make_forward(quic_entry(port, paths), echo_target)
+    forward = make_forward(quic_entry(port, paths, host=host), echo_target)
     answer = await deferToThread(send_half_close_read, forward.port, b"hello over quic")
     assert answer == b"got:hello over quic"
+
+
+async def open_error(quic_server, echo_target, make_forward, **entry):
+    """The `TunnelError` of opening a tunnel through a server entry with
+    ``entry`` changed; returns it and the forward."""
+    _, port, paths, _ = quic_server
+    forward = make_forward(quic_entry(port, paths, **entry), echo_target)
+    with pytest.raises(TunnelError) as info:
+        await forward.opener.open("127.0.0.1", echo_target, 5)
+    return info.value, forward
+
+
+@pytest_twisted.ensureDeferred
+async def test_unresolvable_server_is_unreachable(quic_server, echo_target, make_forward):
+    error, _ = await open_error(quic_server, echo_target, make_forward, host="no-such-host.invalid")
+    assert error.kind == "unreachable" and "cannot resolve no-such-host.invalid" in error.reason
 
 
 @pytest_twisted.ensureDeferred
@@ -135,22 +152,14 @@ async def test_megabytes_both_ways(quic_server, echo_target, make_forward):
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_alpn_is_refused(quic_server, echo_target, make_forward):
-    _, port, paths, _ = quic_server
-    forward = make_forward(quic_entry(port, paths, proto="not-mtop"), echo_target)
-    d = forward.opener.open("127.0.0.1", echo_target, 5)
-    with pytest.raises(TunnelError) as info:
-        await d
-    assert info.value.kind == "unreachable"
-    assert "ALPN" in info.value.reason or "application protocol" in info.value.reason.lower()
+    error, _ = await open_error(quic_server, echo_target, make_forward, proto="not-mtop")
+    assert error.kind == "unreachable" and "ALPN" in error.reason
 
 
 @pytest_twisted.ensureDeferred
 async def test_wrong_password_closes_the_stream_only(quic_server, echo_target, make_forward):
-    _, port, paths, _ = quic_server
-    forward = make_forward(quic_entry(port, paths, password="nope"), echo_target)
-    with pytest.raises(TunnelError) as info:
-        await forward.opener.open("127.0.0.1", echo_target, 5)
-    assert info.value.kind == "refused"
+    error, forward = await open_error(quic_server, echo_target, make_forward, password="nope")
+    assert error.kind == "refused"
     assert len(forward.connections) == 1  # the connection stays for other tunnels
 
 
@@ -191,8 +200,18 @@ async def test_a_stream_reset_closes_that_tunnel_only(quic_server, echo_target, 
 
 
 @pytest_twisted.ensureDeferred
-async def test_new_connections_resume_the_session(quic_server, echo_target, make_forward):
+async def test_new_connections_resume_the_session(quic_server, echo_target, make_forward, monkeypatch):
+    from mtop.quic.client import QuicClientPool
+
     _, port, paths, _ = quic_server
+    early_data_offered = []
+    keep_ticket = QuicClientPool._keep_ticket
+
+    def spy(pool, ticket):
+        early_data_offered.append(ticket.max_early_data_size)
+        keep_ticket(pool, ticket)
+
+    monkeypatch.setattr(QuicClientPool, "_keep_ticket", spy)
     forward = make_forward(quic_entry(port, paths), echo_target)
     first = await forward.opener.open("127.0.0.1", echo_target, 5)
     assert first.resumed is False
@@ -204,6 +223,7 @@ async def test_new_connections_resume_the_session(quic_server, echo_target, make
     second = await forward.opener.open("127.0.0.1", echo_target, 5)
     assert second.resumed is True
     second.transport.abortConnection()
+    assert early_data_offered and set(early_data_offered) == {None}  # no 0-RTT
 
 
 @pytest_twisted.ensureDeferred

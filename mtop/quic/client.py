@@ -121,12 +121,17 @@ class QuicClientConnection(QuicDriver):
             ipaddress.ip_address(host)
         except ValueError:
             d = deferToThread(socket.getaddrinfo, host, port, 0, socket.SOCK_DGRAM)
-            d.addCallbacks(lambda infos: self._connect(infos[0][4][0], port), self._resolve_failed, errbackArgs=(host,))
+            d.addCallbacks(self._resolved, self._resolve_failed, callbackArgs=(port,), errbackArgs=(host,))
             return
         self._connect(host, port)
 
+    def _resolved(self, infos: list, port: int) -> None:
+        # IPv4 first, as Go's net.ResolveUDPAddr (the original client) does.
+        infos = sorted(infos, key=lambda info: info[0] != socket.AF_INET)
+        self._connect(infos[0][4][0], port)
+
     def _resolve_failed(self, failure: Failure, host: str) -> None:
-        self._fail(f"cannot resolve {host}")
+        self.shut(f"cannot resolve {host}")
 
     def _connect(self, ip: str, port: int) -> None:
         if self.terminated:
@@ -135,7 +140,7 @@ class QuicClientConnection(QuicDriver):
         try:
             self._udp_port = self.reactor.listenUDP(0, _ClientUDP(self), interface=family_any, maxPacketSize=65535)
         except Exception as e:
-            self._fail(f"cannot open a UDP socket: {e}")
+            self.shut(f"cannot open a UDP socket: {e}")
             return
         size_socket_buffers(self._udp_port)
         self.peer = twisted_address((ip, port))
@@ -149,14 +154,17 @@ class QuicClientConnection(QuicDriver):
     def _handshake_expired(self) -> None:
         self._deadline = None
         if not self.handshake_complete:
-            self._fail("no QUIC handshake within the timeout")
+            self.shut("no QUIC handshake within the timeout")
 
-    def _fail(self, reason: str) -> None:
+    def shut(self, reason: str) -> None:
+        """Close (CONNECTION_CLOSE if it got as far as sending) and leave
+        the pool."""
         if self.terminated:
             return
         if self._udp_port is not None and not self.quic._close_pending:
             self.close(reason=reason)
         self._end(reason)
+
 
     def when_ready(self) -> Deferred:
         """Fires with this connection once the handshake is done, or fails
@@ -196,8 +204,7 @@ class QuicClientConnection(QuicDriver):
         self._linger = None
         if self.reserved <= 0:
             self._log.debug("QUIC connection to {server} unused; closing", server=self.peer)
-            self.close(reason="unused")
-            self._end("unused")
+            self.shut("unused")
 
     def _cancel_linger(self) -> None:
         if self._linger is not None and self._linger.active():
@@ -316,5 +323,4 @@ class QuicClientPool:
 
     def close_all(self) -> None:
         for connection in list(self.connections):
-            connection.close(reason="client shutting down")
-            connection._end("client shutting down")
+            connection.shut("client shutting down")

@@ -29,6 +29,7 @@ import errno
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
@@ -96,6 +97,22 @@ class FlowControlledConnection(QuicConnection):
         super().__init__(**kwargs)
         self.stream_window = stream_window
         self.consumed: dict[int, int] = {}
+
+    # No 0-RTT: a tunnel's first bytes are a login, and early data can be
+    # replayed.  Servers issue tickets without the early-data permission and
+    # decline early data a client offers anyway (the client then sends it
+    # again as ordinary 1-RTT data).
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        if not self._is_client:
+            self.tls._max_early_data = None
+
+    def _update_traffic_key(self, direction: Any, epoch: Any, cipher_suite: Any, secret: bytes) -> None:
+        if epoch == tls.Epoch.ZERO_RTT and not self._is_client:
+            self.tls.early_data_accepted = False
+            return
+        super()._update_traffic_key(direction, epoch, cipher_suite, secret)
 
     def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
         # Overrides aioquic's private hook (aioquic 1.x); the frame is built

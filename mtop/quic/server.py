@@ -11,8 +11,9 @@ ALPN is required and must be ``server.proto``; a client offering another
 fails the handshake (``no_application_protocol``).  A connection must finish
 its handshake within the handshake timeout; it is closed after
 ``idle_timeout`` without packets.  Session tickets are issued and accepted
-(single use, kept in memory), so clients resume; early data (0-RTT) is not
-accepted for tunnels, whose first bytes are a replayable login.
+(single use, kept in memory), so clients resume; early data (0-RTT) is
+neither offered in tickets nor accepted (see `FlowControlledConnection`):
+a tunnel's first bytes are a replayable login.
 """
 
 from __future__ import annotations
@@ -88,8 +89,6 @@ class TicketStore:
         self._tickets: OrderedDict[bytes, SessionTicket] = OrderedDict()
 
     def add(self, ticket: SessionTicket) -> None:
-        # Never offer early data: a tunnel's first bytes are its login.
-        ticket.max_early_data_size = None
         self._tickets[ticket.ticket] = ticket
         while len(self._tickets) > self.limit:
             self._tickets.popitem(last=False)
