@@ -44,6 +44,7 @@ from mtop.config import (
     read_yaml,
     require_readable,
 )
+from mtop.redact import shown
 from mtop.urls import DEFAULT_PROTO, URLError, parse_url
 
 STRATEGIES = ("random", "round_robin", "failover", "fastest")
@@ -257,7 +258,7 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
 def _stream_count(key: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 10000:
         return value
-    raise ConfigError(f"{key}: {value!r} is not a number of streams from 1 to 10000")
+    raise ConfigError(f"{key}: {shown(value)} is not a number of streams from 1 to 10000")
 
 
 def _forward(section: Section, default_timeout: float) -> Forward:

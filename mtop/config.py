@@ -19,9 +19,15 @@ from typing import Any, Callable
 
 import yaml
 
+from mtop.redact import redact, shown
+
 
 class ConfigError(ValueError):
-    """A configuration that cannot be used; the message is one sentence."""
+    """A configuration that cannot be used; the message is one sentence
+    (with any password in it masked: it is printed and logged)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)
@@ -85,7 +91,8 @@ class DBConfig:
     ``dsn`` is an absolute path for SQLite."""
 
     driverName: str = "sqlite"
-    dsn: str = "mtop.db"
+    #: Not in repr: a PostgreSQL or MySQL DSN may hold the password.
+    dsn: str = field(default="mtop.db", repr=False)
     cache_ttl: float = 5.0
     query_timeout: float = 5.0
     recheck_interval: float = 5.0
@@ -142,7 +149,7 @@ def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
     elif isinstance(value, str):
         text = value.strip()
     else:
-        raise ConfigError(f"{key}: {value!r} is not an address; use ':443', 'host:port' or '[v6]:port'")
+        raise ConfigError(f"{key}: {shown(value)} is not an address; use ':443', 'host:port' or '[v6]:port'")
     if text.startswith("["):
         host, sep, port_text = text[1:].partition("]:")
         if not sep or not host:
@@ -153,7 +160,7 @@ def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
             raise ConfigError(f"{key}: {value!r} has no port; use ':443', 'host:port' or '[v6]:port'")
         if ":" in host:
             raise ConfigError(f"{key}: {value!r} is ambiguous; write IPv6 addresses as '[v6]:port'")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 <= int(port_text) <= 65535:
         raise ConfigError(f"{key}: port {port_text!r} in {value!r} is not a number from 0 to 65535")
     return ListenAddress(host or None, int(port_text))
 
@@ -166,7 +173,7 @@ class Section:
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"{name}: expected a mapping of keys, got {type(data).__name__} {data!r}")
+            raise ConfigError(f"{name}: expected a mapping of keys, got {type(data).__name__} {shown(data)}")
         self.name = name
         self.data = data
         self.used: set[str] = set()
@@ -188,33 +195,52 @@ class Section:
 
 
 def as_string(key: str, value: Any) -> str:
+    if isinstance(value, str) and not _encodable(value):
+        raise ConfigError(f"{key}: the text holds a lone surrogate ({shown(value[:40])}), which is not Unicode text")
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
-    raise ConfigError(f"{key}: {value!r} is not a string")
+    if key.rpartition(".")[2] in _SECRET_KEYS:
+        raise ConfigError(f"{key}: a {type(value).__name__} is not a string")
+    raise ConfigError(f"{key}: {shown(value)} is not a string")
+
+
+#: Keys whose values are never echoed in errors.
+_SECRET_KEYS = frozenset({"password", "dsn"})
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # "\ud800" in a double-quoted YAML string
+        return False
+    return True
 
 
 def as_bool(key: str, value: Any) -> bool:
     if isinstance(value, bool):
         return value
-    raise ConfigError(f"{key}: {value!r} is not a boolean; use true or false")
+    raise ConfigError(f"{key}: {shown(value)} is not a boolean; use true or false")
 
 
 def as_packet_size(key: str, value: Any) -> int:
     """A QUIC UDP payload size: 1200 (QUIC's minimum) to 65527 bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and 1200 <= value <= 65527:
         return value
-    raise ConfigError(f"{key}: {value!r} is not a UDP payload size from 1200 to 65527 bytes")
+    raise ConfigError(f"{key}: {shown(value)} is not a UDP payload size from 1200 to 65527 bytes")
 
 
 def as_seconds(key: str, value: Any) -> float:
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        try:
+            seconds = float(value)
+        except OverflowError:  # an int beyond float range
+            seconds = float("inf")
     elif isinstance(value, str):
         seconds = _duration(key, value)
     else:
-        raise ConfigError(f"{key}: {value!r} is not a duration; use seconds (10) or '10s', '500ms', '5m'")
+        raise ConfigError(f"{key}: {shown(value)} is not a duration; use seconds (10) or '10s', '500ms', '5m'")
     if not 0 < seconds < 10**7:
-        raise ConfigError(f"{key}: {value!r} must be a positive duration")
+        raise ConfigError(f"{key}: {shown(value)} must be a positive duration")
     return seconds
 
 
@@ -305,7 +331,7 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     if value is None:
         return (ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto),)
     if not isinstance(value, list) or not value:
-        raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {value!r}")
+        raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {shown(value)}")
     listeners = []
     for i, item in enumerate(value):
         section = Section(f"listeners[{i}]", item, warnings)
@@ -405,6 +431,11 @@ def read_yaml(path: str) -> Any:
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e)
         raise ConfigError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    except Exception as e:
+        # PyYAML's constructors raise plain ValueError, KeyError, ... for
+        # values like 2001-02-30 or !!int x, and RecursionError for deep
+        # nesting; their messages may quote the value, so they are not shown.
+        raise ConfigError(f"config file {path} is not valid YAML: a value cannot be read ({type(e).__name__})") from None
 
 
 def load_config(path: str, check_files: bool = True) -> Config:
