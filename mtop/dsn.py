@@ -17,9 +17,15 @@ import re
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
+from mtop.redact import redact
+
 
 class DSNError(ValueError):
-    """A connection string that cannot be used."""
+    """A connection string that cannot be used.  The message never holds
+    the password (it is masked here too, in case a caller quotes the DSN)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 _GO_DSN = re.compile(
@@ -119,8 +125,9 @@ def _hostport(addr: str) -> tuple[str, int]:
         host, sep, port = addr.rpartition(":")
         if not sep:
             host, port = addr, ""
-    if port and not port.isdigit():
-        raise DSNError(f"MySQL DSN port {port!r} is not a number")
+    # isascii: '²'.isdigit() is true but int('²') fails.
+    if port and not (port.isascii() and port.isdigit() and 0 < int(port) <= 0xFFFF):
+        raise DSNError(f"MySQL DSN port {port!r} is not a number from 1 to 65535")
     return host or "127.0.0.1", int(port) if port else 3306
 
 
@@ -134,8 +141,34 @@ def check_postgres_dsn(dsn: str) -> str:
         parse_dsn(dsn)
     except Exception as e:  # psycopg2.ProgrammingError
         message = str(e).strip().splitlines()[0] if str(e).strip() else "cannot be parsed"
-        raise DSNError(f"PostgreSQL DSN is not valid: {message}") from None
+        raise DSNError(f"PostgreSQL DSN is not valid: {_mask_quoted_secrets(dsn, message)}") from None
     return dsn
+
+
+_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)@")
+_QUOTED = re.compile(r'"([^"]*)"')
+
+
+def _mask_quoted_secrets(dsn: str, message: str) -> str:
+    """libpq's message with the fragments it quotes from ``dsn`` masked when
+    they may be part of a password: it says, e.g., ``invalid percent-encoded
+    token: "p%zz"`` of a URI's password, or ``missing "=" after "def"`` of
+    ``password=abc def``."""
+    secret = []
+    at = dsn.lower().find("password")
+    if at >= 0:
+        secret.append(dsn[at:])
+    match = _URI_USERINFO.match(dsn.strip())
+    if match:
+        secret.append(match.group(1))
+
+    def mask(quoted: re.Match) -> str:
+        text = quoted.group(1)
+        if len(text) > 1 and any(text in part or part in text for part in secret if part):
+            return '"***"'
+        return quoted.group(0)
+
+    return _QUOTED.sub(mask, message)
 
 
 def describe_dsn(driver: str, dsn: str) -> str:
