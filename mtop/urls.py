@@ -38,8 +38,24 @@ class ServerLink:
         )
 
 
+def _check_credentials(username: str, password: str) -> None:
+    """The MTop auth message carries a 1-255 byte username and a 0-255 byte
+    password, UTF-8; a link whose user cannot log in is refused up front
+    rather than failing every tunnel later.  Messages never show them."""
+    try:
+        user_bytes, password_bytes = len(username.encode("utf-8")), len(password.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise URLError("the link's user or password is not valid Unicode text") from None
+    if not 0 < user_bytes <= 255:
+        raise URLError(f"the link's user name is {user_bytes} bytes long; MTop carries 1 to 255")
+    if password_bytes > 255:
+        raise URLError(f"the link's password is {password_bytes} bytes long; MTop carries at most 255")
+
+
 def make_url(link: ServerLink) -> str:
-    """The share link for ``link``."""
+    """The share link for ``link``; raises `URLError` for values a link (or
+    the MTop auth message) cannot carry."""
+    _check_credentials(link.username, link.password)
     if link.type not in TRANSPORTS:
         raise URLError(f"transport {link.type!r} is not one of {', '.join(TRANSPORTS)}")
     if not 0 < link.port <= 0xFFFF:
@@ -57,7 +73,10 @@ def parse_url(url: str) -> ServerLink:
         parts = urlsplit(url.strip())
         port = parts.port
     except ValueError as e:
-        raise URLError(f"not a valid mtop:// link: {e}") from None
+        # urlsplit's messages quote the netloc or the would-be port, which
+        # hold (part of) the password when it is not percent-encoded.
+        why = "bad IPv6 host" if "IPv6" in str(e) else "bad port or characters"
+        raise URLError(f"not a valid mtop:// link ({why}; percent-encode '/?#@:' in user and password)") from None
     if parts.scheme != "mtop":
         raise URLError("link must start with mtop://")
     if not parts.hostname:
@@ -73,9 +92,11 @@ def parse_url(url: str) -> ServerLink:
         raise URLError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
     query = parse_qs(parts.query, keep_blank_values=True)
     proto = query.get("proto", [DEFAULT_PROTO])[-1] or DEFAULT_PROTO
+    username, password = unquote(parts.username), unquote(parts.password)
+    _check_credentials(username, password)
     return ServerLink(
-        username=unquote(parts.username),
-        password=unquote(parts.password),
+        username=username,
+        password=password,
         host=parts.hostname,
         port=port,
         type=transport,
