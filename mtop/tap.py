@@ -8,6 +8,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
+from mtop import fileperms
 from mtop.config import Config, ConfigError, load_config
 from mtop.logs import logger, set_level
 from mtop.listeners import listener_services, prepare_listeners
@@ -65,6 +66,10 @@ class _StartupNotes(Service):
             self._log.warn("config {path}: {warning}", path=self.config.path, warning=warning)
         if self.config.log.format == "json":
             self._log.warn("config {path}: log.format json is not implemented yet; logging text", path=self.config.path)
+        # Private keys and password-holding configs others can read
+        # (climber's config comes through here too).
+        for warning in fileperms.startup_warnings(self.config):
+            self._log.warn("{warning}", warning=warning)
 
 
 def user_store(config: Config, reactor: Any) -> Service:
