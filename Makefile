@@ -8,8 +8,12 @@ DEMO_PORT ?= 8443
 DEMO_SOCKS ?= 1080
 DEMO_HTTP ?= 8080
 DEMO_WEB ?= 8000
+# make fuzz: minutes in all, and the share of them spent in the atheris
+# harness (when atheris installs; the hypothesis properties otherwise).
+FUZZ_MINUTES ?= 10
+FUZZ_ATHERIS ?= 0.3
 
-.PHONY: run test venv clean
+.PHONY: run test fuzz venv clean
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +30,13 @@ venv: $(VENV)/.installed
 test: venv
 	@bash tests/services.sh
 	$(PY) -m pytest -q -ra
+
+# The long fuzz run of every parser (tests/fuzz/run.py); not part of make test,
+# which runs the same properties with few examples.
+fuzz: venv
+	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris \
+		|| echo "atheris did not install: hypothesis properties only"
+	$(PY) tests/fuzz/run.py --minutes $(FUZZ_MINUTES) --atheris $(FUZZ_ATHERIS)
 
 run: venv
 	@mkdir -p $(STATE)
