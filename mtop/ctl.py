@@ -17,6 +17,7 @@ from mtop import passwords, wire
 from mtop.config import ConfigError, load_config, parse_listen
 from mtop.database import DatabaseError, DBSettings, SyncDatabase, connect
 from mtop.dsn import describe_dsn
+from mtop.redact import redact
 from mtop.urls import ServerLink, URLError, make_url, parse_url
 
 DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
@@ -493,7 +494,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:  # a DB-API error from one of the drivers
         if type(e).__module__.split(".")[0] not in ("sqlite3", "psycopg2", "pymysql"):
             raise
-        print(f"mtopctl: error: database: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}", file=sys.stderr)
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"mtopctl: error: database: {redact(message)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -38,11 +38,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 from urllib.parse import quote
 
 from mtop.dsn import DSNError, parse_mysql_dsn
+from mtop.redact import redact
 
 DRIVERS = ("sqlite", "postgres", "mysql")
 
@@ -124,7 +125,11 @@ COLUMNS_SQL = {
 
 
 class DatabaseError(Exception):
-    """A database operation that could not be done; the message is a sentence."""
+    """A database operation that could not be done; the message is a sentence
+    (driver messages quote DSN fragments: passwords in it are masked)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(message))
 
 
 @dataclass(frozen=True)
@@ -133,7 +138,8 @@ class DBSettings:
     SQLite, a libpq DSN for PostgreSQL, a Go or URL DSN for MySQL."""
 
     driver: str
-    dsn: str
+    #: Not in repr: it may hold the database password.
+    dsn: str = field(repr=False)
 
 
 def to_format(sql: str) -> str:

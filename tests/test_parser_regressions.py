@@ -151,3 +151,12 @@ def test_config_repr_hides_the_dsn():
     config = load_config_data({"db": {"driverName": "psql", "dsn": "postgres://u:Repr-pw-4@h/db"}}, check_files=False)
     assert "Repr-pw-4" not in repr(config)
     assert config.db.dsn == "postgres://u:Repr-pw-4@h/db"
+
+
+def test_database_errors_and_settings_hide_the_dsn_password():
+    from mtop.database import DatabaseError, DBSettings
+
+    error = DatabaseError("cannot connect to PostgreSQL: bad URI \"postgres://u:Db-pw-6@h/db\"")
+    assert "Db-pw-6" not in str(error)
+    settings = DBSettings("postgres", "postgres://u:Db-pw-7@h/db")
+    assert "Db-pw-7" not in repr(settings) and settings.dsn.endswith("@h/db")
