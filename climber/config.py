@@ -222,7 +222,7 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
                 )
             )
     else:
-        if "host" not in section.data:
+        if section.data.get("host") is None:  # absent, or "host:" with no value
             raise ConfigError(f"{section.name}: a server needs host (with username and password) or url")
         host, port = section.get("host", None, lambda k, v: parse_hostport(k, v, 443))
         username = section.get("username", "", as_string)
@@ -262,7 +262,7 @@ def _stream_count(key: str, value: Any) -> int:
 
 
 def _forward(section: Section, default_timeout: float) -> Forward:
-    if "listen" not in section.data or "target" not in section.data:
+    if section.data.get("listen") is None or section.data.get("target") is None:
         raise ConfigError(f"{section.name}: a forward needs listen and target, e.g. listen: '127.0.0.1:2222', target: 'host:22'")
     listen = section.get("listen", None, _local_listen)
     host, port = section.get("target", None, lambda k, v: parse_hostport(k, v, None))

@@ -145,7 +145,8 @@ def check_postgres_dsn(dsn: str) -> str:
     return dsn
 
 
-_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://([^/?#]*)@")
+# Up to the last @: a password may hold an unencoded '/', '?' or '#'.
+_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://(.*)@", re.S)
 _QUOTED = re.compile(r'"([^"]*)"')
 
 

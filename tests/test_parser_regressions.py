@@ -160,3 +160,23 @@ def test_database_errors_and_settings_hide_the_dsn_password():
     assert "Db-pw-6" not in str(error)
     settings = DBSettings("postgres", "postgres://u:Db-pw-7@h/db")
     assert "Db-pw-7" not in repr(settings) and settings.dsn.endswith("@h/db")
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        {"socks5": {}, "servers": [{"host": None}]},  # TypeError: cannot unpack None
+        {"socks5": {}, "servers": [{"host": "h:1", "username": "u", "password": "p"}], "forward": [{"listen": None, "target": "h:1"}]},
+        {"socks5": {}, "servers": [{"host": "h:1", "username": "u", "password": "p"}], "forward": [{"listen": "127.0.0.1:0", "target": None}]},
+    ],
+)
+def test_climber_keys_without_values_are_config_errors(document):
+    with pytest.raises(ConfigError):
+        load_climber_data(document)
+
+
+def test_postgres_uri_password_with_an_unencoded_slash_is_not_quoted():
+    # libpq: invalid percent-encoded token: "%:Zq0000000000"
+    with pytest.raises(DSNError) as error:
+        check_postgres_dsn("postgres://::%:Pw-slash-8/@127.0.0.1/mtop?sslmode=disable")
+    assert "Pw-slash-8" not in str(error.value)
