@@ -202,8 +202,12 @@ def _date(text: str) -> str | None:
     if when.tzinfo is not None:
         from datetime import timezone
 
-        when = when.astimezone(timezone.utc).replace(tzinfo=None)
-    return f"{when:%Y-%m-%d %H:%M:%S}"
+        try:
+            when = when.astimezone(timezone.utc).replace(tzinfo=None)
+        except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
+            raise argparse.ArgumentTypeError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
+    # Not strftime: glibc's %Y writes year 1 as "1", not "0001".
+    return when.isoformat(sep=" ", timespec="seconds")
 
 
 def _require_policy(db: SyncDatabase, columns: list[str]) -> None:

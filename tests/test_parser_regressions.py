@@ -180,3 +180,28 @@ def test_postgres_uri_password_with_an_unencoded_slash_is_not_quoted():
     with pytest.raises(DSNError) as error:
         check_postgres_dsn("postgres://::%:Pw-slash-8/@127.0.0.1/mtop?sslmode=disable")
     assert "Pw-slash-8" not in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("0001-10-01", "0001-10-01 00:00:00"),  # strftime's %Y gave '1-10-01 00:00:00'
+        ("2027-01-31T12:00Z", "2027-01-31 12:00:00"),
+        ("2027-01-31 12:00:00.5", "2027-01-31 12:00:00"),
+    ],
+)
+def test_mtopctl_dates_are_always_sql_timestamps(text, expected):
+    from mtop.ctl import _date
+
+    assert _date(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0001-01-01T00:00+01:00", "9999-12-31T23:59-01:00"])
+def test_mtopctl_dates_outside_the_utc_range_are_argument_errors(text):
+    import argparse
+
+    from mtop.ctl import _date
+
+    # OverflowError from astimezone before.
+    with pytest.raises(argparse.ArgumentTypeError, match="years 1 to 9999"):
+        _date(text)

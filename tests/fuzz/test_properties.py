@@ -668,3 +668,72 @@ def test_parse_listen_any_value(value):
 def test_redact_masks_url_passwords_anywhere_in_a_sentence(scheme, user, secret, rest, before, after):
     text = f"{before} {scheme}://{user}:{secret}@{rest} {after}"
     assert secret not in redact(text) or secret in before + after
+
+
+# ---------------------------------------------------------------------------
+# Command lines: mtopctl's argument types, climber's options
+
+
+_dates = st.one_of(
+    texts,
+    st.datetimes().map(lambda d: d.isoformat()),
+    st.builds(lambda d, z: d.isoformat(timespec="minutes") + z, st.datetimes(), st.sampled_from(["Z", "+01:00", "-01:00", "+23:59", "-23:59"])),
+)
+_sizes = st.one_of(texts, st.builds(lambda n, u: f"{n}{u}", st.one_of(st.integers(-5, 2**70), st.floats()),
+                                    st.sampled_from(["", "K", "M", "G", "T", "KiB", "mb", "B", "x"])))
+
+
+@FUZZ
+@given(_dates, _sizes)
+def test_mtopctl_argument_types_any_text(date, size):
+    import argparse
+
+    from mtop import ctl
+
+    try:
+        shown = ctl._date(date)
+    except argparse.ArgumentTypeError:
+        pass
+    else:
+        assert shown is None or re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", shown)
+    for convert in (ctl._size, ctl._count):
+        try:
+            value = convert(size)
+        except argparse.ArgumentTypeError:
+            continue
+        assert value is None or 0 <= value < 2**63
+    try:
+        assert 0 < ctl._port(size) <= 65535
+    except argparse.ArgumentTypeError:
+        pass
+
+
+_climber_args = st.lists(
+    st.one_of(
+        st.tuples(st.just("--server"), st.one_of(_link_texts, _links.map(make_url))),
+        st.tuples(st.sampled_from(["--socks5", "--http"]), st.one_of(st.sampled_from(["127.0.0.1:0", ":0", "[::1]:0"]), tricky_text)),
+        st.tuples(st.just("--forward"), st.one_of(st.just("127.0.0.1:0=example.com:22"), tricky_text)),
+        st.tuples(st.just("--strategy"), st.one_of(st.sampled_from(["failover", "fastest"]), tricky_text)),
+        st.tuples(st.just("--insecure")),
+    ),
+    min_size=1,
+    max_size=5,
+)
+
+
+@FUZZ
+@given(_climber_args)
+def test_climber_command_line_any_options(groups):
+    from twisted.python import usage
+
+    from climber.tap import Options
+
+    argv = [arg for group in groups for arg in group]
+    if "--server" not in argv:
+        argv += ["--server", "mtop://u:p@127.0.0.1:1/tls"]
+    options = Options()
+    try:
+        options.parseOptions(argv)
+    except usage.UsageError:
+        return
+    assert options.config_data.usable_servers
