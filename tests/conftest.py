@@ -9,12 +9,16 @@ from twisted.internet.threads import deferToThreadPool
 from mtop import passwords
 from mtop.auth import Authenticator
 from mtop.certs import init_certs
+from mtop.acl import DestinationACL, parse_network
 from mtop.dialer import Dialer
 from mtop.database import BASE_TABLE as SQLITE_SCHEMA
 from mtop.server import ServerSettings, TunnelFactory
 from mtop.tls import server_context
 from mtop.tlstransport import server_tls_factory
 from mtop.userstore.sqlite import SQLiteUserStore
+
+#: Tests reach their own peers on loopback, which the default ACL refuses.
+LOOPBACK_ACL = DestinationACL(allow=(parse_network("127.0.0.0/8"), parse_network("::1/128")))
 
 VECTORS_PATH = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "mtop-v1.json"
 
@@ -45,7 +49,7 @@ def server(tmp_path):
     auth = Authenticator(
         store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
     )
-    factory = TunnelFactory(auth, Dialer(reactor, 5), reactor, ServerSettings(handshake_timeout=5))
+    factory = TunnelFactory(auth, Dialer(reactor, 5, LOOPBACK_ACL), reactor, ServerSettings(handshake_timeout=5))
     ctx = server_context(paths.server_crt, paths.server_key, "mtop")
     port = reactor.listenTCP(0, server_tls_factory(factory, lambda: ctx), interface="127.0.0.1")
     yield factory, port.getHost().port, paths
