@@ -82,11 +82,11 @@ def listener_services(prepared: list[PreparedListener], factory: Any, reactor: A
         else:
             context = item.security
             tls_factory = server_tls_factory(factory, lambda context=context: context)
-            label = "MTop TLS"
+            note = ""
             if listener.proxy_protocol:
                 from mtop.proxyproto import ProxyHeaderFactory
 
                 tls_factory = ProxyHeaderFactory(tls_factory, reactor, handshake_timeout, factory.counters)
-                label = "MTop TLS (PROXY protocol)"
-            services.append(ListenerService(server_endpoint(reactor, listener.listen), tls_factory, label))
+                note = " (PROXY protocol header required)"
+            services.append(ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS", note))
     return services

@@ -59,6 +59,9 @@ MAX_EARLY_DATA = 1 << 20
 #: How long a refused client may keep sending after our error reply.
 LINGER_SECONDS = 2.0
 
+#: Refusals by limits and bans are logged at most this often.
+REFUSAL_WARNING_INTERVAL = 60.0
+
 
 @dataclass(frozen=True)
 class ServerSettings:
@@ -461,6 +464,8 @@ class TunnelFactory(Factory):
         self.limits = limits if limits is not None else ConnectionLimits(counters=self.counters)
         self.throttle = throttle if throttle is not None else AuthThrottle(clock, counters=self.counters)
         self.tunnels: set[TunnelProtocol] = set()
+        self._refused: dict[str, int] = {}
+        self._refusal_warned = float("-inf")
 
     def buildProtocol(self, addr: Any) -> TunnelProtocol | None:
         """A protocol for a new connection (TLS or QUIC stream) from
@@ -484,4 +489,16 @@ class TunnelFactory(Factory):
                 return None
         self.counters.inc(f"refused.{refusal}")
         self._log.debug("connection from {client} refused: {why}", client=key, why=refusal)
+        self._note_refusal(refusal)
         return refusal
+
+    def _note_refusal(self, refusal: str) -> None:
+        """A warning for the first refusal, then at most one a minute with
+        what was refused since: visible under attack, never a flood."""
+        self._refused[refusal] = self._refused.get(refusal, 0) + 1
+        now = self.clock.seconds()
+        if now - self._refusal_warned >= REFUSAL_WARNING_INTERVAL:
+            counts = ", ".join(f"{count} {why}" for why, count in sorted(self._refused.items()))
+            self._log.warn("connections refused before their handshake: {counts}", counts=counts)
+            self._refused.clear()
+            self._refusal_warned = now

@@ -9,16 +9,13 @@ from twisted.internet.threads import deferToThreadPool
 from mtop import passwords
 from mtop.auth import Authenticator
 from mtop.certs import init_certs
-from mtop.acl import DestinationACL, parse_network
+from helpers import LOOPBACK_ACL
 from mtop.dialer import Dialer
 from mtop.database import BASE_TABLE as SQLITE_SCHEMA
 from mtop.server import ServerSettings, TunnelFactory
 from mtop.tls import server_context
 from mtop.tlstransport import server_tls_factory
 from mtop.userstore.sqlite import SQLiteUserStore
-
-#: Tests reach their own peers on loopback, which the default ACL refuses.
-LOOPBACK_ACL = DestinationACL(allow=(parse_network("127.0.0.0/8"), parse_network("::1/128")))
 
 VECTORS_PATH = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "mtop-v1.json"
 

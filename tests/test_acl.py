@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
 
-from conftest import LOOPBACK_ACL
+from helpers import LOOPBACK_ACL
 from mtop.acl import ACLError, DestinationACL, embedded_ipv4, parse_network, parse_port_range
 from mtop.config import ConfigError, load_config_data
 from mtop.dialer import DestinationRefused, Dialer

@@ -15,7 +15,7 @@ from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.internet.threads import deferToThread, deferToThreadPool
 
-from conftest import LOOPBACK_ACL
+from helpers import LOOPBACK_ACL
 from mtop import passwords, wire
 from mtop.auth import Authenticator
 from mtop.certs import init_certs

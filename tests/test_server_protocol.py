@@ -401,3 +401,13 @@ def test_unreachable_fallback_closes(events):
     assert client.disconnecting
     protocol.connectionLost(None)
     assert outcome_events(events)[0]["outcome"] == "fallback-failed"
+
+
+def test_refusals_are_logged_once_a_minute_with_counts(events):
+    protocol, client, clock, dialer, auth, factory = make(limits=LimitSettings(max_per_client=1))
+    for _ in range(5):
+        assert connect(factory) == (None, None)
+    clock.advance(61)
+    assert connect(factory) == (None, None)
+    warnings = [e for e in events if "refused before their handshake" in e.get("log_format", "")]
+    assert [w["counts"] for w in warnings] == ["1 max-per-client", "5 max-per-client"]
