@@ -41,7 +41,7 @@ fuzz: venv
 run: venv
 	@mkdir -p $(STATE)
 	@test -f $(STATE)/server.crt || $(VENV)/bin/mtopctl cert init --host localhost --ip 127.0.0.1 --dir $(STATE) >/dev/null
-	@test -f $(STATE)/mtop.yaml || printf '%s\n' \
+	@printf '%s\n' \
 		'# Demo configuration written by make run.' \
 		'server:' \
 		'  type: tls' \
@@ -54,6 +54,9 @@ run: venv
 		'  - type: quic' \
 		'log:' \
 		'  level: info' \
+		'# The demo page is on loopback, which tunnels may not reach by default.' \
+		'acl:' \
+		'  allow: ["127.0.0.0/8", "::1/128"]' \
 		'db:' \
 		'  driverName: sqlite' \
 		'  dsn: mtop.db' > $(STATE)/mtop.yaml

@@ -19,6 +19,8 @@ from typing import Any, Callable
 
 import yaml
 
+from mtop.acl import ACLError, DestinationACL, parse_network, parse_port_range
+from mtop.limits import LimitSettings, ThrottleSettings
 from mtop.redact import redact, shown
 
 
@@ -65,6 +67,14 @@ class ServerConfig:
     idle_timeout: float = 300.0
     #: Largest UDP payload QUIC listeners send (no path MTU discovery).
     quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
+    #: Failed logins are answered this long after the auth message at the
+    #: earliest (so every reason for failing takes the same time).
+    auth_failure_delay: float = 0.5
+    #: ``(host, port)`` of a web server that non-MTop TLS clients are
+    #: spliced to, or ``None`` (they are closed, as the original does).
+    fallback: tuple[str, int] | None = None
+    #: TLS listeners expect a PROXY protocol header (v1 or v2) first.
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +87,7 @@ class ListenerConfig:
     crt: str
     key: str
     proto: str
+    proxy_protocol: bool = False
 
 
 @dataclass(frozen=True)
@@ -101,10 +112,23 @@ class DBConfig:
 
 
 @dataclass(frozen=True)
+class LimitsConfig:
+    """``limits:``; ``max_tunnels`` ``None`` means derived from the open
+    files limit at start, 0 means no limit."""
+
+    max_tunnels: int | None = None
+    max_handshakes: int = 1024
+    max_per_client: int = 0
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     db: DBConfig = DBConfig()
+    acl: DestinationACL = DestinationACL()
+    limits: LimitsConfig = LimitsConfig()
+    auth_throttle: ThrottleSettings = ThrottleSettings()
     #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
     listeners: tuple[ListenerConfig, ...] = ()
     path: str | None = None
@@ -222,6 +246,45 @@ def as_bool(key: str, value: Any) -> bool:
     raise ConfigError(f"{key}: {shown(value)} is not a boolean; use true or false")
 
 
+def as_count(key: str, value: Any) -> int:
+    """A non-negative whole number (0 usually meaning "no limit")."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
+        return value
+    raise ConfigError(f"{key}: {shown(value)} is not a whole number from 0 (no limit) up")
+
+
+def as_host_port(key: str, value: Any) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` with a host."""
+    address = parse_listen(value, key)
+    if address.host is None or address.port == 0:
+        raise ConfigError(f"{key}: {value!r} needs a host and a port, e.g. '127.0.0.1:8080'")
+    return address.host, address.port
+
+
+def as_networks(key: str, value: Any) -> tuple:
+    if not isinstance(value, list):
+        value = [value]
+    networks = []
+    for item in value:
+        try:
+            networks.append(parse_network(as_string(key, item)))
+        except ACLError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return tuple(networks)
+
+
+def as_port_ranges(key: str, value: Any) -> tuple:
+    if not isinstance(value, list):
+        value = [value]
+    ranges = []
+    for item in value:
+        try:
+            ranges.append(parse_port_range(item))
+        except ACLError as e:
+            raise ConfigError(f"{key}: {e}") from None
+    return tuple(ranges)
+
+
 def as_packet_size(key: str, value: Any) -> int:
     """A QUIC UDP payload size: 1200 (QUIC's minimum) to 65527 bytes."""
     if isinstance(value, int) and not isinstance(value, bool) and 1200 <= value <= 65527:
@@ -320,7 +383,12 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         connect_timeout=section.get("connect_timeout", d.connect_timeout, as_seconds),
         idle_timeout=section.get("idle_timeout", d.idle_timeout, as_non_negative_seconds),
         quic_packet_size=section.get("quic_packet_size", d.quic_packet_size, as_packet_size),
+        auth_failure_delay=section.get("auth_failure_delay", d.auth_failure_delay, as_non_negative_seconds),
+        fallback=section.get("fallback", d.fallback, as_host_port),
+        proxy_protocol=section.get("proxy_protocol", d.proxy_protocol, as_bool),
     )
+    if config.proxy_protocol and config.type == "quic" and not has_listeners:
+        raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")
     section.finish()
     return config
 
@@ -329,7 +397,7 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     """``listeners:``, each ``{type, listen, crt, key, proto}`` with what it
     leaves out taken from ``server:``; without it, the ``server:`` block."""
     if value is None:
-        return (ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto),)
+        return (ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol),)
     if not isinstance(value, list) or not value:
         raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {shown(value)}")
     listeners = []
@@ -345,8 +413,11 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
             require_readable(section.key("crt"), crt)
             require_readable(section.key("key"), key)
         listen = section.get("listen", server.listen, lambda k, v: parse_listen(v, k))
+        proxy_protocol = section.get("proxy_protocol", server.proxy_protocol and listener_type == "tls", as_bool)
+        if proxy_protocol and listener_type == "quic":
+            raise ConfigError(f"{section.key('proxy_protocol')}: the PROXY protocol is for TLS on TCP, not for QUIC")
         section.finish()
-        listener = ListenerConfig(listener_type, listen, crt, key, proto)
+        listener = ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol)
         for other in listeners:
             if (other.type, other.listen) == (listener.type, listener.listen):
                 raise ConfigError(f"{section.key('listen')}: {listen} is already a {listener_type} listener")
@@ -357,6 +428,39 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
 def _load_log(section: Section) -> LogConfig:
     level = section.get("level", "info", choice(tuple(LOG_LEVELS)))
     config = LogConfig(level=LOG_LEVELS[level], format=section.get("format", "text", choice(LOG_FORMATS)))
+    section.finish()
+    return config
+
+
+def _load_acl(section: Section) -> DestinationACL:
+    acl = DestinationACL(
+        allow=section.get("allow", (), as_networks),
+        deny=section.get("deny", (), as_networks),
+        allow_ports=section.get("allow_ports", (), as_port_ranges),
+        deny_ports=section.get("deny_ports", (), as_port_ranges),
+    )
+    section.finish()
+    return acl
+
+
+def _load_limits(section: Section) -> LimitsConfig:
+    d = LimitsConfig()
+    config = LimitsConfig(
+        max_tunnels=section.get("max_tunnels", d.max_tunnels, as_count),
+        max_handshakes=section.get("max_handshakes", d.max_handshakes, as_count),
+        max_per_client=section.get("max_per_client", d.max_per_client, as_count),
+    )
+    section.finish()
+    return config
+
+
+def _load_throttle(section: Section) -> ThrottleSettings:
+    d = ThrottleSettings()
+    config = ThrottleSettings(
+        max_failures=section.get("max_failures", d.max_failures, as_count),
+        window=section.get("window", d.window, as_seconds),
+        ban=section.get("ban", d.ban, as_seconds),
+    )
     section.finish()
     return config
 
@@ -413,8 +517,21 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     listeners = _load_listeners(listeners_data, server, base, check_files, warnings)
     log = _load_log(Section("log", top.get("log", {}, lambda k, v: v), warnings))
     db = _load_db(Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
+    acl = _load_acl(Section("acl", top.get("acl", {}, lambda k, v: v), warnings))
+    limits = _load_limits(Section("limits", top.get("limits", {}, lambda k, v: v), warnings))
+    throttle = _load_throttle(Section("auth_throttle", top.get("auth_throttle", {}, lambda k, v: v), warnings))
     top.finish()
-    return Config(server=server, log=log, db=db, listeners=listeners, path=path, warnings=tuple(warnings))
+    return Config(
+        server=server,
+        log=log,
+        db=db,
+        acl=acl,
+        limits=limits,
+        auth_throttle=throttle,
+        listeners=listeners,
+        path=path,
+        warnings=tuple(warnings),
+    )
 
 
 def read_yaml(path: str) -> Any:

@@ -40,10 +40,11 @@ class ListenerService(Service):
 
     _log = logger()
 
-    def __init__(self, endpoint: Any, factory: Any, label: str):
+    def __init__(self, endpoint: Any, factory: Any, label: str, note: str = ""):
         self.endpoint = endpoint
         self.factory = factory
         self.label = label
+        self.note = note
         self.port: Any = None
         self._listening: Deferred | None = None
 
@@ -61,7 +62,7 @@ class ListenerService(Service):
         self.port = port
         host = port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
-        self._log.info("{label} listening on {address}", label=self.label, address=shown, port=host.port)
+        self._log.info("{label} listening on {address}{note}", label=self.label, address=shown, port=host.port, note=self.note)
 
     def _failed(self, failure: Any) -> None:
         self._log.critical("{label} cannot listen: {error}", label=self.label, error=failure.getErrorMessage())

@@ -52,7 +52,9 @@ def prepare_listeners(config: Config, reactor: Any = None) -> list[PreparedListe
             except QuicConfigError as e:
                 raise ConfigError(str(e)) from None
         else:
-            security = server_context(listener.crt, listener.key, listener.proto, server.tls_min_version)
+            security = server_context(
+                listener.crt, listener.key, listener.proto, server.tls_min_version, fallback=server.fallback is not None
+            )
         prepared.append(PreparedListener(listener, security))
     return prepared
 
@@ -80,5 +82,11 @@ def listener_services(prepared: list[PreparedListener], factory: Any, reactor: A
         else:
             context = item.security
             tls_factory = server_tls_factory(factory, lambda context=context: context)
-            services.append(ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS"))
+            note = ""
+            if listener.proxy_protocol:
+                from mtop.proxyproto import ProxyHeaderFactory
+
+                tls_factory = ProxyHeaderFactory(tls_factory, reactor, handshake_timeout, factory.counters)
+                note = " (PROXY protocol header required)"
+            services.append(ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS", note))
     return services

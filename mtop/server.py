@@ -16,6 +16,16 @@ counted for accounting and can be revoked by it (`TunnelProtocol.revoke`).
 Whatever the client sent after the auth message is kept and written to the
 target once it is connected.  Every connection ends with exactly one outcome
 log event.
+
+Abuse resistance (see `mtop.limits`, `mtop.acl`): the factory refuses a
+connection before its TLS handshake when the client's address is banned
+for failed logins or a connection limit is reached; failed logins are
+answered no sooner than ``auth_failure_delay`` after the auth message
+arrived (a wrong password, an unknown user or a legacy-hash row all take
+that long); targets go through the dialer's destination ACL.  With a
+``fallback`` web server, a client that is not an MTop client (another
+ALPN, bytes that are not an auth message, a failed login) is spliced to
+it with the bytes it sent, so the port looks like an ordinary HTTPS site.
 """
 
 from __future__ import annotations
@@ -25,16 +35,20 @@ from typing import Any
 
 from OpenSSL import SSL
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.task import deferLater
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtop import wire
 from mtop.auth import Authenticator
-from mtop.dialer import Dialer
+from mtop.dialer import DestinationRefused, Dialer
+from mtop.limits import AuthThrottle, ConnectionLimits, client_key, peer_host
 from mtop.logs import logger
 from mtop.relay import Relay, no_delay
+from mtop.stats import Counters
+from mtop.tls import FALLBACK_ALPN
 from mtop.userstore import StoreUnavailable, UserRecord
 
 #: Bytes accepted from the client between its auth message and our reply.
@@ -45,12 +59,20 @@ MAX_EARLY_DATA = 1 << 20
 #: How long a refused client may keep sending after our error reply.
 LINGER_SECONDS = 2.0
 
+#: Refusals by limits and bans are logged at most this often.
+REFUSAL_WARNING_INTERVAL = 60.0
+
 
 @dataclass(frozen=True)
 class ServerSettings:
     reply_errors: bool = False
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
+    #: A failed login is answered this long after its auth message, at the
+    #: earliest, whatever made it fail.
+    auth_failure_delay: float = 0.0
+    #: ``(host, port)`` of the web server non-MTop clients are spliced to.
+    fallback: tuple[str, int] | None = None
 
 
 @implementer(IHalfCloseableProtocol)
@@ -89,7 +111,7 @@ class _TargetFactory(Factory):
         return TargetProtocol(self.tunnel)
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class TunnelProtocol(Protocol):
     """One client connection: handshake, auth, connect, relay."""
 
@@ -102,14 +124,18 @@ class TunnelProtocol(Protocol):
     detail: str | None = None
     _client_eof = False
     _admitted = False
+    _handshaking = False
+    _fallback_reason: str | None = None
 
-    def __init__(self, factory: "TunnelFactory"):
+    def __init__(self, factory: "TunnelFactory", client_key: str = ""):
         self.factory = factory
         self.clock = factory.clock
+        self.client_key = client_key
         self._buffer = b""
         self._deadline = None
         self._pending = None  # the Deferred of the auth or connect step
         self.started = 0.0
+        self._auth_started = 0.0
 
     # Connection lifecycle
 
@@ -118,7 +144,18 @@ class TunnelProtocol(Protocol):
         self.started = self.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)
+        self.factory.limits.opened(self.client_key)
+        self._handshaking = True
         self._deadline = self.clock.callLater(self.factory.settings.handshake_timeout, self._handshake_expired)
+
+    def handshakeCompleted(self) -> None:
+        """`IHandshakeListener`: the TLS handshake is done.  A client that
+        negotiated another application protocol (the fallback's) goes to
+        the fallback at once."""
+        handle = getattr(self.transport, "getHandle", None)
+        if self.state == "handshake" and handle is not None and handle().get_app_data() == FALLBACK_ALPN:
+            protocol = self.transport.negotiatedProtocol or b""
+            self._to_fallback(f"ALPN {protocol.decode('ascii', 'replace')}", b"")
 
     def dataReceived(self, data: bytes) -> None:
         state = self.state
@@ -126,7 +163,7 @@ class TunnelProtocol(Protocol):
             self.relay.client_data(data)
         elif state == "handshake":
             self._handshake_data(data)
-        elif state in ("auth", "connecting"):
+        elif state in ("auth", "connecting", "fallback"):
             self._buffer += data
             if len(self._buffer) > MAX_EARLY_DATA:
                 self._fail("early-data-overflow", None)
@@ -169,17 +206,28 @@ class TunnelProtocol(Protocol):
             parsed = wire.parse_auth(buf)
         except wire.WireError as e:
             self._buffer = b""
-            self._fail("bad-request", e.status, str(e))
+            if self.factory.settings.fallback is not None:
+                self._to_fallback(f"bad request: {e}", buf)
+            else:
+                self._fail("bad-request", e.status, str(e))
             return
         if parsed is None:
             self._buffer = buf
             return
         self._cancel_deadline()
         self.request = parsed.request
+        self._auth_bytes = buf[: parsed.consumed]
         self._buffer = buf[parsed.consumed :]
         # Nothing more is read from the client until the target is there.
         self.transport.pauseProducing()
+        if self.factory.throttle.banned(self.client_key):
+            # Banned while this connection was in its handshake: the store
+            # is not asked.
+            self.factory.counters.inc("refused.banned")
+            self._fail("throttled", None)
+            return
         self.state = "auth"
+        self._auth_started = self.clock.seconds()
         self._pending = self.factory.authenticator.login(self.request.username, self.request.password)
         self._pending.addCallbacks(self._auth_result, self._auth_error)
 
@@ -195,12 +243,18 @@ class TunnelProtocol(Protocol):
 
     # Auth and connect
 
+    def _handshake_over(self) -> None:
+        if self._handshaking:
+            self._handshaking = False
+            self.factory.limits.handshake_done()
+
     def _auth_result(self, record: UserRecord | None) -> None:
         self._pending = None
         if self.state != "auth":
             return
+        self._handshake_over()
         if record is None:
-            self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
+            self._auth_failed()
             return
         sessions = self.factory.sessions
         if sessions is not None:
@@ -213,10 +267,40 @@ class TunnelProtocol(Protocol):
         self._pending = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
         self._pending.addErrback(self._connect_error)
 
+    def _auth_failed(self) -> None:
+        """A wrong password or unknown user: count it against the address,
+        then answer no sooner than ``auth_failure_delay`` after the auth
+        message arrived."""
+        factory = self.factory
+        factory.counters.inc("auth.failed")
+        if factory.throttle.failed(self.client_key):
+            self._log.warn(
+                "client {client} banned for {ban:g}s after {count} failed logins",
+                client=self.client_key,
+                ban=factory.throttle.settings.ban,
+                count=factory.throttle.settings.max_failures,
+            )
+        wait = self._auth_started + factory.settings.auth_failure_delay - self.clock.seconds()
+        if wait > 0:
+            self._pending = deferLater(self.clock, wait, lambda: None)
+            self._pending.addCallbacks(lambda _: self._answer_auth_failure(), lambda f: None)
+        else:
+            self._answer_auth_failure()
+
+    def _answer_auth_failure(self) -> None:
+        self._pending = None
+        if self.state != "auth":
+            return
+        if self.factory.settings.fallback is not None:
+            self._to_fallback("auth failed", self._auth_bytes, user=True)
+        else:
+            self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
+
     def _auth_error(self, failure: Failure) -> None:
         self._pending = None
         if failure.check(CancelledError) or self.state != "auth":
             return
+        self._handshake_over()
         if failure.check(StoreUnavailable):
             self._log.error("user store unavailable: {error}", error=failure.getErrorMessage())
         else:
@@ -227,18 +311,50 @@ class TunnelProtocol(Protocol):
         self._pending = None
         if self.state != "connecting":
             return  # the client left and the attempt was cancelled
+        if failure.check(DestinationRefused):
+            self.factory.counters.inc("refused.acl")
+            self._fail("acl-denied", wire.STATUS_CONNECTION_FAILURE, failure.getErrorMessage())
+            return
         if failure.check(TimeoutError, CancelledError):
             detail = "connect timed out"
         else:
             detail = failure.getErrorMessage()
         self._fail("connect-failed", wire.STATUS_CONNECTION_FAILURE, detail)
 
+    # Fallback: not an MTop client, or a failed login, with a fallback web
+    # server configured.
+
+    def _to_fallback(self, reason: str, data: bytes, user: bool = False) -> None:
+        """Splice this client to the fallback server, ``data`` (what it has
+        sent so far) first."""
+        self._cancel_deadline()
+        self._handshake_over()
+        if not user:
+            self.request = None
+        self.factory.counters.inc("fallback")
+        self._fallback_reason = reason
+        self._buffer = data + self._buffer
+        self.transport.pauseProducing()
+        self.state = "fallback"
+        host, port = self.factory.settings.fallback
+        self._pending = self.factory.dialer.connect_unchecked(host, port, _TargetFactory(self))
+        self._pending.addErrback(self._fallback_error)
+
+    def _fallback_error(self, failure: Failure) -> None:
+        self._pending = None
+        if self.state != "fallback":
+            return
+        self.factory.counters.inc("fallback.failed")
+        self._log.error("fallback server unreachable: {error}", error=failure.getErrorMessage())
+        self._fail("fallback-failed", None, f"{self._fallback_reason}; {failure.getErrorMessage()}")
+
     def target_connected(self, target: TargetProtocol) -> None:
         """The target accepted: reply, hand over early data, start relaying."""
         self._pending = None
-        if self.state != "connecting":
+        if self.state not in ("connecting", "fallback"):
             target.transport.abortConnection()
             return
+        fallback = self.state == "fallback"
         self.state = "relay"
         relay = Relay(
             self.clock,
@@ -250,7 +366,8 @@ class TunnelProtocol(Protocol):
         self.relay = target.relay = relay
         if self._admitted:
             self.factory.sessions.relay_started(self, self.request.username)
-        self.transport.write(wire.REPLY_SUCCESS)
+        if not fallback:
+            self.transport.write(wire.REPLY_SUCCESS)
         if self._buffer:
             relay.client_data(self._buffer)
             self._buffer = b""
@@ -271,7 +388,11 @@ class TunnelProtocol(Protocol):
 
     def _relay_finished(self, relay: Relay) -> None:
         self.state = "closed"
-        self.outcome = relay.outcome
+        if self._fallback_reason is not None:
+            self.outcome = "fallback"
+            self.detail = f"{self._fallback_reason}; {relay.outcome}"
+        else:
+            self.outcome = relay.outcome
         self._finish(relay.bytes_up, relay.bytes_down)
 
     # Failure and the outcome event
@@ -295,6 +416,8 @@ class TunnelProtocol(Protocol):
 
     def _finish(self, bytes_up: int, bytes_down: int) -> None:
         self.factory.tunnels.discard(self)
+        self.factory.limits.closed(self.client_key, self._handshaking)
+        self._handshaking = False
         if self._admitted:
             self._admitted = False
             self.factory.sessions.release(self, self.request.username)
@@ -318,6 +441,7 @@ class TunnelProtocol(Protocol):
 class TunnelFactory(Factory):
     """Builds `TunnelProtocol`s; holds what they share."""
 
+    _log = logger()
     noisy = False
 
     def __init__(
@@ -327,13 +451,54 @@ class TunnelFactory(Factory):
         clock: Any,
         settings: ServerSettings = ServerSettings(),
         sessions: Any = None,
+        limits: ConnectionLimits | None = None,
+        throttle: AuthThrottle | None = None,
+        counters: Counters | None = None,
     ):
         self.authenticator = authenticator
         self.dialer = dialer
         self.clock = clock
         self.settings = settings
         self.sessions = sessions
+        self.counters = counters if counters is not None else Counters()
+        self.limits = limits if limits is not None else ConnectionLimits(counters=self.counters)
+        self.throttle = throttle if throttle is not None else AuthThrottle(clock, counters=self.counters)
         self.tunnels: set[TunnelProtocol] = set()
+        self._refused: dict[str, int] = {}
+        self._refusal_warned = float("-inf")
 
-    def buildProtocol(self, addr: Any) -> TunnelProtocol:
-        return TunnelProtocol(self)
+    def buildProtocol(self, addr: Any) -> TunnelProtocol | None:
+        """A protocol for a new connection (TLS or QUIC stream) from
+        ``addr``, or ``None`` to close it at once: a banned address or a
+        limit reached costs no TLS handshake and no database query."""
+        key = client_key(peer_host(addr))
+        if self.admission_refusal(addr, key) is not None:
+            return None
+        return TunnelProtocol(self, key)
+
+    def admission_refusal(self, addr: Any, key: str | None = None) -> str | None:
+        """Why a new connection from ``addr`` is refused now (counted and
+        logged at debug level), or ``None``."""
+        if key is None:
+            key = client_key(peer_host(addr))
+        if self.throttle.banned(key):
+            refusal = "banned"
+        else:
+            refusal = self.limits.refusal(key)
+            if refusal is None:
+                return None
+        self.counters.inc(f"refused.{refusal}")
+        self._log.debug("connection from {client} refused: {why}", client=key, why=refusal)
+        self._note_refusal(refusal)
+        return refusal
+
+    def _note_refusal(self, refusal: str) -> None:
+        """A warning for the first refusal, then at most one a minute with
+        what was refused since: visible under attack, never a flood."""
+        self._refused[refusal] = self._refused.get(refusal, 0) + 1
+        now = self.clock.seconds()
+        if now - self._refusal_warned >= REFUSAL_WARNING_INTERVAL:
+            counts = ", ".join(f"{count} {why}" for why, count in sorted(self._refused.items()))
+            self._log.warn("connections refused before their handshake: {counts}", counts=counts)
+            self._refused.clear()
+            self._refusal_warned = now

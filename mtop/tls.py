@@ -3,7 +3,8 @@
 The server context is TLS 1.3 only unless configured otherwise, carries the
 certificate chain from ``server.crt``, and enforces ALPN: a client that offers
 no ALPN is accepted, one that offers only other protocols fails the handshake
-with a ``no_application_protocol`` alert.
+with a ``no_application_protocol`` alert (or, with a fallback web server
+configured, is answered as that server would be and spliced to it).
 """
 
 from __future__ import annotations
@@ -24,10 +25,23 @@ class ALPNMismatch(SSL.Error):
     """The client offered ALPN protocols, none of them ours."""
 
 
-def _alpn_selector(proto: bytes) -> Callable[[SSL.Connection, list[bytes]], bytes]:
+#: What the fallback web server is offered as, in this order of preference.
+FALLBACK_PROTOCOLS = (b"http/1.1", b"h2")
+#: The connection app data marking a fallback choice (`mtop.server` reads it).
+FALLBACK_ALPN = "fallback-alpn"
+
+
+def _alpn_selector(proto: bytes, fallback: bool = False) -> Callable[[SSL.Connection, list[bytes]], bytes]:
     def select(connection: SSL.Connection, offered: list[bytes]) -> bytes:
         if proto in offered:
             return proto
+        if fallback:
+            # Answer like the web server we stand in front of would.
+            connection.set_app_data(FALLBACK_ALPN)
+            for candidate in FALLBACK_PROTOCOLS:
+                if candidate in offered:
+                    return candidate
+            return SSL.NO_OVERLAPPING_PROTOCOLS
         raise ALPNMismatch(f"client offered ALPN {offered!r}, not {proto!r}")
 
     return select
@@ -40,10 +54,12 @@ def _openssl_reason(error: SSL.Error) -> str:
         return str(error)
 
 
-def server_context(crt: str, key: str, proto: str, min_version: str = "1.3") -> SSL.Context:
+def server_context(crt: str, key: str, proto: str, min_version: str = "1.3", fallback: bool = False) -> SSL.Context:
     """A server context with the chain in ``crt`` (leaf first), the private
     key in ``key`` and ALPN ``proto``.  Raises `TLSConfigError` naming the
-    file that is wrong."""
+    file that is wrong.  With ``fallback``, a client offering other
+    protocols gets ``http/1.1`` (or ``h2``, or no ALPN) instead of an
+    alert, and is marked for the fallback web server."""
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(TLS_VERSIONS[min_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
@@ -62,7 +78,7 @@ def server_context(crt: str, key: str, proto: str, min_version: str = "1.3") -> 
         ctx.check_privatekey()
     except SSL.Error:
         raise TLSConfigError(f"server.key: the key in {key} does not belong to the certificate in {crt}") from None
-    ctx.set_alpn_select_callback(_alpn_selector(proto.encode("utf-8")))
+    ctx.set_alpn_select_callback(_alpn_selector(proto.encode("utf-8"), fallback))
     # Stateless TLS 1.3 session tickets let returning clients resume.
     ctx.set_session_id(b"mtop")
     return ctx

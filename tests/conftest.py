@@ -9,6 +9,7 @@ from twisted.internet.threads import deferToThreadPool
 from mtop import passwords
 from mtop.auth import Authenticator
 from mtop.certs import init_certs
+from helpers import LOOPBACK_ACL
 from mtop.dialer import Dialer
 from mtop.database import BASE_TABLE as SQLITE_SCHEMA
 from mtop.server import ServerSettings, TunnelFactory
@@ -45,7 +46,7 @@ def server(tmp_path):
     auth = Authenticator(
         store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
     )
-    factory = TunnelFactory(auth, Dialer(reactor, 5), reactor, ServerSettings(handshake_timeout=5))
+    factory = TunnelFactory(auth, Dialer(reactor, 5, LOOPBACK_ACL), reactor, ServerSettings(handshake_timeout=5))
     ctx = server_context(paths.server_crt, paths.server_key, "mtop")
     port = reactor.listenTCP(0, server_tls_factory(factory, lambda: ctx), interface="127.0.0.1")
     yield factory, port.getHost().port, paths

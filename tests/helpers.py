@@ -7,6 +7,11 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from mtop.acl import DestinationACL, parse_network
+
+#: Tests reach their own peers on loopback, which the default ACL refuses.
+LOOPBACK_ACL = DestinationACL(allow=(parse_network("127.0.0.0/8"), parse_network("::1/128")))
+
 
 @implementer(IHalfCloseableProtocol)
 class EchoAfterEOF(Protocol):

@@ -122,3 +122,64 @@ def test_any_document_loads_or_is_a_config_error(document):
         load_config_data(document, "/nonexistent/m.yaml", check_files=False)
     except ConfigError:
         pass
+
+
+def test_hardening_defaults(confdir):
+    path = confdir / "mtop.yaml"
+    path.write_text(ORIGINAL)
+    config = load_config(str(path))
+    assert config.acl.refusal("127.0.0.1", 80) is not None  # loopback refused unless allowed
+    assert config.limits.max_tunnels is None and config.limits.max_handshakes == 1024
+    assert config.limits.max_per_client == 0
+    assert (config.auth_throttle.max_failures, config.auth_throttle.window, config.auth_throttle.ban) == (10, 60, 300)
+    assert config.server.auth_failure_delay == 0.5
+    assert config.server.fallback is None
+    assert [listener.proxy_protocol for listener in config.listeners] == [False]
+
+
+def test_hardening_keys(confdir):
+    config = load_config_data(
+        {
+            "server": {"crt": "server.crt", "key": "server.key", "fallback": "127.0.0.1:8080", "proxy_protocol": True, "auth_failure_delay": 0},
+            "listeners": [{"type": "tls"}, {"type": "tls", "listen": ":8443", "proxy_protocol": False}, {"type": "quic"}],
+            "limits": {"max_tunnels": 100, "max_handshakes": 0, "max_per_client": 8},
+            "auth_throttle": {"max_failures": 3, "window": "30s", "ban": "1h"},
+        },
+        str(confdir / "mtop.yaml"),
+        check_files=False,
+    )
+    assert config.server.fallback == ("127.0.0.1", 8080)
+    assert [listener.proxy_protocol for listener in config.listeners] == [True, False, False]
+    assert (config.limits.max_tunnels, config.limits.max_handshakes, config.limits.max_per_client) == (100, 0, 8)
+    assert (config.auth_throttle.max_failures, config.auth_throttle.window, config.auth_throttle.ban) == (3, 30, 3600)
+    assert config.server.auth_failure_delay == 0
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"server": {"fallback": ":8080"}}, "server.fallback: ':8080' needs a host and a port"),
+        ({"server": {"fallback": "web"}}, "server.fallback: 'web' has no port"),
+        ({"server": {"type": "quic", "proxy_protocol": True}}, "server.proxy_protocol: the PROXY protocol is for TLS"),
+        ({"listeners": [{"type": "quic", "proxy_protocol": True}]}, r"listeners\[0\].proxy_protocol: the PROXY protocol is for TLS"),
+        ({"limits": {"max_per_client": -1}}, "limits.max_per_client: -1 is not a whole number"),
+        ({"limits": {"max_tunnels": "many"}}, "limits.max_tunnels: 'many' is not a whole number"),
+        ({"auth_throttle": {"window": 0}}, "auth_throttle.window: 0 must be a positive duration"),
+        ({"auth_throttle": {"max_failures": True}}, "auth_throttle.max_failures: True is not a whole number"),
+    ],
+)
+def test_hardening_errors_name_the_key(data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config_data(data, check_files=False)
+
+
+def test_limits_from_the_open_files_limit():
+    import resource
+
+    from mtop.config import Config, LimitsConfig
+    from mtop.tap import RESERVED_FILES, limit_settings
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    derived = limit_settings(Config()).max_tunnels
+    assert derived == (0 if soft == resource.RLIM_INFINITY else max(16, (soft - RESERVED_FILES) // 2))
+    assert limit_settings(Config(limits=LimitsConfig(max_tunnels=0))).max_tunnels == 0

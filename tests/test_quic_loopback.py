@@ -296,3 +296,15 @@ async def test_handshake_deadline(server, log_failures):
     finally:
         protocol.close_all()
         await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_banned_address_gets_no_quic_connection(quic_server, echo_target, make_forward):
+    factory, port, paths, protocol = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    while not factory.throttle.failed("127.0.0.1"):
+        pass
+    answer = await deferToThread(send_half_close_read, forward.port, b"hello", 15)
+    assert answer == b""
+    assert protocol.connections == {}  # the Initial was dropped: no handshake
+    assert factory.counters["refused.banned"] >= 1

@@ -7,7 +7,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import globalLogPublisher
 
+from twisted.internet.address import IPv4Address
+
 from mtop import wire
+from mtop.dialer import DestinationRefused
+from mtop.limits import AuthThrottle, ConnectionLimits, LimitSettings, ThrottleSettings
+from mtop.tls import FALLBACK_ALPN
 from mtop.userstore import UserRecord
 from mtop.server import ServerSettings, TunnelFactory
 
@@ -64,8 +69,13 @@ class FakeDialer:
         attempt["d"].callback(protocol)
         return protocol, transport
 
-    def fail(self):
-        self.attempts[-1]["d"].errback(ConnectionRefusedError())
+    def fail(self, error=None):
+        self.attempts[-1]["d"].errback(error or ConnectionRefusedError())
+
+    def connect_unchecked(self, host, port, factory):
+        d = self.connect(host, port, factory)
+        self.attempts[-1]["unchecked"] = True
+        return d
 
 
 @pytest.fixture
@@ -80,13 +90,29 @@ def outcome_events(events):
     return [e for e in events if e.get("tunnel_event")]
 
 
-def make(result=True, **settings):
+def make(result=True, limits=None, throttle=None, **settings):
     clock, dialer, auth = Clock(), FakeDialer(), FakeAuth(result)
-    factory = TunnelFactory(auth, dialer, clock, ServerSettings(**settings))
-    protocol = factory.buildProtocol(None)
+    factory = TunnelFactory(
+        auth,
+        dialer,
+        clock,
+        ServerSettings(**settings),
+        limits=ConnectionLimits(limits) if limits else None,
+        throttle=AuthThrottle(clock, throttle) if throttle else None,
+    )
+    protocol, transport = connect(factory)
+    return protocol, transport, clock, dialer, auth, factory
+
+
+def connect(factory, host="192.0.2.1"):
+    """A new connection from ``host``: (protocol, transport), or
+    (None, None) when the factory refuses it."""
+    protocol = factory.buildProtocol(IPv4Address("TCP", host, 40000))
+    if protocol is None:
+        return None, None
     transport = Transport()
     protocol.makeConnection(transport)
-    return protocol, transport, clock, dialer, auth, factory
+    return protocol, transport
 
 
 def assert_refused(client, clock, replied):
@@ -222,3 +248,166 @@ def test_idle_timeout_closes_a_quiet_tunnel(events):
     target_protocol.connectionLost(None)
     protocol.connectionLost(None)
     assert outcome_events(events)[0]["outcome"] == "idle-timeout"
+
+
+# Abuse resistance: destination ACL, throttling, limits, fallback.
+
+
+@pytest.mark.parametrize("reply_errors,expected", [(False, b""), (True, b"\x01\x03")])
+def test_acl_refusal_is_logged_with_user_and_target_and_counted(events, reply_errors, expected):
+    protocol, client, clock, dialer, auth, factory = make(reply_errors=reply_errors)
+    protocol.dataReceived(AUTH)
+    dialer.fail(DestinationRefused("127.0.0.1 is loopback (127.0.0.0/8)"))
+    assert client.value() == expected
+    assert_refused(client, clock, replied=reply_errors)
+    protocol.connectionLost(None)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "acl-denied"
+    assert event["user"] == "alice" and event["target"] == "example.com:443"
+    assert "loopback" in event["detail"]
+    assert factory.counters["refused.acl"] == 1
+
+
+def test_failed_logins_ban_the_address_without_asking_the_store_again():
+    protocol, client, clock, dialer, auth, factory = make(result=False, throttle=ThrottleSettings(max_failures=3, window=60, ban=300))
+    waiting, waiting_transport = connect(factory)  # opened before the ban
+    protocol.dataReceived(AUTH)
+    for _ in range(2):
+        p, t = connect(factory)
+        p.dataReceived(AUTH)
+        assert t.disconnecting
+    assert len(auth.calls) == 3
+    # Banned: new connections are refused before any TLS work...
+    assert connect(factory) == (None, None)
+    # ...and one already in its handshake is closed without a lookup.
+    waiting.dataReceived(AUTH)
+    assert waiting_transport.disconnecting and len(auth.calls) == 3
+    assert factory.counters["refused.banned"] == 2
+    # Other addresses are unaffected.
+    other, other_transport = connect(factory, "192.0.2.99")
+    assert other is not None
+    # The ban ends.
+    clock.advance(301)
+    assert connect(factory)[0] is not None
+
+
+def test_limits_refuse_before_the_handshake_and_are_released():
+    protocol, client, clock, dialer, auth, factory = make(
+        limits=LimitSettings(max_tunnels=3, max_handshakes=2, max_per_client=2)
+    )
+    second, _ = connect(factory)
+    assert connect(factory, "192.0.2.50") == (None, None)  # two handshakes in progress
+    assert factory.counters["refused.max-handshakes"] == 1
+    protocol.dataReceived(AUTH)
+    dialer.succeed()  # first tunnel relaying: no longer a handshake
+    assert connect(factory) == (None, None)  # two from 192.0.2.1 already
+    assert factory.counters["refused.max-per-client"] == 1
+    third, _ = connect(factory, "192.0.2.50")
+    assert connect(factory, "192.0.2.51") == (None, None)
+    assert factory.counters["refused.max-tunnels"] == 1
+    second.connectionLost(None)
+    third.connectionLost(None)
+    assert factory.limits.open == 1 and factory.limits.handshaking == 0
+    assert connect(factory)[0] is not None
+
+
+@pytest.mark.parametrize("lookup_time", [0.0, 0.05, 0.2])
+def test_failures_are_answered_after_the_same_delay_whatever_the_lookup_took(lookup_time):
+    result = Deferred()
+    protocol, client, clock, dialer, auth, factory = make(result=result, auth_failure_delay=0.5)
+    protocol.dataReceived(AUTH)
+    clock.advance(lookup_time)
+    result.callback(None)
+    clock.advance(0.499 - lookup_time)
+    assert not client.disconnecting
+    clock.advance(0.002)
+    assert client.disconnecting
+
+
+def test_client_leaving_during_the_failure_delay(events):
+    protocol, client, clock, dialer, auth, factory = make(result=False, auth_failure_delay=0.5)
+    protocol.dataReceived(AUTH)
+    protocol.connectionLost(None)
+    clock.advance(1)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "client-closed"
+    assert factory.limits.open == 0
+
+
+FALLBACK = ("127.0.0.1", 8080)
+
+
+def test_fallback_gets_a_non_mtop_request_with_the_bytes_read(events):
+    protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\n")
+    protocol.dataReceived(b"Host: x\r\n\r\n")
+    (attempt,) = dialer.attempts
+    assert (attempt["host"], attempt["port"], attempt["unchecked"]) == (*FALLBACK, True)
+    web, web_transport = dialer.succeed()
+    assert web_transport.value() == b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+    web.dataReceived(b"HTTP/1.1 200 OK\r\n\r\n")
+    assert client.value() == b"HTTP/1.1 200 OK\r\n\r\n"  # no 01 00
+    assert auth.calls == []
+    web.readConnectionLost()
+    protocol.readConnectionLost()
+    web.connectionLost(None)
+    protocol.connectionLost(None)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "fallback" and "bad request" in event["detail"]
+    assert event["user"] is None
+
+
+def test_fallback_gets_a_failed_login_with_its_auth_message():
+    protocol, client, clock, dialer, auth, factory = make(result=False, fallback=FALLBACK, auth_failure_delay=0.5)
+    protocol.dataReceived(AUTH + b"more")
+    assert dialer.attempts == []
+    clock.advance(0.5)
+    web, web_transport = dialer.succeed()
+    assert web_transport.value() == AUTH + b"more"
+    assert client.value() == b""
+
+
+class _Handle:
+    def __init__(self, data):
+        self.data = data
+
+    def get_app_data(self):
+        return self.data
+
+
+def test_fallback_after_the_tls_handshake_chose_another_alpn():
+    protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
+    client.getHandle = lambda: _Handle(FALLBACK_ALPN)
+    client.negotiatedProtocol = b"http/1.1"
+    protocol.handshakeCompleted()
+    assert dialer.attempts[0]["host"] == "127.0.0.1"
+    protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    web, web_transport = dialer.succeed()
+    assert web_transport.value() == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_mtop_alpn_is_not_sent_to_the_fallback():
+    protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
+    client.getHandle = lambda: _Handle(None)
+    protocol.handshakeCompleted()
+    protocol.dataReceived(AUTH)
+    assert dialer.attempts[0]["host"] == "example.com"
+
+
+def test_unreachable_fallback_closes(events):
+    protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
+    protocol.dataReceived(b"\x16\x03")
+    dialer.fail()
+    assert client.disconnecting
+    protocol.connectionLost(None)
+    assert outcome_events(events)[0]["outcome"] == "fallback-failed"
+
+
+def test_refusals_are_logged_once_a_minute_with_counts(events):
+    protocol, client, clock, dialer, auth, factory = make(limits=LimitSettings(max_per_client=1))
+    for _ in range(5):
+        assert connect(factory) == (None, None)
+    clock.advance(61)
+    assert connect(factory) == (None, None)
+    warnings = [e for e in events if "refused before their handshake" in e.get("log_format", "")]
+    assert [w["counts"] for w in warnings] == ["1 max-per-client", "5 max-per-client"]

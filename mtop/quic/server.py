@@ -201,6 +201,7 @@ class QuicServerProtocol(DatagramProtocol):
                 self.stopping
                 or header.packet_type != QuicPacketType.INITIAL
                 or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+                or not self._admissible(address)
             ):
                 return
             try:
@@ -217,6 +218,13 @@ class QuicServerProtocol(DatagramProtocol):
             self.connections[header.destination_cid] = connection
             self.connections[quic.host_cid] = connection
         connection.datagram_received(data, address)
+
+    def _admissible(self, address: Any) -> bool:
+        """A new connection from a banned address, or over a connection
+        limit, is dropped before any handshake work (its streams would be
+        refused anyway)."""
+        check = getattr(self.factory, "admission_refusal", None)
+        return check is None or check(twisted_address(address)) is None
 
     def _send_quietly(self, data: bytes, address: Any) -> None:
         try:

@@ -87,6 +87,17 @@ def run_ctl(config: Path, *args: str, stdin: str | None = None) -> str:
     return result.stdout
 
 
+#: What every test server's config adds: targets on loopback are allowed
+#: (the default ACL refuses them), and the tests' deliberate failed logins
+#: from 127.0.0.1 must not get it banned (the throttle has tests of its own).
+TEST_POLICY = (
+    "acl:\n"
+    '  allow: ["127.0.0.0/8", "::1/128"]\n'
+    "auth_throttle:\n"
+    "  max_failures: 0\n"
+)
+
+
 def write_config(path: Path, *, reply_errors: bool, log_level: str) -> Path:
     path.write_text(
         "server:\n"
@@ -102,7 +113,7 @@ def write_config(path: Path, *, reply_errors: bool, log_level: str) -> Path:
         f"  level: {log_level}\n"
         "db:\n"
         "  driverName: sqlite\n"
-        "  dsn: mtop.db\n"
+        "  dsn: mtop.db\n" + TEST_POLICY
     )
     return path
 

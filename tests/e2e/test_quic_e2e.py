@@ -20,6 +20,7 @@ from conftest import (
     ALICE,
     STARTUP_TIMEOUT,
     ClimberProcess,
+    TEST_POLICY,
     ServerProcess,
     _processes,
     run_ctl,
@@ -85,6 +86,7 @@ def write_server_config(directory: Path, setup, port: int, **server) -> Path:
         "listeners": [{"type": "tls"}, {"type": "quic"}],
         "log": {"level": "info"},
         "db": {"driverName": "sqlite", "dsn": str(setup.dir / "mtop.db")},
+        **yaml.safe_load(TEST_POLICY),
     }
     path = directory / "mtop.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))

@@ -47,6 +47,7 @@ class TLSClient:
         ca: str,
         alpn: Iterable[bytes] | None = (b"mtop",),
         max_version: int | None = None,
+        prefix: bytes = b"",
     ):
         ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
         if max_version is None:
@@ -58,6 +59,8 @@ class TLSClient:
         if alpn:
             ctx.set_alpn_protos(list(alpn))
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if prefix:  # in the clear before TLS, e.g. a PROXY protocol header
+            self.sock.sendall(prefix)
         self.sock.setblocking(False)
         self.local_port = self.sock.getsockname()[1]
         self.conn = SSL.Connection(ctx, self.sock)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ServerProcess, _processes, run_ctl
+from conftest import TEST_POLICY, ServerProcess, _processes, run_ctl
 from helpers import run_sql
 from mtop import passwords, wire
 from mtop.database import DBSettings
@@ -90,7 +90,7 @@ class Servers:
             "  level: debug\n"
             "db:\n"
             f"  driverName: {DRIVER_NAMES[settings.driver]}\n"
-            f"  dsn: '{dsn or settings.dsn}'\n" + db_lines
+            f"  dsn: '{dsn or settings.dsn}'\n" + db_lines + TEST_POLICY
         )
         return path
 
