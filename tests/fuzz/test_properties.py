@@ -516,7 +516,10 @@ _scalars = st.one_of(
     st.sampled_from([":443", "127.0.0.1:0", "[::1]:8443", "host:99999", ":\u00b2", "10s", "500ms", "5m", "1h", "0", "1e999",
                      "tls", "quic", "mtop", "debug", "sqlite", "psql", "mysql", "mtop.db", "file:x.db?mode=ro",
                      "mtop://u:p@h:1/tls", "mtop://:p@h:1/tls", "root:pw@tcp(127.0.0.1:3306)/mtop",
-                     "postgres://postgres@127.0.0.1/mtop?sslmode=disable", "1.2", "1.3", "round_robin"]),
+                     "postgres://postgres@127.0.0.1/mtop?sslmode=disable", "1.2", "1.3", "round_robin",
+                     "10.0.0.0/8", "::1/128", "192.0.2.1", "2001:db8::/33", "1.2.3.4/40", "80", "8000-8999", "9-1",
+                     "\u0661\u0662", "127.0.0.1:8080"]),
+    st.lists(st.sampled_from(["10.0.0.0/8", "fe80::/10", 443, "1-65535", "0", "x", None]), max_size=4),
     _SECRET,
     _SECRET.map(lambda s: f"mtop://u:{s}@h:1/tls"),
     _SECRET.map(lambda s: f"root:{s}@tcp(127.0.0.1:3306)/mtop"),
@@ -527,6 +530,74 @@ _scalars = st.one_of(
 _junk = st.recursive(_scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(texts, inner, max_size=4), max_leaves=12)
 
 
+_valid_servers = st.one_of(
+    st.fixed_dictionaries(
+        {"host": st.sampled_from(["127.0.0.1:8443", "example.com", "[::1]:443"]), "username": st.just("alice"),
+         "password": st.one_of(_SECRET, st.just(""))},
+        optional={"type": st.sampled_from(["tls", "quic"]), "insecure": st.just(True), "proto": st.just("mtop"),
+                  "sni": st.just("example.com"), "pipelining": st.booleans(), "enabled": st.booleans(),
+                  "max_streams": st.integers(1, 10000), "quic_packet_size": st.integers(1200, 65527)},
+    ),
+    st.fixed_dictionaries({"url": st.one_of(_links.map(make_url), _SECRET.map(lambda s: f"mtop://u:{s}@h:1/tls"))},
+                          optional={"insecure": st.just(True)}),
+    st.fixed_dictionaries({"urls": st.lists(_SECRET.map(lambda s: f"mtop://u:{s}@h:1/quic"), min_size=1, max_size=2)}),
+)
+_valid_listener = st.fixed_dictionaries(
+    {"listen": st.sampled_from(["127.0.0.1:0", ":0", "0.0.0.0:0", "[::1]:0"])},
+    optional={"timeout": st.sampled_from([1, "5s", "500ms"]), "username": st.just("local"), "password": _SECRET},
+)
+_valid_climber = st.fixed_dictionaries(
+    {"servers": st.lists(_valid_servers, min_size=1, max_size=3), "socks5": _valid_listener},
+    optional={"http": _valid_listener, "log": st.just({"level": "debug"}),
+              "strategy": st.sampled_from(["random", "round_robin", "failover", "fastest"]),
+              "forward": st.lists(st.fixed_dictionaries({"listen": st.just("127.0.0.1:0"), "target": st.just("example.com:22")}), max_size=2),
+              "idle_timeout": st.sampled_from([0, "5m"]), "handshake_timeout": st.just(30)},
+)
+_valid_mtop = st.fixed_dictionaries(
+    {"server": st.fixed_dictionaries({"listen": st.sampled_from([":443", "127.0.0.1:0", "[::1]:8443"])},
+                                     optional={"type": st.sampled_from(["tls", "quic"]), "proto": st.just("mtop"),
+                                               "handshake_timeout": st.just("10s"), "fallback": st.just("127.0.0.1:8080"),
+                                               "proxy_protocol": st.booleans()})},
+    optional={"db": st.one_of(st.just({"driverName": "sqlite", "dsn": "mtop.db"}),
+                              _SECRET.map(lambda s: {"driverName": "psql", "dsn": f"postgres://u:{s}@127.0.0.1/mtop"}),
+                              _SECRET.map(lambda s: {"driverName": "mysql", "dsn": f"root:{s}@tcp(127.0.0.1:3306)/mtop"})),
+              "listeners": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["tls", "quic"])}), min_size=1, max_size=2),
+              "acl": st.just({"allow": ["10.0.0.0/8"], "deny_ports": [25, "6660-6669"]}),
+              "limits": st.just({"max_tunnels": 100}), "log": st.just({"level": "warn"})},
+)
+
+
+@st.composite
+def edited(draw, valid):
+    """A valid document with up to three values replaced, removed or added."""
+    import copy
+
+    document = copy.deepcopy(draw(valid))
+    for _ in range(draw(st.integers(0, 3))):
+        containers = []
+
+        def walk(node):
+            if isinstance(node, (dict, list)) and node:
+                containers.append(node)
+                for child in node.values() if isinstance(node, dict) else node:
+                    walk(child)
+
+        walk(document)
+        if not containers:
+            break
+        node = draw(st.sampled_from(containers))
+        keys = list(node) if isinstance(node, dict) else list(range(len(node)))
+        key = draw(st.sampled_from(keys))
+        action = draw(st.sampled_from(["replace", "remove", "add"]))
+        if action == "remove":
+            del node[key]
+        elif action == "replace" or isinstance(node, list):
+            node[key] = draw(st.one_of(_scalars, _junk))
+        else:
+            node[draw(texts)] = draw(_scalars)
+    return document
+
+
 def _section(keys: list[str]) -> st.SearchStrategy:
     return st.one_of(
         st.dictionaries(st.one_of(st.sampled_from(keys), texts), st.one_of(_scalars, _junk), max_size=len(keys) + 1),
@@ -535,15 +606,19 @@ def _section(keys: list[str]) -> st.SearchStrategy:
 
 
 _SERVER_KEYS = ["type", "listen", "crt", "key", "proto", "tls_min_version", "reply_errors", "handshake_timeout",
-                "connect_timeout", "idle_timeout", "quic_packet_size"]
+                "connect_timeout", "idle_timeout", "quic_packet_size", "auth_failure_delay", "fallback", "proxy_protocol"]
 _DB_KEYS = ["driverName", "dsn", "cache_ttl", "query_timeout", "recheck_interval", "flush_interval", "outage_grace"]
 _mtop_documents = st.one_of(
     _junk,
+    edited(_valid_mtop),
     st.fixed_dictionaries(
         {},
         optional={
             "server": _section(_SERVER_KEYS),
-            "listeners": st.one_of(st.lists(_section(["type", "listen", "crt", "key", "proto"]), max_size=3), _junk),
+            "listeners": st.one_of(st.lists(_section(["type", "listen", "crt", "key", "proto", "proxy_protocol"]), max_size=3), _junk),
+            "acl": _section(["allow", "deny", "allow_ports", "deny_ports"]),
+            "limits": _section(["max_tunnels", "max_handshakes", "max_per_client"]),
+            "auth_throttle": _section(["max_failures", "window", "ban"]),
             "log": _section(["level", "format"]),
             "db": _section(_DB_KEYS),
             "extra": _junk,
@@ -555,6 +630,7 @@ _CLIMBER_SERVER_KEYS = ["host", "type", "username", "password", "ca", "proto", "
                         "insecure", "pipelining", "max_streams", "quic_packet_size"]
 _climber_documents = st.one_of(
     _junk,
+    edited(_valid_climber),
     st.fixed_dictionaries(
         {},
         optional={
@@ -737,3 +813,49 @@ def test_climber_command_line_any_options(groups):
     except usage.UsageError:
         return
     assert options.config_data.usable_servers
+
+
+# ---------------------------------------------------------------------------
+# PROXY protocol headers (mtop.proxyproto)
+
+_ipv4 = st.ip_addresses(v=4)
+_ipv6 = st.ip_addresses(v=6)
+_v1_headers = st.one_of(
+    st.builds(lambda a, b, p, q: f"PROXY TCP4 {a} {b} {p} {q}\r\n".encode(), _ipv4, _ipv4, ports, ports),
+    st.builds(lambda a, b, p, q: f"PROXY TCP6 {a} {b} {p} {q}\r\n".encode(), _ipv6, _ipv6, ports, ports),
+    st.just(b"PROXY UNKNOWN\r\n"),
+    st.builds(lambda t: b"PROXY UNKNOWN " + t + b"\r\n", st.binary(max_size=40).filter(lambda b: b"\n" not in b and b"\r" not in b)),
+)
+
+
+@st.composite
+def _v2_headers(draw) -> bytes:
+    import struct
+
+    from mtop.proxyproto import V2_SIGNATURE
+
+    command = draw(st.sampled_from([0x20, 0x21]))
+    family = draw(st.sampled_from([0x11, 0x12, 0x21, 0x22, 0x00, 0x31]))
+    if family >> 4 == 1:
+        body = draw(_ipv4).packed + draw(_ipv4).packed + struct.pack("!HH", draw(ports), draw(ports))
+    elif family >> 4 == 2:
+        body = draw(_ipv6).packed + draw(_ipv6).packed + struct.pack("!HH", draw(ports), draw(ports))
+    else:
+        body = draw(st.binary(max_size=216))
+    body += draw(st.binary(max_size=40))  # TLVs
+    return V2_SIGNATURE + bytes([command, family]) + struct.pack("!H", len(body)) + body
+
+
+@FUZZ
+@given(wire_input(st.one_of(_v1_headers, _v2_headers())), cuts)
+def test_proxy_protocol_parse_header_any_bytes(data, split_at):
+    from mtop import proxyproto
+
+    verdict = check_incremental(proxyproto.parse_header, data, proxyproto.ProxyHeaderError, split_at)
+    if verdict[0] == "ok":
+        info, used = verdict[1]
+        assert used <= proxyproto.V2_MAX
+        for address in (info.source, info.destination):
+            assert address is None or 0 <= address[1] <= 65535
+    elif verdict[0] == "none":
+        assert len(data) < proxyproto.V2_MAX
