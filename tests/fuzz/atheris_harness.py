@@ -25,7 +25,7 @@ with atheris.instrument_imports():
     from climber import http_codec as http
     from climber import socks5_codec as socks
     from climber.config import load_climber_config, load_climber_data
-    from mtop import dsn, wire
+    from mtop import dsn, proxyproto, wire
     from mtop.config import ConfigError, load_config, load_config_data, parse_listen
     from mtop.urls import URLError, make_url, parse_url
 
@@ -58,6 +58,7 @@ _BYTE_PARSERS = [
     (socks.parse_reply, socks.SocksError),
     (http.parse_request_head, http.HTTPError),
     (http.parse_response_head, http.HTTPError),
+    (proxyproto.parse_header, proxyproto.ProxyHeaderError),
 ]
 
 
