@@ -181,6 +181,10 @@ def _server_config(path: Path, certs, dsn: str) -> Path:
         "server": {"listen": "127.0.0.1:0", "crt": certs.server_crt, "key": certs.server_key, "handshake_timeout": 5},
         "log": {"level": "debug"},
         "db": {"driverName": "psql", "dsn": dsn, "cache_ttl": 0},
+        # As every e2e server (conftest.TEST_POLICY): loopback targets are
+        # allowed, and the deliberate failed logins do not ban 127.0.0.1.
+        "acl": {"allow": ["127.0.0.0/8", "::1/128"]},
+        "auth_throttle": {"max_failures": 0},
     }))
     return path
 
