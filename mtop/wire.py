@@ -198,6 +198,17 @@ def parse_auth(buf: bytes) -> ParsedAuth | None:
     return ParsedAuth(request, end + 2)
 
 
+def without_password(message: bytes) -> bytes:
+    """``message``, one whole auth message (the bytes `parse_auth` consumed),
+    with its password replaced by as many ``*``: the same length and
+    framing with nothing secret in it, for handing a refused client's bytes
+    on (to a fallback web server, whose logs may keep them)."""
+    password_at = 3 + message[2]
+    length = message[password_at]
+    start = password_at + 1
+    return bytes(message[:start]) + b"*" * length + bytes(message[start + length :])
+
+
 def _field(value: str, what: str, allow_empty: bool = False) -> bytes:
     raw = value.encode("utf-8")
     if len(raw) > 255:

@@ -135,3 +135,15 @@ def test_any_bytes_are_incomplete_valid_or_a_typed_error(data):
         assert wire.encode_auth(result.request) == data[: result.consumed]
     else:
         assert len(data) < wire.MAX_AUTH_LENGTH
+
+
+def test_without_password_keeps_the_framing_and_drops_the_password():
+    request = wire.AuthRequest("alice", "Secret-pw-1", "example.com", 443)
+    message = wire.encode_auth(request)
+    masked = wire.without_password(message)
+    assert len(masked) == len(message) and b"Secret-pw-1" not in masked
+    parsed, used = wire.parse_auth(masked + b"tail")
+    assert used == len(message)
+    assert (parsed.username, parsed.password, parsed.target) == ("alice", "*" * 11, "example.com:443")
+    empty = wire.encode_auth(wire.AuthRequest("bob", "", "192.0.2.1", 80, wire.ATYP_IPV4))
+    assert wire.without_password(empty) == empty

@@ -130,6 +130,11 @@ def test_parse_auth_any_bytes(data, split_at):
         assert consumed <= wire.MAX_AUTH_LENGTH
         assert wire.encode_auth(request) == data[:consumed]
         assert "password=<hidden>" in repr(request)
+        masked = wire.without_password(data[:consumed])
+        again, used = wire.parse_auth(masked)
+        assert used == consumed and again.password == "*" * len(request.password.encode())
+        assert (again.username, again.host, again.port, again.address_type) == (
+            request.username, request.host, request.port, request.address_type)
     elif verdict[0] == "error":
         assert issubclass(verdict[1], wire.WireError) and verdict[1] is not wire.WireError
     else:
