@@ -24,6 +24,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
+from mtop.redact import shown
+
 IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
@@ -81,8 +83,8 @@ def parse_port_range(value: object) -> tuple[int, int]:
             high = int(high_text) if sep else low
         except ValueError:
             raise ACLError(f"{value!r} is not a port or a range like '8000-8999'") from None
-    else:
-        raise ACLError(f"{value!r} is not a port or a range like '8000-8999'")
+    else:  # any YAML value: a bounded repr (an alias bomb's full repr is gigabytes)
+        raise ACLError(f"{shown(value)} is not a port or a range like '8000-8999'")
     if not (1 <= low <= high <= 65535):
         raise ACLError(f"{value!r} is not a port from 1 to 65535 or a rising range of them")
     return low, high

@@ -215,7 +215,10 @@ class Section:
     def finish(self) -> None:
         for key in self.data:
             if key not in self.used:
-                self.warnings.append(f"unknown key {self.key(str(key))} ignored")
+                # backslashreplace: a lone surrogate ("\ud800" in YAML) made
+                # the log observer drop the whole line.
+                name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                self.warnings.append(f"unknown key {self.key(name)} ignored")
 
 
 def as_string(key: str, value: Any) -> str:

@@ -205,3 +205,20 @@ def test_mtopctl_dates_outside_the_utc_range_are_argument_errors(text):
     # OverflowError from astimezone before.
     with pytest.raises(argparse.ArgumentTypeError, match="years 1 to 9999"):
         _date(text)
+
+
+def test_acl_port_list_of_an_alias_bomb_is_refused_quickly():
+    node = ["x"] * 9
+    for _ in range(8):  # 9**9 leaves if printed in full
+        node = [node] * 9
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as error:
+        load_config_data({"acl": {"allow_ports": [node]}}, check_files=False)
+    assert time.monotonic() - started < 5 and len(str(error.value)) < 2000
+
+
+def test_unknown_keys_with_lone_surrogates_are_warned_of_in_printable_text():
+    config = load_config_data({"\ud800x": 1}, check_files=False)
+    (warning,) = config.warnings
+    warning.encode("utf-8")  # would raise before: twisted's log observer dropped the line
+    assert "\\ud800x" in warning
