@@ -656,7 +656,7 @@ def _secrets_in(document) -> set[str]:
     """The generated passwords (``Zq...``) found only under password, dsn,
     url and urls keys: no message or repr may show them."""
     secret: set[str] = set()
-    elsewhere: set[str] = set()
+    elsewhere: list[str] = []  # text that may be shown: it must not hold them
 
     def walk(node, key=None):
         if isinstance(node, dict):
@@ -667,11 +667,13 @@ def _secrets_in(document) -> set[str]:
             for v in node:
                 walk(v, key)
         elif isinstance(node, str):
-            for token in re.findall(r"Zq[A-Za-z0-9]{10,}", node):
-                (secret if key in ("password", "dsn", "url", "urls") else elsewhere).add(token)
+            if key in ("password", "dsn", "url", "urls"):
+                secret.update(re.findall(r"Zq[A-Za-z0-9]{10,}", node))
+            else:
+                elsewhere.append(node)
 
     walk(document)
-    return secret - elsewhere
+    return {s for s in secret if not any(s in text for text in elsewhere)}
 
 
 @FUZZ
