@@ -32,6 +32,7 @@ from mtop.config import (
     ConfigError,
     ListenAddress,
     LogConfig,
+    MetricsConfig,
     Section,
     as_bool,
     as_non_negative_seconds,
@@ -39,6 +40,7 @@ from mtop.config import (
     as_seconds,
     as_string,
     choice,
+    load_metrics,
     parse_listen,
     path_in,
     read_yaml,
@@ -117,6 +119,7 @@ class ClimberConfig:
     log: LogConfig = LogConfig()
     idle_timeout: float = 300.0
     handshake_timeout: float = 30.0
+    metrics: MetricsConfig = MetricsConfig()
     path: str | None = None
     warnings: tuple[str, ...] = field(default=(), compare=False)
 
@@ -312,6 +315,7 @@ def load_climber_data(data: Any, path: str | None = None) -> ClimberConfig:
         log=LogConfig(level=LOG_LEVELS[level], format=log_format),
         idle_timeout=top.get("idle_timeout", 300.0, as_non_negative_seconds),
         handshake_timeout=top.get("handshake_timeout", 30.0, as_seconds),
+        metrics=load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings)),
         path=path,
     )
     top.finish()

@@ -18,6 +18,7 @@ Every connection that asked for a tunnel ends with one outcome log event.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +50,10 @@ class Climber:
     idle_timeout: float = 300.0
     handshake_timeout: float = 30.0
     connections: set = field(default_factory=set)
+    #: Finished connections by (front end, server or "", outcome), and
+    #: bytes (up, down) by server: what climber's metrics report.
+    outcomes: Counter = field(default_factory=Counter)
+    traffic: dict = field(default_factory=dict)
 
     def close_all(self) -> None:
         for connection in list(self.connections):
@@ -215,6 +220,12 @@ class LocalConnection(Protocol):
         if self._logged:
             return
         self._logged = True
+        climber = self.climber
+        climber.outcomes[(self.kind, self.server or "", self.outcome or "closed")] += 1
+        if self.server is not None and (bytes_up or bytes_down):
+            totals = climber.traffic.setdefault(self.server, [0, 0])
+            totals[0] += bytes_up
+            totals[1] += bytes_down
         emit = self._log.warn if self.outcome and self.outcome.startswith("failed") else self._log.info
         emit(
             "{kind} tunnel {outcome}: client={client} target={target} via={server} "

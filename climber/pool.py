@@ -41,6 +41,9 @@ class ServerState:
     failures: int = 0
     handshake_time: float | None = None
     down: bool = False
+    #: Tunnels opened through it, and attempts that failed to reach it.
+    opened: int = 0
+    unreachable: int = 0
 
     @property
     def name(self) -> str:
@@ -60,6 +63,8 @@ class ServerPool:
         self.clock = clock
         self.rng = rng or random.Random()
         self._next = 0
+        #: Tunnels that were tried on another server after one failed.
+        self.failovers = 0
 
     def candidates(self) -> list[ServerState]:
         """The servers to try for one new tunnel, best first."""
@@ -100,6 +105,7 @@ class ServerPool:
     def report_failure(self, server: ServerState, reason: str) -> None:
         """``server`` could not be reached: mark it down for a while."""
         server.failures += 1
+        server.unreachable += 1
         backoff = min(BACKOFF_FIRST * 2 ** (server.failures - 1), BACKOFF_MAX)
         server.down_until = self.clock.seconds() + backoff
         if not server.down:

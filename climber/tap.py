@@ -177,4 +177,9 @@ def makeService(options: Options) -> MultiService:
         factory = LocalFactory(ForwardConnection, climber, timeout=forward.timeout, host=forward.host, port=forward.port)
         label = f"forward to {format_hostport(forward.host, forward.port)}"
         ListenerService(server_endpoint(reactor, forward.listen), factory, label).setServiceParent(root)
+    if config.metrics.listen is not None:
+        from climber.metrics import climber_registry
+        from mtop.metrics import MetricsService
+
+        MetricsService(reactor, config.metrics.listen, climber_registry(climber, pool)).setServiceParent(root)
     return root

@@ -344,6 +344,8 @@ class TunnelOpener:
             if error.kind in _FINAL_KINDS:
                 result.errback(Failure(error))
                 return
+            if candidates:
+                self.pool.failovers += 1
             next_server()
 
         next_server()
@@ -387,6 +389,7 @@ class TunnelOpener:
                 return
             if error is None:
                 self.pool.report_success(server, tunnel.handshake_time)
+                server.opened += 1
                 attempt.callback(tunnel)
                 return
             if timed_out:

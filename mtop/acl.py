@@ -191,6 +191,13 @@ class DestinationACL:
         return DestinationACL(self.allow, self.deny, self.allow_ports, self.deny_ports, frozenset(own), self.defaults)
 
 
+def destination_acl(config: object) -> DestinationACL:
+    """The ACL of an `mtop.config.Config`, with this server's own addresses
+    (the machine's and the listen addresses) refused unless allowed."""
+    own = local_addresses() | {item.listen.host for item in config.listeners if item.listen.host}
+    return config.acl.with_own(own)
+
+
 def local_addresses() -> set[str]:
     """This machine's own addresses, as far as Linux's /proc and the host
     name tell (no extra dependency)."""

@@ -122,6 +122,14 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """``metrics:``: where to serve Prometheus metrics (``None``: nowhere)."""
+
+    listen: ListenAddress | None = None
+    per_user: bool = False
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
@@ -129,6 +137,7 @@ class Config:
     acl: DestinationACL = DestinationACL()
     limits: LimitsConfig = LimitsConfig()
     auth_throttle: ThrottleSettings = ThrottleSettings()
+    metrics: MetricsConfig = MetricsConfig()
     #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
     listeners: tuple[ListenerConfig, ...] = ()
     path: str | None = None
@@ -468,6 +477,16 @@ def _load_throttle(section: Section) -> ThrottleSettings:
     return config
 
 
+def load_metrics(section: Section) -> MetricsConfig:
+    """``metrics: {listen, per_user}`` (climber's config has it too)."""
+    config = MetricsConfig(
+        listen=section.get("listen", None, lambda k, v: parse_listen(v, k)),
+        per_user=section.get("per_user", False, as_bool),
+    )
+    section.finish()
+    return config
+
+
 def _load_db(section: Section, base: str) -> DBConfig:
     d = DBConfig()
     name = section.get("driverName", d.driverName, as_string)
@@ -523,6 +542,7 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     acl = _load_acl(Section("acl", top.get("acl", {}, lambda k, v: v), warnings))
     limits = _load_limits(Section("limits", top.get("limits", {}, lambda k, v: v), warnings))
     throttle = _load_throttle(Section("auth_throttle", top.get("auth_throttle", {}, lambda k, v: v), warnings))
+    metrics = load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings))
     top.finish()
     return Config(
         server=server,
@@ -531,6 +551,7 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
         acl=acl,
         limits=limits,
         auth_throttle=throttle,
+        metrics=metrics,
         listeners=listeners,
         path=path,
         warnings=tuple(warnings),

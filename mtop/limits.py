@@ -59,6 +59,24 @@ class LimitSettings:
     max_per_client: int = 0
 
 
+#: File descriptors kept free of tunnels (logs, database, listeners).
+RESERVED_FILES = 64
+
+
+def limit_settings(limits: Any) -> LimitSettings:
+    """The settings of a ``limits:`` section (`mtop.config.LimitsConfig`),
+    with ``max_tunnels`` left out derived from the open files limit (a
+    tunnel holds two descriptors), so the process refuses cleanly instead
+    of failing in accept()."""
+    import resource
+
+    max_tunnels = limits.max_tunnels
+    if max_tunnels is None:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        max_tunnels = 0 if soft == resource.RLIM_INFINITY else max(16, (soft - RESERVED_FILES) // 2)
+    return LimitSettings(max_tunnels, limits.max_handshakes, limits.max_per_client)
+
+
 class ConnectionLimits:
     def __init__(self, settings: LimitSettings = LimitSettings(), counters: Counters | None = None):
         self.settings = settings

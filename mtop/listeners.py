@@ -67,7 +67,9 @@ def _name(config: Config, listener: ListenerConfig) -> str:
 
 def listener_services(prepared: list[PreparedListener], factory: Any, reactor: Any, handshake_timeout: float) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
-    tunnel protocols."""
+    tunnel protocols.  Each has ``listener`` (its `ListenerConfig`) and
+    ``use_security(security)``, which makes new connections use a reloaded
+    certificate (open ones keep theirs)."""
     from mtop.listen import ListenerService, server_endpoint
     from mtop.tlstransport import server_tls_factory
 
@@ -78,15 +80,32 @@ def listener_services(prepared: list[PreparedListener], factory: Any, reactor: A
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
             protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout)
-            services.append(QuicListenerService(reactor, protocol, listener.listen.host, listener.listen.port))
+            service = QuicListenerService(reactor, protocol, listener.listen.host, listener.listen.port)
+            service.use_security = lambda security, protocol=protocol: setattr(protocol, "configuration", security)
         else:
-            context = item.security
-            tls_factory = server_tls_factory(factory, lambda context=context: context)
+            holder = _Security(item.security)
+            tls_factory = server_tls_factory(factory, holder.get)
             note = ""
             if listener.proxy_protocol:
                 from mtop.proxyproto import ProxyHeaderFactory
 
                 tls_factory = ProxyHeaderFactory(tls_factory, reactor, handshake_timeout, factory.counters)
                 note = " (PROXY protocol header required)"
-            services.append(ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS", note))
+            service = ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS", note)
+            service.use_security = holder.set
+        service.listener = listener
+        services.append(service)
     return services
+
+
+class _Security:
+    """The TLS context new connections of a listener get."""
+
+    def __init__(self, security: Any):
+        self.security = security
+
+    def get(self) -> Any:
+        return self.security
+
+    def set(self, security: Any) -> None:
+        self.security = security

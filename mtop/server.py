@@ -74,6 +74,28 @@ class ServerSettings:
     #: ``(host, port)`` of the web server non-MTop clients are spliced to.
     fallback: tuple[str, int] | None = None
 
+    @classmethod
+    def from_config(cls, server: Any) -> "ServerSettings":
+        """The settings of a ``server:`` section (`mtop.config.ServerConfig`)."""
+        return cls(
+            reply_errors=server.reply_errors,
+            handshake_timeout=server.handshake_timeout,
+            idle_timeout=server.idle_timeout,
+            auth_failure_delay=server.auth_failure_delay,
+            fallback=server.fallback,
+        )
+
+
+class Timings:
+    """Where the factory reports latencies (`mtop.metrics` observes them
+    in histograms); by default nowhere."""
+
+    def handshake(self, seconds: float) -> None:
+        """From accepting the connection to a complete auth message."""
+
+    def connect(self, seconds: float) -> None:
+        """From dialling the target to its connection."""
+
 
 @implementer(IHalfCloseableProtocol)
 class TargetProtocol(Protocol):
@@ -126,6 +148,7 @@ class TunnelProtocol(Protocol):
     _admitted = False
     _handshaking = False
     _fallback_reason: str | None = None
+    _dialled = 0.0
 
     def __init__(self, factory: "TunnelFactory", client_key: str = ""):
         self.factory = factory
@@ -206,7 +229,7 @@ class TunnelProtocol(Protocol):
             parsed = wire.parse_auth(buf)
         except wire.WireError as e:
             self._buffer = b""
-            if self.factory.settings.fallback is not None:
+            if self._fallback_allowed():
                 self._to_fallback(f"bad request: {e}", buf)
             else:
                 self._fail("bad-request", e.status, str(e))
@@ -215,6 +238,7 @@ class TunnelProtocol(Protocol):
             self._buffer = buf
             return
         self._cancel_deadline()
+        self.factory.timings.handshake(self.clock.seconds() - self.started)
         self.request = parsed.request
         self._auth_bytes = buf[: parsed.consumed]
         self._buffer = buf[parsed.consumed :]
@@ -256,6 +280,7 @@ class TunnelProtocol(Protocol):
         if record is None:
             self._auth_failed()
             return
+        self.factory.counters.inc("auth.ok")
         sessions = self.factory.sessions
         if sessions is not None:
             refusal = sessions.admit(self, self.request.username, record)
@@ -264,6 +289,7 @@ class TunnelProtocol(Protocol):
                 return
             self._admitted = True
         self.state = "connecting"
+        self._dialled = self.clock.seconds()
         self._pending = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
         self._pending.addErrback(self._connect_error)
 
@@ -291,7 +317,7 @@ class TunnelProtocol(Protocol):
         self._pending = None
         if self.state != "auth":
             return
-        if self.factory.settings.fallback is not None:
+        if self._fallback_allowed():
             self._to_fallback("auth failed", self._auth_bytes, user=True)
         else:
             self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
@@ -301,6 +327,8 @@ class TunnelProtocol(Protocol):
         if failure.check(CancelledError) or self.state != "auth":
             return
         self._handshake_over()
+        self.factory.counters.inc("auth.unavailable")
+        self.factory.counters.inc("db.errors")
         if failure.check(StoreUnavailable):
             self._log.error("user store unavailable: {error}", error=failure.getErrorMessage())
         else:
@@ -323,6 +351,11 @@ class TunnelProtocol(Protocol):
 
     # Fallback: not an MTop client, or a failed login, with a fallback web
     # server configured.
+
+    def _fallback_allowed(self) -> bool:
+        """A fallback is configured and this is a TLS connection (a QUIC
+        stream cannot look like a web site)."""
+        return self.factory.settings.fallback is not None and hasattr(self.transport, "getHandle")
 
     def _to_fallback(self, reason: str, data: bytes, user: bool = False) -> None:
         """Splice this client to the fallback server, ``data`` (what it has
@@ -355,6 +388,8 @@ class TunnelProtocol(Protocol):
             target.transport.abortConnection()
             return
         fallback = self.state == "fallback"
+        if not fallback:
+            self.factory.timings.connect(self.clock.seconds() - self._dialled)
         self.state = "relay"
         relay = Relay(
             self.clock,
@@ -415,7 +450,16 @@ class TunnelProtocol(Protocol):
             self.transport.loseConnection()
 
     def _finish(self, bytes_up: int, bytes_down: int) -> None:
-        self.factory.tunnels.discard(self)
+        factory = self.factory
+        factory.tunnels.discard(self)
+        counters = factory.counters
+        counters.inc(f"tunnels.{self.outcome}")
+        counters.inc("bytes.up", bytes_up)
+        counters.inc("bytes.down", bytes_down)
+        if factory.user_bytes is not None and self.request is not None and (bytes_up or bytes_down):
+            totals = factory.user_bytes.setdefault(self.request.username, [0, 0])
+            totals[0] += bytes_up
+            totals[1] += bytes_down
         self.factory.limits.closed(self.client_key, self._handshaking)
         self._handshaking = False
         if self._admitted:
@@ -464,6 +508,10 @@ class TunnelFactory(Factory):
         self.limits = limits if limits is not None else ConnectionLimits(counters=self.counters)
         self.throttle = throttle if throttle is not None else AuthThrottle(clock, counters=self.counters)
         self.tunnels: set[TunnelProtocol] = set()
+        self.timings = Timings()
+        #: Bytes (up, down) of finished tunnels per user, when metrics
+        #: count per user (``metrics.per_user``); else ``None``.
+        self.user_bytes: dict[str, list[int]] | None = None
         self._refused: dict[str, int] = {}
         self._refusal_warned = float("-inf")
 

@@ -45,6 +45,7 @@ from twisted.python.failure import Failure
 
 from mtop.auth import Authenticator, utc_now
 from mtop.logs import logger
+from mtop.stats import Counters
 from mtop.ratelimit import UserRate
 from mtop.relay import Relay
 from mtop.userstore import UserRecord
@@ -140,6 +141,8 @@ class UserSessions(MultiService):
         super().__init__()
         self.store = store
         self.authenticator = authenticator
+        #: Where database errors are counted (the tap shares the server's).
+        self.counters = Counters()
         self.clock = clock
         self.recheck_interval = recheck_interval
         self.flush_interval = flush_interval
@@ -353,6 +356,7 @@ class UserSessions(MultiService):
 
     def _recheck_failed(self, failure: Failure) -> None:
         # Open tunnels stay open while the store is away.
+        self.counters.inc("db.errors")
         self._log.debug("users: cannot recheck open tunnels: {error}", error=failure.getErrorMessage())
 
     def _apply_rows(self, rows: dict[str, UserRecord], names: list[str]) -> None:
@@ -417,6 +421,7 @@ class UserSessions(MultiService):
         )
 
     def _flush_error(self, failure: Failure) -> Failure | None:
+        self.counters.inc("db.errors")
         if not self._flush_failed:
             self._flush_failed = True
             self._log.warn(

@@ -88,34 +88,15 @@ def user_store(config: Config, reactor: Any) -> Service:
     return SQLiteUserStore(db.dsn)
 
 
-#: File descriptors kept free of tunnels (logs, database, listeners).
-RESERVED_FILES = 64
-
-
-def limit_settings(config: Config) -> "LimitSettings":
-    """``limits:``, with ``max_tunnels`` left out derived from the open
-    files limit (a tunnel holds two descriptors), so the process refuses
-    cleanly instead of failing in accept()."""
-    import resource
-
-    from mtop.limits import LimitSettings
-
-    limits = config.limits
-    max_tunnels = limits.max_tunnels
-    if max_tunnels is None:
-        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-        max_tunnels = 0 if soft == resource.RLIM_INFINITY else max(16, (soft - RESERVED_FILES) // 2)
-    return LimitSettings(max_tunnels, limits.max_handshakes, limits.max_per_client)
-
-
 def makeService(options: Options) -> MultiService:
     from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
 
-    from mtop.acl import local_addresses
+    from mtop.acl import destination_acl
     from mtop.auth import Authenticator
     from mtop.dialer import Dialer
-    from mtop.limits import AuthThrottle, ConnectionLimits
+    from mtop.limits import AuthThrottle, ConnectionLimits, limit_settings
+    from mtop.reload import ConfigReloader
     from mtop.server import ServerSettings, TunnelFactory
     from mtop.sessions import UserSessions
     from mtop.stats import Counters
@@ -151,23 +132,25 @@ def makeService(options: Options) -> MultiService:
     sessions.setServiceParent(root)
     server = config.server
     counters = Counters()
-    own = local_addresses() | {listener.listen.host for listener in config.listeners if listener.listen.host}
     factory = TunnelFactory(
         authenticator,
-        Dialer(reactor, server.connect_timeout, config.acl.with_own(own)),
+        Dialer(reactor, server.connect_timeout, destination_acl(config)),
         reactor,
-        ServerSettings(
-            reply_errors=server.reply_errors,
-            handshake_timeout=server.handshake_timeout,
-            idle_timeout=server.idle_timeout,
-            auth_failure_delay=server.auth_failure_delay,
-            fallback=server.fallback,
-        ),
+        ServerSettings.from_config(server),
         sessions,
-        limits=ConnectionLimits(limit_settings(config), counters),
+        limits=ConnectionLimits(limit_settings(config.limits), counters),
         throttle=AuthThrottle(reactor, config.auth_throttle, counters),
         counters=counters,
     )
-    for service in listener_services(options.listeners, factory, reactor, server.handshake_timeout):
+    sessions.counters = counters
+    listeners = listener_services(options.listeners, factory, reactor, server.handshake_timeout)
+    for service in listeners:
         service.setServiceParent(root)
+    if config.metrics.listen is not None:
+        from mtop.metrics import MetricsService, server_registry
+
+        quic = [service.protocol for service in listeners if service.listener.type == "quic"]
+        registry = server_registry(factory, quic, config.metrics.per_user)
+        MetricsService(reactor, config.metrics.listen, registry).setServiceParent(root)
+    ConfigReloader(config, reactor, factory, authenticator, listeners).setServiceParent(root)
     return root

@@ -176,10 +176,10 @@ def test_hardening_errors_name_the_key(data, message):
 def test_limits_from_the_open_files_limit():
     import resource
 
-    from mtop.config import Config, LimitsConfig
-    from mtop.tap import RESERVED_FILES, limit_settings
+    from mtop.config import LimitsConfig
+    from mtop.limits import RESERVED_FILES, limit_settings
 
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    derived = limit_settings(Config()).max_tunnels
+    derived = limit_settings(LimitsConfig()).max_tunnels
     assert derived == (0 if soft == resource.RLIM_INFINITY else max(16, (soft - RESERVED_FILES) // 2))
-    assert limit_settings(Config(limits=LimitsConfig(max_tunnels=0))).max_tunnels == 0
+    assert limit_settings(LimitsConfig(max_tunnels=0)).max_tunnels == 0

@@ -36,6 +36,21 @@ class Transport(StringTransport):
         # Like TCP transports, and unlike StringTransport, tolerate "none".
         self.producer = None
 
+    # Like `mtop.tlstransport.TLSTransport`: the SSL connection's app data.
+    tls_app_data = None
+
+    def getHandle(self):
+        return self
+
+    def get_app_data(self):
+        return self.tls_app_data
+
+
+class StreamTransport(Transport):
+    """Like a QUIC stream: no TLS connection of its own."""
+
+    getHandle = property(lambda self: (_ for _ in ()).throw(AttributeError("getHandle")))
+
 
 class FakeAuth:
     """Logs everyone in (``result`` True) or no one (False); a Deferred
@@ -367,17 +382,9 @@ def test_fallback_gets_a_failed_login_with_its_auth_message():
     assert client.value() == b""
 
 
-class _Handle:
-    def __init__(self, data):
-        self.data = data
-
-    def get_app_data(self):
-        return self.data
-
-
 def test_fallback_after_the_tls_handshake_chose_another_alpn():
     protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
-    client.getHandle = lambda: _Handle(FALLBACK_ALPN)
+    client.tls_app_data = FALLBACK_ALPN
     client.negotiatedProtocol = b"http/1.1"
     protocol.handshakeCompleted()
     assert dialer.attempts[0]["host"] == "127.0.0.1"
@@ -388,7 +395,6 @@ def test_fallback_after_the_tls_handshake_chose_another_alpn():
 
 def test_mtop_alpn_is_not_sent_to_the_fallback():
     protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
-    client.getHandle = lambda: _Handle(None)
     protocol.handshakeCompleted()
     protocol.dataReceived(AUTH)
     assert dialer.attempts[0]["host"] == "example.com"
@@ -411,3 +417,15 @@ def test_refusals_are_logged_once_a_minute_with_counts(events):
     assert connect(factory) == (None, None)
     warnings = [e for e in events if "refused before their handshake" in e.get("log_format", "")]
     assert [w["counts"] for w in warnings] == ["1 max-per-client", "5 max-per-client"]
+
+
+def test_quic_streams_are_never_sent_to_the_fallback(events):
+    clock, dialer, auth = Clock(), FakeDialer(), FakeAuth(False)
+    factory = TunnelFactory(auth, dialer, clock, ServerSettings(fallback=FALLBACK))
+    protocol = factory.buildProtocol(IPv4Address("UDP", "192.0.2.1", 40000))
+    stream = StreamTransport()
+    protocol.makeConnection(stream)
+    protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
+    assert stream.disconnecting and dialer.attempts == []
+    protocol.connectionLost(None)
+    assert outcome_events(events)[0]["outcome"] == "bad-request"

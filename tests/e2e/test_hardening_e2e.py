@@ -4,7 +4,9 @@ listener, and a config error."""
 
 from __future__ import annotations
 
+import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -163,3 +165,144 @@ def test_bad_acl_stops_twistd_with_one_line(e2e_setup, tmp_path):
     assert result.returncode != 0
     assert "acl.allow: '10.0.0.0/40' is not a network" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr + result.stdout
+
+
+def served_certificate(port: int) -> bytes:
+    """The DER certificate a new connection to ``port`` is shown."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["mtop"])
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw) as tls:
+            return tls.getpeercert(binary_form=True)
+
+
+def der(path) -> bytes:
+    return ssl.PEM_cert_to_DER_cert(open(path).read().split("-----END CERTIFICATE-----")[0] + "-----END CERTIFICATE-----\n")
+
+
+def test_sighup_reloads_certificate_and_acl_without_dropping_tunnels(start_server, e2e_setup, make_target, tmp_path):
+    from mtop.certs import init_certs
+
+    server = start_server('acl:\n  allow: ["127.0.0.0/8"]\n')
+    target = make_target(echo)
+    assert served_certificate(server.port) == der(e2e_setup.dir / "certs" / "server.crt")
+    open_tunnel = connect(server, e2e_setup)
+    try:
+        open_tunnel.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"one")
+        assert open_tunnel.read_exactly(5) == b"\x01\x00one"
+        renewed = init_certs(str(tmp_path / "renewed"), ["localhost"], ["127.0.0.1"])
+        text = server.config.read_text()
+        text = text.replace(str(e2e_setup.dir / "certs" / "server.crt"), renewed.server_crt)
+        text = text.replace(str(e2e_setup.dir / "certs" / "server.key"), renewed.server_key)
+        text = text.replace('allow: ["127.0.0.0/8"]', "allow: []")  # loopback refused from now on
+        server.config.write_text(text)
+        since = server.mark()
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"config reloaded from ", 10, since=since)
+        assert served_certificate(server.port) == der(renewed.server_crt)
+        # The open tunnel goes on; a new one to loopback is refused now.
+        open_tunnel.send_all(b"two")
+        assert open_tunnel.read_exactly(3) == b"two"
+        refused = TLSClient(server.port, renewed.ca_crt)
+        try:
+            refused.handshake()
+            refused.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port))
+            assert refused.read_to_eof() == b"\x01\x03"
+        finally:
+            refused.close()
+        # A broken config is rejected and the running one stays.
+        server.config.write_text(text.replace("handshake_timeout: 2", "handshake_timeout: soon"))
+        since = server.mark()
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for(r"config reload rejected, the running configuration stays: .*server.handshake_timeout", 10, since=since)
+        assert served_certificate(server.port) == der(renewed.server_crt)
+        open_tunnel.send_all(b"three")
+        assert open_tunnel.read_exactly(5) == b"three"
+        assert server.proc.poll() is None
+    finally:
+        open_tunnel.close()
+
+
+def scrape(port: int) -> dict[str, float]:
+    """``/metrics`` as {'name{labels}': value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = response.read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            values[name] = float(value)
+    return values
+
+
+def test_metrics_endpoint_counts_tunnels_bytes_logins_and_refusals(start_server, e2e_setup, make_target):
+    server = start_server(
+        'acl:\n  allow: ["127.0.0.0/8"]\n  deny_ports: [9]\nmetrics:\n  listen: "127.0.0.1:0"\n  per_user: true\n'
+    )
+    port = int(server.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)/metrics", 10).group(1))
+    before = scrape(port)
+    assert before['mtop_tunnels_open{state="relay"}'] == 0
+    assert before["process_resident_memory_bytes"] > 0
+    target = make_target(echo)
+    client = connect(server, e2e_setup)
+    try:
+        client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"x" * 1000)
+        assert client.read_exactly(1002)[2:] == b"x" * 1000
+        live = scrape(port)
+        assert live['mtop_tunnels_open{state="relay"}'] == 1
+        assert live['mtop_traffic_bytes_total{direction="up"}'] == 1000  # open tunnels count too
+        assert live['mtop_user_traffic_bytes_total{direction="down",user="alice"}'] == 1000
+        assert live['mtop_auth_total{result="ok"}'] == 1
+        assert live["mtop_handshake_seconds_count"] == 1 and live["mtop_connect_seconds_count"] == 1
+    finally:
+        client.close()
+    for password, target_port in ((e2e_setup.wrong_password, target.port), (None, 9)):
+        refused = connect(server, e2e_setup)
+        try:
+            refused.send_all(auth_message(e2e_setup.alice, password, "127.0.0.1", target_port))
+            refused.read_to_eof()
+        finally:
+            refused.close()
+    server.wait_for(r"tunnel acl-denied", 10)
+    after = scrape(port)
+    assert after['mtop_tunnels_open{state="relay"}'] == 0
+    assert after['mtop_tunnels_total{outcome="auth-failed"}'] == 1
+    assert after['mtop_tunnels_total{outcome="acl-denied"}'] == 1
+    assert after['mtop_refused_total{reason="acl"}'] == 1
+    assert after['mtop_auth_total{result="failed"}'] == 1
+    assert after['mtop_traffic_bytes_total{direction="down"}'] == 1000
+    assert after["mtop_db_errors_total"] == 0 and after["mtop_throttled_addresses"] == 0
+
+
+def test_climber_metrics_count_tunnels_servers_and_failovers(server, make_climber, make_target):
+    from peers import closed_port
+    from test_climber_e2e import recv_exactly, socks5_request
+
+    dead = closed_port()
+    climber = make_climber([dead, server], strategy="failover", http=False, metrics={"listen": "127.0.0.1:0"})
+    port = int(climber.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)/metrics", 10).group(1))
+    target = make_target(echo)
+    sock, reply = socks5_request(climber.socks5_port, "127.0.0.1", target.port)
+    try:
+        assert reply[1] == 0
+        sock.sendall(b"hello")
+        assert recv_exactly(sock, 5) == b"hello"
+        live = scrape(port)
+        assert live['climber_tunnels_open{frontend="socks5"}'] == 1
+        via = f"127.0.0.1:{server.port}"
+        assert live[f'climber_traffic_bytes_total{{direction="up",server="{via}"}}'] == 5
+    finally:
+        sock.close()
+    climber.wait_for(r"socks5 tunnel \S+: ", 10)
+    after = scrape(port)
+    assert after[f'climber_server_up{{server="127.0.0.1:{dead}"}}'] == 0
+    assert after[f'climber_server_up{{server="{via}"}}'] == 1
+    assert after[f'climber_server_unreachable_total{{server="127.0.0.1:{dead}"}}'] == 1
+    assert after[f'climber_server_tunnels_opened_total{{server="{via}"}}'] == 1
+    assert after["climber_failovers_total"] == 1
+    assert sum(v for k, v in after.items() if k.startswith("climber_tunnels_total{") and f'server="{via}"' in k) == 1
