@@ -556,7 +556,8 @@ _valid_climber = st.fixed_dictionaries(
     optional={"http": _valid_listener, "log": st.just({"level": "debug"}),
               "strategy": st.sampled_from(["random", "round_robin", "failover", "fastest"]),
               "forward": st.lists(st.fixed_dictionaries({"listen": st.just("127.0.0.1:0"), "target": st.just("example.com:22")}), max_size=2),
-              "idle_timeout": st.sampled_from([0, "5m"]), "handshake_timeout": st.just(30)},
+              "idle_timeout": st.sampled_from([0, "5m"]), "handshake_timeout": st.just(30),
+              "metrics": st.just({"listen": ":9101"})},
 )
 _valid_mtop = st.fixed_dictionaries(
     {"server": st.fixed_dictionaries({"listen": st.sampled_from([":443", "127.0.0.1:0", "[::1]:8443"])},
@@ -568,7 +569,8 @@ _valid_mtop = st.fixed_dictionaries(
                               _SECRET.map(lambda s: {"driverName": "mysql", "dsn": f"root:{s}@tcp(127.0.0.1:3306)/mtop"})),
               "listeners": st.lists(st.fixed_dictionaries({"type": st.sampled_from(["tls", "quic"])}), min_size=1, max_size=2),
               "acl": st.just({"allow": ["10.0.0.0/8"], "deny_ports": [25, "6660-6669"]}),
-              "limits": st.just({"max_tunnels": 100}), "log": st.just({"level": "warn"})},
+              "limits": st.just({"max_tunnels": 100}), "log": st.just({"level": "warn"}),
+              "metrics": st.just({"listen": "127.0.0.1:9100", "per_user": True})},
 )
 
 
@@ -624,6 +626,7 @@ _mtop_documents = st.one_of(
             "acl": _section(["allow", "deny", "allow_ports", "deny_ports"]),
             "limits": _section(["max_tunnels", "max_handshakes", "max_per_client"]),
             "auth_throttle": _section(["max_failures", "window", "ban"]),
+            "metrics": _section(["listen", "per_user"]),
             "log": _section(["level", "format"]),
             "db": _section(_DB_KEYS),
             "extra": _junk,
@@ -647,6 +650,7 @@ _climber_documents = st.one_of(
             "strategy": _scalars,
             "idle_timeout": _scalars,
             "handshake_timeout": _scalars,
+            "metrics": _section(["listen", "per_user"]),
         },
     ),
 )
