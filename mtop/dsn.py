@@ -146,28 +146,37 @@ def check_postgres_dsn(dsn: str) -> str:
 
 
 # Up to the last @: a password may hold an unencoded '/', '?' or '#'.
-_URI_USERINFO = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://(.*)@", re.S)
+_URI_USERINFO = re.compile(r"\s*[A-Za-z][A-Za-z0-9+.\-]*://(.*)@", re.S)
 _QUOTED = re.compile(r'"([^"]*)"')
 
 
 def _mask_quoted_secrets(dsn: str, message: str) -> str:
     """libpq's message with the fragments it quotes from ``dsn`` masked when
-    they may be part of a password: it says, e.g., ``invalid percent-encoded
-    token: "p%zz"`` of a URI's password, or ``missing "=" after "def"`` of
-    ``password=abc def``."""
-    secret = []
+    they overlap where a password may be: it says, e.g., ``invalid
+    percent-encoded token: "p%zz"`` of a URI's password, or ``missing "="
+    after "def"`` of ``password=abc def``.  The places: a URI's userinfo (up
+    to its last @) and everything after a ``password`` keyword."""
+    spans = []
     at = dsn.lower().find("password")
     if at >= 0:
-        secret.append(dsn[at:])
-    match = _URI_USERINFO.match(dsn.strip())
+        spans.append((at, len(dsn)))
+    match = _URI_USERINFO.match(dsn)
     if match:
-        secret.append(match.group(1))
+        spans.append(match.span(1))
+
+    def overlaps(text: str) -> bool:
+        found = False
+        pos = dsn.find(text)
+        while pos >= 0:
+            found = True
+            if any(pos < end and start < pos + len(text) for start, end in spans):
+                return True
+            pos = dsn.find(text, pos + 1)
+        return not found and bool(spans)  # not quoted verbatim: cannot tell, so mask
 
     def mask(quoted: re.Match) -> str:
         text = quoted.group(1)
-        if len(text) > 1 and any(text in part or part in text for part in secret if part):
-            return '"***"'
-        return quoted.group(0)
+        return '"***"' if len(text) > 1 and overlaps(text) else quoted.group(0)
 
     return _QUOTED.sub(mask, message)
 

@@ -222,3 +222,10 @@ def test_unknown_keys_with_lone_surrogates_are_warned_of_in_printable_text():
     (warning,) = config.warnings
     warning.encode("utf-8")  # would raise before: twisted's log observer dropped the line
     assert "\\ud800x" in warning
+
+
+def test_postgres_uri_fragments_overlapping_the_password_are_not_quoted():
+    # libpq: invalid percent-encoded token: ":Pw-9@127.0.0.1/%" (the user is "/")
+    with pytest.raises(DSNError) as error:
+        check_postgres_dsn("postgres:///:Pw-overlap-9@127.0.0.1/%?sslmode=disable")
+    assert "Pw-overlap-9" not in str(error.value)
