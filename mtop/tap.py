@@ -8,7 +8,7 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
-from mtop.config import Config, ConfigError, load_config
+from mtop.config import Config, ConfigError, ListenAddress, load_config
 from mtop.logs import logger, set_level
 from mtop.listeners import listener_services, prepare_listeners
 from mtop.tls import TLSConfigError
@@ -96,10 +96,20 @@ def makeService(options: Options) -> MultiService:
     from mtop.sessions import UserSessions
     from mtop.stats import Counters
 
+    from mtop.workers import ParentWatch, WorkerSupervisor, effective_workers, worker_number, worker_ports
+
     config = options.config_data
     set_level(config.log.level)
     root = MultiService()
     _StartupNotes(config).setServiceParent(root)
+    workers = effective_workers(config.server.workers)
+    number = worker_number()
+    if workers > 1 and number is None:
+        # The supervisor: the workers do the serving.
+        WorkerSupervisor(reactor, config, workers).setServiceParent(root)
+        return root
+    if number is not None:
+        ParentWatch(reactor).setServiceParent(root)
 
     store = user_store(config, reactor)
 
@@ -138,7 +148,9 @@ def makeService(options: Options) -> MultiService:
         counters=counters,
     )
     sessions.counters = counters
-    listeners = listener_services(options.listeners, factory, reactor, server.handshake_timeout)
+    listeners = listener_services(
+        options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
+    )
     for service in listeners:
         service.setServiceParent(root)
     if config.metrics.listen is not None:
@@ -146,6 +158,9 @@ def makeService(options: Options) -> MultiService:
 
         quic = [service.protocol for service in listeners if service.listener.type == "quic"]
         registry = server_registry(factory, quic, config.metrics.per_user)
-        MetricsService(reactor, config.metrics.listen, registry).setServiceParent(root)
+        listen = config.metrics.listen
+        if number is not None and listen.port:
+            listen = ListenAddress(listen.host, listen.port + number - 1)
+        MetricsService(reactor, listen, registry).setServiceParent(root)
     ConfigReloader(config, reactor, factory, authenticator, listeners).setServiceParent(root)
     return root
