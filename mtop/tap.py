@@ -9,7 +9,7 @@ from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
 from mtop.config import Config, ConfigError, ListenAddress, load_config
-from mtop.logs import logger, set_level
+from mtop.logs import logger, set_level, use_log_format
 from mtop.listeners import listener_services, prepare_listeners
 from mtop.tls import TLSConfigError
 
@@ -34,6 +34,7 @@ class Options(usage.Options):
             self.listeners = prepare_listeners(self.config_data)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{path}: {e}") from None
+        use_log_format(self.config_data.log.format, self.parent)
 
 
 def _check_driver(config: Config) -> None:
@@ -63,8 +64,6 @@ class _StartupNotes(Service):
         super().startService()
         for warning in self.config.warnings:
             self._log.warn("config {path}: {warning}", path=self.config.path, warning=warning)
-        if self.config.log.format == "json":
-            self._log.warn("config {path}: log.format json is not implemented yet; logging text", path=self.config.path)
 
 
 def user_store(config: Config, reactor: Any) -> Service:
