@@ -180,7 +180,7 @@ def makeService(options: Options) -> MultiService:
         ListenerService(server_endpoint(reactor, forward.listen), factory, label).setServiceParent(root)
     if config.metrics.listen is not None:
         from climber.metrics import climber_registry
-        from mtop.metrics import MetricsService
+        from mtop.metrics import metrics_service
 
-        MetricsService(reactor, config.metrics.listen, climber_registry(climber, pool)).setServiceParent(root)
+        metrics_service(reactor, config.metrics.listen, climber_registry(climber, pool)).setServiceParent(root)
     return root

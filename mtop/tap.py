@@ -153,13 +153,13 @@ def makeService(options: Options) -> MultiService:
     for service in listeners:
         service.setServiceParent(root)
     if config.metrics.listen is not None:
-        from mtop.metrics import MetricsService, server_registry
+        from mtop.metrics import metrics_service, server_registry
 
         quic = [service.protocol for service in listeners if service.listener.type == "quic"]
         registry = server_registry(factory, quic, config.metrics.per_user)
         listen = config.metrics.listen
         if number is not None and listen.port:
             listen = ListenAddress(listen.host, listen.port + number - 1)
-        MetricsService(reactor, listen, registry).setServiceParent(root)
+        metrics_service(reactor, listen, registry).setServiceParent(root)
     ConfigReloader(config, reactor, factory, authenticator, listeners).setServiceParent(root)
     return root
