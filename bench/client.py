@@ -14,7 +14,6 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 BUFFER = 1 << 20
 SIZE = struct.Struct("!Q")
@@ -138,19 +137,19 @@ def echo_once(sock: socket.socket, payload: bytes) -> None:
         raise BenchError("echo came back different")
 
 
-def transfer(path: Path, target: tuple[str, int], direction: str, size: int, seconds: float) -> float:
-    """One transfer through ``path``; MB/s (10**6 bytes per second)."""
+def transfer(path: Path, target: tuple[str, int], direction: str, size: int, seconds: float) -> tuple[int, float]:
+    """One transfer through ``path``; (bytes, seconds)."""
     with path.open(target) as sock:
         run = download if direction == "download" else upload
         got, elapsed = run(sock, size, time.monotonic() + seconds)
     if got == 0:
         raise BenchError(f"{direction} through {path.kind} moved nothing")
-    return got / elapsed / 1e6
+    return got, elapsed
 
 
-def parallel_download(path: Path, target: tuple[str, int], streams: int, size: int, seconds: float) -> float:
+def parallel_download(path: Path, target: tuple[str, int], streams: int, size: int, seconds: float) -> tuple[int, float]:
     """``streams`` downloads at once (each up to ``size`` bytes, all
-    bounded by one deadline); aggregate MB/s."""
+    bounded by one deadline); (bytes, seconds) in all."""
     socks = [path.open(target) for _ in range(streams)]
     results: list[tuple[int, float] | BaseException] = [None] * streams  # type: ignore[list-item]
     barrier = threading.Barrier(streams + 1)
@@ -176,7 +175,7 @@ def parallel_download(path: Path, target: tuple[str, int], streams: int, size: i
     errors = [r for r in results if isinstance(r, BaseException) or r is None]
     if errors:
         raise BenchError(f"parallel download through {path.kind}: {errors[0]!r}")
-    return sum(r[0] for r in results) / elapsed / 1e6
+    return sum(r[0] for r in results), elapsed
 
 
 @dataclass
@@ -284,4 +283,8 @@ def rss_kib(pid: int) -> int:
     raise BenchError(f"no VmRSS for process {pid}")
 
 
-Measure = Callable[[], float]
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of process ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -52,6 +52,12 @@ class Context:
     def target(self, service: str) -> tuple[str, int]:
         return ("127.0.0.1", self.origin[service])
 
+    def cpu(self, route: str) -> dict[str, float]:
+        """CPU seconds so far of the processes a route goes through."""
+        if route not in self.climbers:
+            return {}
+        return {"mtop": client.cpu_seconds(self.mtop.process.pid), "climber": client.cpu_seconds(self.climbers[route].process.pid)}
+
     def path(self, route: str, front: str = "socks5") -> Path:
         if route == "direct":
             return Path("direct")
@@ -77,26 +83,40 @@ class Measurement:
 def _transfer(route: str, front: str, direction: str) -> Callable[[Context], dict[str, float]]:
     def run(ctx: Context) -> dict[str, float]:
         service = "source" if direction == "download" else "sink"
-        rate = client.transfer(ctx.path(route, front), ctx.target(service), direction, ctx.args.size, ctx.args.seconds)
-        return {"MB/s": rate}
+        before = ctx.cpu(route)
+        moved, elapsed = client.transfer(ctx.path(route, front), ctx.target(service), direction, ctx.args.size, ctx.args.seconds)
+        return {"MB/s": moved / elapsed / 1e6, **_cpu_per(ctx, route, before, moved / 1e9, "s/GB")}
 
     return run
 
 
+def _cpu_per(ctx: Context, route: str, before: dict[str, float], amount: float, unit: str) -> dict[str, float]:
+    """CPU time each process of ``route`` spent since ``before``, per
+    ``amount`` (GB moved, thousands of tunnels): a figure the machine's
+    other load disturbs much less than a rate."""
+    after = ctx.cpu(route)
+    return {f"{name} CPU {unit}": (after[name] - before[name]) / amount for name in before}
+
+
 def _parallel(route: str) -> Callable[[Context], dict[str, float]]:
     def run(ctx: Context) -> dict[str, float]:
-        rate = client.parallel_download(ctx.path(route), ctx.target("source"), ctx.args.streams, ctx.args.size, ctx.args.seconds)
-        return {"MB/s": rate}
+        before = ctx.cpu(route)
+        moved, elapsed = client.parallel_download(ctx.path(route), ctx.target("source"), ctx.args.streams, ctx.args.size, ctx.args.seconds)
+        return {"MB/s": moved / elapsed / 1e6, **_cpu_per(ctx, route, before, moved / 1e9, "s/GB")}
 
     return run
 
 
 def _setup(route: str) -> Callable[[Context], dict[str, float]]:
     def run(ctx: Context) -> dict[str, float]:
+        before = ctx.cpu(route)
         result = client.setup_rate(ctx.path(route), ctx.target("echo"), ctx.args.tunnels, ctx.args.concurrency, ctx.args.setup_seconds)
         if result.failed:
             print(f"  ({result.failed} of {result.done + result.failed} connections failed)", file=sys.stderr)
-        return {"per s": result.rate, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms}
+        return {
+            "per s": result.rate, "p50 ms": result.p50_ms, "p99 ms": result.p99_ms,
+            **_cpu_per(ctx, route, before, result.done / 1000, "ms/tunnel"),
+        }
 
     return run
 
@@ -139,6 +159,13 @@ def _idle_rss(route: str) -> Callable[[Context], dict[str, float]]:
     return run
 
 
+def _units(route: str, main: str, cpu_unit: str) -> dict[str, str]:
+    units = {main: main}
+    if route in ("tls", "quic"):
+        units.update({f"mtop CPU {cpu_unit}": cpu_unit, f"climber CPU {cpu_unit}": cpu_unit})
+    return units
+
+
 def _measurements() -> list[Measurement]:
     items: list[Measurement] = []
     routes = (("direct", "direct"), ("relay", "plain relay (SOCKS5)"), ("tls", "TLS tunnel"), ("quic", "QUIC tunnel"))
@@ -150,7 +177,7 @@ def _measurements() -> list[Measurement]:
                 via = " via HTTP CONNECT" if front == "http" else (" via SOCKS5" if route in ("tls", "quic") else "")
                 items.append(
                     Measurement(
-                        name, f"one {label}{via}, {direction}", _transfer(route, front, direction), {"MB/s": "MB/s"},
+                        name, f"one {label}{via}, {direction}", _transfer(route, front, direction), _units(route, "MB/s", "s/GB"),
                         None if route == "direct" else f"direct-{direction}",
                         () if route == "direct" else (route,),
                     )
@@ -158,7 +185,7 @@ def _measurements() -> list[Measurement]:
     for route, label in routes:
         items.append(
             Measurement(
-                f"{route}-parallel8", f"8 x {label}, download aggregate", _parallel(route), {"MB/s": "MB/s"},
+                f"{route}-parallel8", f"8 x {label}, download aggregate", _parallel(route), _units(route, "MB/s", "s/GB"),
                 None if route == "direct" else "direct-parallel8", () if route == "direct" else (route,),
             )
         )
@@ -166,7 +193,7 @@ def _measurements() -> list[Measurement]:
         items.append(
             Measurement(
                 f"{route}-setup", f"setup + 32-byte echo, {label}", _setup(route),
-                {"per s": "/s", "p50 ms": "ms", "p99 ms": "ms"},
+                {**_units(route, "per s", "ms/tunnel"), "p50 ms": "ms", "p99 ms": "ms"},
                 None if route == "direct" else "direct-setup", () if route == "direct" else (route,),
             )
         )
@@ -271,7 +298,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 values = m.run(ctx)
                 for key, value in values.items():
                     results[m.name][key].append(value)
-                shown = ", ".join(f"{v:.1f} {k}" for k, v in values.items())
+                shown = ", ".join(f"{v:.3g} {k}" for k, v in values.items())
                 print(f" {shown} ({time.monotonic() - t0:.1f}s)", file=sys.stderr)
                 time.sleep(args.pause)
     finally:
