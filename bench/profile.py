@@ -63,8 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.5)
         if args.load in ("download", "upload"):
             service = "source" if args.load == "download" else "sink"
-            rate = client.transfer(path, ("127.0.0.1", origin[service]), args.load, 1 << 40, args.seconds)
-            print(f"{label}: {rate:.1f} MB/s while profiled")
+            moved, elapsed = client.transfer(path, ("127.0.0.1", origin[service]), args.load, 1 << 40, args.seconds)
+            print(f"{label}: {moved / elapsed / 1e6:.1f} MB/s while profiled")
         elif args.load == "setup":
             result = client.setup_rate(path, echo, 1_000_000, 16, args.seconds)
             print(f"{label}: {result.rate:.1f} tunnels/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms while profiled")

@@ -37,8 +37,58 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+#: Plaintext delivered to the protocol at most at once, and ciphertext
+#: taken from OpenSSL at most at once.
 _READ_SIZE = 1 << 18
 _BIO_READ_SIZE = 1 << 18
+
+
+def _direct_reader() -> Callable[[SSL.Connection, int], tuple[bytes, Any]] | None:
+    """``read(connection, size)``: every record OpenSSL can decrypt from
+    what it holds, as one bytes object of at most ``size`` bytes, plus the
+    pyOpenSSL exception that stopped it (`SSL.WantReadError` when it simply
+    needs more input), or None if the buffer filled first.
+
+    pyOpenSSL's ``recv`` returns one record (at most 16 KiB) per call, into
+    a fresh buffer of the size asked for, copied once more into bytes, and
+    the pieces are joined again: four copies and a large allocation per
+    record.  This calls ``SSL_read`` through pyOpenSSL's own cffi binding
+    into one buffer per process (the reactor is one thread), copied out once.
+    Errors still go through pyOpenSSL's error handling, so they are raised
+    exactly as ``recv`` raises them.  None when this pyOpenSSL lacks what it
+    needs (then ``recv`` is used)."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        ssl_read = lib.SSL_read
+        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        probe._ssl, probe._raise_ssl_error  # noqa: B018 (attributes used below)
+    except Exception:
+        return None
+    buffer = ffi.new("char[]", _READ_SIZE)
+    unpack = ffi.buffer
+
+    def read(connection: SSL.Connection, size: int) -> tuple[bytes, Any]:
+        ssl = connection._ssl
+        size = min(size, _READ_SIZE)
+        total = 0
+        stop: Any = None
+        while total < size:
+            n = ssl_read(ssl, buffer + total, size - total)
+            if n > 0:
+                total += n
+                continue
+            try:
+                connection._raise_ssl_error(ssl, n)
+            except SSL.Error as e:
+                stop = e
+            break
+        return (unpack(buffer, total)[:] if total else b""), stop
+
+    return read
+
+
+_read_direct = _direct_reader()
 
 
 class VerificationError(SSL.Error):
@@ -75,6 +125,11 @@ class TLSTransport:
         self._tls = tls
         self._verify = verify
         self._pending: list[bytes] = []
+
+    @property
+    def tcp_transport(self) -> Any:
+        """The TCP transport this runs on."""
+        return self.transport
 
     # IProtocol, towards TCP
 
@@ -157,6 +212,27 @@ class TLSTransport:
         return not self._lost
 
     def _read_records(self) -> None:
+        if _read_direct is None:
+            self._read_records_with_recv()
+            return
+        while True:
+            data, stop = _read_direct(self._tls, _READ_SIZE)
+            if data:
+                self._deliver(data)
+            if stop is None and not self._lost:
+                continue  # the buffer filled: there may be more
+            break
+        if isinstance(stop, SSL.ZeroReturnError):
+            self._flush()
+            self._end_of_input()
+            return
+        if stop is not None and not isinstance(stop, SSL.WantReadError):
+            self._fail(Failure(stop))
+            return
+        # Reading may have produced output (session tickets, key updates).
+        self._flush()
+
+    def _read_records_with_recv(self) -> None:
         recv = self._tls.recv
         chunks = []
         while True:
@@ -165,21 +241,20 @@ class TLSTransport:
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
-                self._deliver(chunks)
+                self._deliver(b"".join(chunks))
                 self._flush()
                 self._end_of_input()
                 return
             except SSL.Error:
-                self._deliver(chunks)
+                self._deliver(b"".join(chunks))
                 self._fail(Failure())
                 return
-        self._deliver(chunks)
-        # Reading may have produced output (session tickets, key updates).
+        self._deliver(b"".join(chunks))
         self._flush()
 
-    def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and not self._aborted and self.wrapped is not None:
-            self.wrapped.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    def _deliver(self, data: bytes) -> None:
+        if data and not self._aborted and self.wrapped is not None:
+            self.wrapped.dataReceived(data)
 
     def _end_of_input(self) -> None:
         if self._read_eof or self.wrapped is None:
@@ -202,6 +277,8 @@ class TLSTransport:
             except SSL.WantReadError:
                 return
             self.transport.write(data)
+            if len(data) < _BIO_READ_SIZE:
+                return  # a memory BIO hands over all it has: it is empty now
 
     def _fail(self, failure: Failure) -> None:
         if self._failure is None:
@@ -215,10 +292,9 @@ class TLSTransport:
 
     def _send(self, data: bytes) -> None:
         try:
-            sent = self._tls.send(data)
-            while sent < len(data):
-                data = data[sent:]
-                sent = self._tls.send(data)
+            # One record at a time (pyOpenSSL enables partial writes), by
+            # offset: slicing the rest off after each record copied it again.
+            self._tls.sendall(data)
         except SSL.Error:
             self._fail(Failure())
             return
