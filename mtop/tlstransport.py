@@ -494,6 +494,17 @@ def verify_hostname(hostname: str) -> Callable[[SSL.Connection], None]:
     return verify
 
 
+def session_reused(connection: SSL.Connection) -> bool:
+    """Whether ``connection``'s handshake resumed a session (pyOpenSSL has
+    no public call for it)."""
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except Exception:
+        return False
+
+
 def client_tls_factory(
     wrapped_factory: Any,
     context: SSL.Context,
@@ -527,7 +538,11 @@ def client_tls_factory(
     checker = verify_hostname(name) if verify else None
 
     def after_handshake(connection: SSL.Connection) -> None:
-        if checker is not None:
+        # A resumed session was verified for this name when it was new (only
+        # verified sessions are kept, per name), and the server proved it
+        # holds it: checking its certificate again would cost a parse of the
+        # certificate per tunnel for nothing.
+        if checker is not None and not session_reused(connection):
             checker(connection)
         if session_cache is not None:
             session = connection.get_session()
