@@ -134,7 +134,10 @@ class TLSTransport:
     # IProtocol, towards TCP
 
     def makeConnection(self, transport: Any) -> None:
+        from mtop.relay import writer_for
+
         self.transport = transport
+        self._write = writer_for(transport)
         self.connected = True
         self.wrapped.makeConnection(self)
         if not self._aborted:
@@ -276,7 +279,7 @@ class TLSTransport:
                 data = bio_read(_BIO_READ_SIZE)
             except SSL.WantReadError:
                 return
-            self.transport.write(data)
+            self._write(data)
             if len(data) < _BIO_READ_SIZE:
                 return  # a memory BIO hands over all it has: it is empty now
 
