@@ -8,6 +8,7 @@ Every load loop is bounded by a byte count *and* a deadline.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import struct
@@ -235,7 +236,7 @@ def setup_rate(path: Path, echo: tuple[str, int], total: int, concurrency: int, 
 
 def percentile(sorted_values: list[float], p: float) -> float:
     """Nearest-rank percentile of an already sorted list."""
-    rank = max(int(round(p / 100 * len(sorted_values) + 0.5)) - 1, 0)
+    rank = max(math.ceil(p / 100 * len(sorted_values)) - 1, 0)
     return sorted_values[min(rank, len(sorted_values) - 1)]
 
 

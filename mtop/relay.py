@@ -5,8 +5,8 @@ climber (local application <-> MTop tunnel).  What it guarantees:
 
 * **flow control**: each transport is the other's streaming producer, so a
   peer that stops reading pauses reading from the other side; memory per
-  tunnel stays at the transports' own buffers (about 64 KiB each way plus
-  one read);
+  tunnel stays at the transports' own buffers (`TUNNEL_BUFFER_SIZE`, 256
+  KiB, each way plus one read);
 * **half-close**: end of input one way (TCP FIN, TLS ``close_notify``) becomes
   ``loseWriteConnection`` on the other side; the other direction goes on
   until it ends too;
