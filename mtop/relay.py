@@ -66,17 +66,19 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     if tcp is not transport:
         return transport.write  # a TLS transport: its own flush uses this
 
-    def write(data: bytes) -> None:
+    def write(data: Any) -> None:
         if tcp.dataBuffer or tcp._tempDataBuffer or not tcp.connected or tcp.disconnecting or tcp._writeDisconnecting:
-            tcp.write(data)
+            tcp.write(data if type(data) is bytes else bytes(data))
             return
         try:
             sent = tcp.socket.send(data)
         except OSError:
             sent = 0  # would block, or an error: Twisted's path finds out
         if sent < len(data):
-            tcp.write(data[sent:] if sent else data)
+            tcp.write(data if not sent and type(data) is bytes else bytes(memoryview(data)[sent:]))
 
+    # Any buffer will do, valid only during the call: what is queued is copied.
+    write.takes_buffers = True  # type: ignore[attr-defined]
     return write
 
 

@@ -91,6 +91,52 @@ def _direct_reader() -> Callable[[SSL.Connection, int], tuple[bytes, Any]] | Non
 _read_direct = _direct_reader()
 
 
+def _direct_flusher() -> Callable[[SSL.Connection, Callable[[Any], None]], None] | None:
+    """``flush(connection, write)``: hand everything OpenSSL has written to
+    its memory BIO to ``write`` as buffers that are only valid during the
+    call (a writer from `mtop.relay.writer_for` sends them to the socket
+    without a copy, and copies only what it has to queue).  Instead of
+    ``bio_read``, which allocates a buffer of the size asked for each time and
+    copies it into new bytes.  None when this pyOpenSSL lacks what it needs."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        bio_read = lib.BIO_read
+        SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)._from_ssl  # noqa: B018
+    except Exception:
+        return None
+    buffer = ffi.new("char[]", _BIO_READ_SIZE)
+    view = ffi.buffer
+
+    def flush(connection: SSL.Connection, write: Callable[[Any], None]) -> None:
+        bio = connection._from_ssl
+        while True:
+            n = bio_read(bio, buffer, _BIO_READ_SIZE)
+            if n <= 0:
+                return  # empty
+            write(view(buffer, n))
+            if n < _BIO_READ_SIZE:
+                return
+
+    return flush
+
+
+_flush_direct = _direct_flusher()
+
+
+def _whole_writes(connection: SSL.Connection) -> None:
+    """Let ``SSL_write`` encrypt all it is given in one call.  pyOpenSSL
+    turns on partial writes, which for a socket avoid blocking but here,
+    writing into a memory BIO that never fills, only make every 16 KiB
+    record a separate call back into Python (and its error checks)."""
+    try:
+        from OpenSSL._util import lib
+
+        lib.SSL_clear_mode(connection._ssl, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    except Exception:  # an optimisation: partial writes still work
+        pass
+
+
 class VerificationError(SSL.Error):
     """The peer's certificate does not match the name we connected to."""
 
@@ -124,6 +170,7 @@ class TLSTransport:
         self.wrapped = wrapped
         self._tls = tls
         self._verify = verify
+        _whole_writes(tls)
         self._pending: list[bytes] = []
 
     @property
@@ -273,6 +320,9 @@ class TLSTransport:
             self.loseConnection()
 
     def _flush(self) -> None:
+        if _flush_direct is not None and getattr(self._write, "takes_buffers", False):
+            _flush_direct(self._tls, self._write)
+            return
         bio_read = self._tls.bio_read
         while True:
             try:
@@ -295,8 +345,8 @@ class TLSTransport:
 
     def _send(self, data: bytes) -> None:
         try:
-            # One record at a time (pyOpenSSL enables partial writes), by
-            # offset: slicing the rest off after each record copied it again.
+            # One call for all of it (see `_whole_writes`); should a write be
+            # partial anyway, the rest goes by offset, not by slicing copies.
             self._tls.sendall(data)
         except SSL.Error:
             self._fail(Failure())
