@@ -13,8 +13,10 @@ original Go implementation does with ``tls.Conn.CloseWrite``.  So:
 * ``loseConnection`` sends ``close_notify`` and closes without waiting.
 
 Records are decrypted and delivered once per TCP read (not once per 16 KiB
-record), ciphertext goes to the TCP transport in one write per application
-write, and flow control is the TCP transport's own: this layer buffers
+record), straight into one buffer and copied out once; an application write
+is encrypted in one ``SSL_write`` and the ciphertext goes from one buffer to
+the socket (`mtop.relay.writer_for`), copied only if the socket does not
+take it all.  Flow control is the TCP transport's own: this layer buffers
 nothing after the handshake, so a registered producer is simply passed down.
 """
 
