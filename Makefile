@@ -9,7 +9,7 @@ DEMO_SOCKS ?= 1080
 DEMO_HTTP ?= 8080
 DEMO_WEB ?= 8000
 
-.PHONY: run test venv clean deb deb-test
+.PHONY: run test bench venv clean deb deb-test
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,14 @@ venv: $(VENV)/.installed
 test: venv
 	@bash tests/services.sh
 	$(PY) -m pytest -q -ra
+
+# Benchmarks (never part of make test): ratios to a direct baseline measured
+# in the same run; see bench/run.py.  BENCH_ARGS='--only tls-* --repeat 5'.
+BENCH_OUT ?= bench/results
+BENCH_ARGS ?=
+bench: venv
+	@mkdir -p $(BENCH_OUT)
+	$(PY) -m bench --json $(BENCH_OUT)/results.json $(BENCH_ARGS)
 
 run: venv
 	@mkdir -p $(STATE)
