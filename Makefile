@@ -13,7 +13,7 @@ DEMO_WEB ?= 8000
 FUZZ_MINUTES ?= 10
 FUZZ_ATHERIS ?= 0.3
 
-.PHONY: run test fuzz venv clean
+.PHONY: run test fuzz bench venv clean deb deb-test
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +37,14 @@ fuzz: venv
 	@$(PY) -c 'import atheris' 2>/dev/null || $(PY) -m pip install --quiet atheris \
 		|| echo "atheris did not install: hypothesis properties only"
 	$(PY) tests/fuzz/run.py --minutes $(FUZZ_MINUTES) --atheris $(FUZZ_ATHERIS)
+
+# Benchmarks (never part of make test): ratios to a direct baseline measured
+# in the same run; see bench/run.py.  BENCH_ARGS='--only tls-* --repeat 5'.
+BENCH_OUT ?= bench/results
+BENCH_ARGS ?=
+bench: venv
+	@mkdir -p $(BENCH_OUT)
+	$(PY) -m bench --json $(BENCH_OUT)/results.json $(BENCH_ARGS)
 
 run: venv
 	@mkdir -p $(STATE)
@@ -90,6 +98,29 @@ run: venv
 	$(PY) -m http.server --bind 127.0.0.1 --directory $(STATE)/www $(DEMO_WEB) >/dev/null 2>&1 & \
 	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio mtop --config $(STATE)/mtop.yaml & \
 	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio climber --config $(STATE)/climber.yaml
+
+# Debian packages mtop and climber (see README, "Debian packages"): built
+# with dpkg-buildpackage from a copy of the tree in $(DEB_DIR)/src, so the
+# .debs land in $(DEB_DIR) (ignored by git), then checked with lintian
+# (errors fail the build).  Build dependencies are installed when missing
+# (as root, with apt-get).
+DEB_DIR ?= build/deb
+
+deb:
+	@bash debian/build-deps.sh
+	rm -rf $(DEB_DIR) && mkdir -p $(DEB_DIR)/src
+	tar -cf - --exclude=./build --exclude=./.venv --exclude=./.state --exclude=./.git \
+		--exclude='*.egg-info' --exclude=__pycache__ --exclude=dropin.cache . | tar -xf - -C $(DEB_DIR)/src
+	cd $(DEB_DIR)/src && dpkg-buildpackage -us -uc -b
+	lintian --fail-on error --info $(DEB_DIR)/*.changes
+	@ls -l $(DEB_DIR)/*.deb
+
+# The packages installed with apt into a throwaway Debian 12 root
+# (debootstrap) and run from their installed files: mtopctl cert init, db
+# init, user add, mtop.service's command (TLS and QUIC, text and JSON logs)
+# with a tunnel, climber through it, purge (debian/tests/chroot).
+deb-test: deb
+	bash debian/tests/chroot $(DEB_DIR)
 
 clean:
 	rm -rf $(VENV) $(STATE) build *.egg-info twisted/plugins/dropin.cache

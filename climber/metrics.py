@@ -1,5 +1,5 @@
 """Prometheus metrics for climber (``metrics: {listen: "127.0.0.1:9101"}``),
-served like the server's (`mtop.metrics.MetricsService`) and read at scrape
+served like the server's (`mtop.metrics.metrics_service`) and read at scrape
 time from what climber keeps anyway.
 
 =====================================  ======================================

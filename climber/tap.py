@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from climber.config import ClimberConfig, ConfigError, load_climber_data
 from mtop.config import read_yaml
-from mtop.logs import logger
+from mtop.logs import logger, use_log_format
 from mtop.tls import TLSConfigError, client_context
 
 DEFAULT_CONFIG = "/etc/climber/climber.yaml"
@@ -69,6 +69,7 @@ class Options(usage.Options):
             _check_quic_reactor(self.config_data, label)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{label}: {e}") from None
+        use_log_format(self.config_data.log.format, self.parent)
 
     def _apply_command_line(self, data: dict, from_file: bool) -> None:
         if self["servers"]:
@@ -179,7 +180,7 @@ def makeService(options: Options) -> MultiService:
         ListenerService(server_endpoint(reactor, forward.listen), factory, label).setServiceParent(root)
     if config.metrics.listen is not None:
         from climber.metrics import climber_registry
-        from mtop.metrics import MetricsService
+        from mtop.metrics import metrics_service
 
-        MetricsService(reactor, config.metrics.listen, climber_registry(climber, pool)).setServiceParent(root)
+        metrics_service(reactor, config.metrics.listen, climber_registry(climber, pool)).setServiceParent(root)
     return root

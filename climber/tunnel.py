@@ -24,7 +24,8 @@ from typing import Any, Callable
 
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.abstract import isIPAddress, isIPv6Address
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
@@ -37,7 +38,7 @@ from mtop import wire
 from mtop.logs import logger
 from mtop.relay import no_delay
 from mtop.tls import client_context
-from mtop.tlstransport import client_tls_factory
+from mtop.tlstransport import client_tls_factory, session_reused
 
 
 class TunnelError(Exception):
@@ -117,7 +118,7 @@ class Tunnel(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_time = time.monotonic() - self._started
-        self.resumed = _session_reused(getattr(self.transport, "getHandle", lambda: None)())
+        self.resumed = session_reused(getattr(self.transport, "getHandle", lambda: None)())
         if self._pipelining:
             self._fire()
 
@@ -196,17 +197,6 @@ class Tunnel(Protocol):
             self.opened.callback(self)
 
 
-def _session_reused(connection: SSL.Connection) -> bool:
-    """Whether the handshake resumed a session (pyOpenSSL has no public
-    call for it)."""
-    try:
-        from OpenSSL._util import lib
-
-        return bool(lib.SSL_session_reused(connection._ssl))
-    except Exception:
-        return False
-
-
 def _ssl_reason(error: Exception) -> str:
     try:
         return "; ".join(str(entry[2]) for entry in error.args[0]) or str(error)
@@ -263,11 +253,24 @@ class ServerConnector:
 
     def connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
         """Connect ``protocol`` to the server over TCP and TLS."""
-        endpoint = HostnameEndpoint(reactor, self.entry.host, self.entry.port, timeout=timeout)
-        return endpoint.connect(self.tls_factory(_OneProtocol(protocol)))
+        return server_endpoint(reactor, self.entry.host, self.entry.port, timeout).connect(
+            self.tls_factory(_OneProtocol(protocol))
+        )
 
     def close(self) -> None:
         """Nothing shared to close: each tunnel is its own connection."""
+
+
+def server_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
+    """A TCP client endpoint for a server: an address is connected to as it
+    is; only a name goes through ``HostnameEndpoint`` (resolution in the
+    reactor's thread pool and Happy Eyeballs), which for an address would
+    cost a thread round trip per tunnel."""
+    if isIPAddress(host):
+        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    if isIPv6Address(host):
+        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout)
 
 
 def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:

@@ -10,7 +10,11 @@ blanked) or ``None``; `Authenticator.authenticate` fires ``True`` or
   kept), so a busy server neither queries the database nor runs scrypt per
   tunnel, and row changes still take effect within that bound;
 * coalesces concurrent identical attempts into one lookup and one check;
-* runs expensive (scrypt) checks in the reactor's thread pool;
+* runs expensive (scrypt) checks in the reactor's thread pool, and not
+  again when the cache is refreshed: a cached login whose row still holds
+  the very hash the same password was verified against is confirmed by the
+  lookup alone (so a busy user costs one query per ``cache_ttl``, not one
+  scrypt, and its tunnels do not all wait for one);
 * checks unknown users against a dummy scrypt hash, so they cost what a
   wrong password costs;
 * refuses users the row's policy refuses (``enabled`` false, past
@@ -69,6 +73,8 @@ class _Verified:
     fresh_until: float
     stale_until: float
     record: UserRecord
+    #: HMAC of the row's salt and hash the password was verified against.
+    stored: bytes = b""
 
 
 class Authenticator:
@@ -92,9 +98,14 @@ class Authenticator:
         self._key = os.urandom(32)
         self._cache: dict[str, _Verified] = {}
         self._inflight: dict[tuple[str, bytes], list[Deferred]] = {}
+        self._stored: dict[tuple[str, bytes], bytes] = {}
 
     def _token(self, username: str, password: str) -> bytes:
         message = username.encode("utf-8") + b"\0" + password.encode("utf-8")
+        return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def _stored_token(self, record: UserRecord) -> bytes:
+        message = record.salt.encode("utf-8") + b"\0" + record.password.encode("utf-8")
         return hmac.new(self._key, message, hashlib.sha256).digest()
 
     def forget(self, username: str | None = None) -> None:
@@ -126,7 +137,7 @@ class Authenticator:
         lookup = maybeDeferred(self.store.lookup, username)
         lookup.addTimeout(self.query_timeout, self.clock)
         lookup.addErrback(self._store_failed, username)
-        lookup.addCallback(self._verify, password)
+        lookup.addCallback(self._verify, password, key)
         lookup.addErrback(self._from_cache, username, token)
         lookup.addBoth(self._done, key, username, token)
         return result
@@ -145,15 +156,31 @@ class Authenticator:
             return Failure(StoreUnavailable(failure.getErrorMessage()))
         return failure
 
-    def _verify(self, record: UserRecord | None, password: str) -> Deferred[UserRecord | None] | UserRecord | None:
+    def _verify(
+        self, record: UserRecord | None, password: str, key: tuple[str, bytes] | None = None
+    ) -> Deferred[UserRecord | None] | UserRecord | None:
         now = utc_now(self.clock)
         if record is not None and record.refusal(now) is not None:
             self._log.info("user {user} refused: {why}", user=record.username, why=record.refusal(now))
         policy = None if record is None else dataclasses.replace(record, salt="", password="")
+        stored = b"" if record is None else self._stored_token(record)
 
         def checked(ok: bool) -> UserRecord | None:
+            if ok and key is not None:
+                self._stored[key] = stored
             return policy if ok else None
 
+        if record is not None and key is not None:
+            cached = self._cache.get(key[0])
+            if (
+                cached is not None
+                and cached.stored
+                and hmac.compare_digest(cached.token, key[1])
+                and hmac.compare_digest(cached.stored, stored)
+            ):
+                # This password was verified against this very hash: the
+                # answer would be the same.
+                return checked(record.password != "" and record.refusal(now) is None)
         if record is None or passwords.is_expensive(record.password):
             return self.run_in_thread(_check, record, password, now).addCallback(checked)
         return checked(_check(record, password, now))
@@ -181,6 +208,7 @@ class Authenticator:
         self, outcome: UserRecord | None | Failure, key: tuple[str, bytes], username: str, token: bytes
     ) -> None:
         waiters = self._inflight.pop(key, [])
+        stored = self._stored.pop(key, b"")
         cached = self._cache.get(username)
         from_store = not (cached is not None and outcome is cached.record)
         if isinstance(outcome, UserRecord) and from_store and (self.cache_ttl > 0 or self.outage_grace > 0):
@@ -188,7 +216,7 @@ class Authenticator:
                 self._expire()
             now = self.clock.seconds()
             self._cache[username] = _Verified(
-                token, now, now + self.cache_ttl, now + max(self.cache_ttl, self.outage_grace), outcome
+                token, now, now + self.cache_ttl, now + max(self.cache_ttl, self.outage_grace), outcome, stored
             )
         for waiter in waiters:
             if isinstance(outcome, Failure):

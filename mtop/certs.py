@@ -111,11 +111,23 @@ def make_server_cert(
     return cert, key
 
 
-def init_certs(directory: str, hosts: list[str], ips: list[str] = (), force: bool = False) -> CertPaths:
+def init_certs(
+    directory: str, hosts: list[str], ips: list[str] = (), force: bool = False, key_group: str | None = None
+) -> CertPaths:
     """Write ``ca.crt``, ``ca.key``, ``server.crt`` and ``server.key`` in
     ``directory``.  An existing CA there is reused, so re-running for another
     host keeps clients' trust; existing server files are replaced only with
-    ``force``."""
+    ``force``.  Keys are readable by their owner only; with ``key_group``
+    the server key is also readable by that group (mode 0640), for a server
+    running as another user (the Debian package's ``mtop``)."""
+    gid = None
+    if key_group is not None:
+        import grp
+
+        try:
+            gid = grp.getgrnam(key_group).gr_gid
+        except KeyError:
+            raise ValueError(f"--group {key_group}: no such group") from None
     os.makedirs(directory, exist_ok=True)
     paths = CertPaths(*(os.path.join(directory, n) for n in ("ca.crt", "ca.key", "server.crt", "server.key")))
     if not force and (os.path.exists(paths.server_crt) or os.path.exists(paths.server_key)):
@@ -131,6 +143,9 @@ def init_certs(directory: str, hosts: list[str], ips: list[str] = (), force: boo
         _write(paths.ca_crt, ca_cert.public_bytes(serialization.Encoding.PEM), private=False)
     cert, key = make_server_cert(ca_cert, ca_key, hosts, ips)
     _write(paths.server_key, _key_pem(key), private=True)
+    if gid is not None:
+        os.chown(paths.server_key, -1, gid)
+        os.chmod(paths.server_key, 0o640)
     # The chain file holds the leaf then the CA, as server.crt expects.
     chain = cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
     _write(paths.server_crt, chain, private=False)

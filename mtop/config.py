@@ -75,6 +75,8 @@ class ServerConfig:
     fallback: tuple[str, int] | None = None
     #: TLS listeners expect a PROXY protocol header (v1 or v2) first.
     proxy_protocol: bool = False
+    #: Server processes sharing the ports (0: one per CPU).
+    workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -265,6 +267,15 @@ def as_count(key: str, value: Any) -> int:
     raise ConfigError(f"{key}: {shown(value)} is not a whole number from 0 (no limit) up")
 
 
+def as_workers(key: str, value: Any) -> int:
+    """A number of processes from 1 to 256, or ``auto`` (0: one per CPU)."""
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return 0
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 256:
+        return value
+    raise ConfigError(f"{key}: {value!r} is not a number of processes from 1 to 256 or 'auto'")
+
+
 def as_host_port(key: str, value: Any) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` with a host."""
     address = parse_listen(value, key)
@@ -398,6 +409,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         auth_failure_delay=section.get("auth_failure_delay", d.auth_failure_delay, as_non_negative_seconds),
         fallback=section.get("fallback", d.fallback, as_host_port),
         proxy_protocol=section.get("proxy_protocol", d.proxy_protocol, as_bool),
+        workers=section.get("workers", d.workers, as_workers),
     )
     if config.proxy_protocol and config.type == "quic" and not has_listeners:
         raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")

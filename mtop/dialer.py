@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint
+from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
@@ -99,6 +100,14 @@ class Dialer:
         why = self.acl.refusal(host, port)
         if why is not None:
             return fail(DestinationRefused(why))
+        # An address (judged just now) needs no resolution: HostnameEndpoint
+        # would still send it through getaddrinfo in the thread pool, a
+        # thread round trip and about a tenth of the CPU of a tunnel.
+        if isIPAddress(host) or isIPv6Address(host):
+            endpoint_class = TCP4ClientEndpoint if isIPAddress(host) else TCP6ClientEndpoint
+            d = endpoint_class(self.reactor, host, port, timeout=self.connect_timeout).connect(factory)
+            d.addTimeout(self.connect_timeout, self.reactor)
+            return d
         resolver = _FilteringResolver(self.reactor.nameResolver, self.acl)
         endpoint = HostnameEndpoint(_ReactorWithResolver(self.reactor, resolver), host, port, timeout=self.connect_timeout)
         d = endpoint.connect(factory)

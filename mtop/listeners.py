@@ -65,22 +65,30 @@ def _name(config: Config, listener: ListenerConfig) -> str:
     return f"listeners[{config.listeners.index(listener)}]"
 
 
-def listener_services(prepared: list[PreparedListener], factory: Any, reactor: Any, handshake_timeout: float) -> list[Any]:
+def listener_services(
+    prepared: list[PreparedListener],
+    factory: Any,
+    reactor: Any,
+    handshake_timeout: float,
+    worker_ports: dict[int, int] | None = None,
+) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
     tunnel protocols.  Each has ``listener`` (its `ListenerConfig`) and
     ``use_security(security)``, which makes new connections use a reloaded
-    certificate (open ones keep theirs)."""
+    certificate (open ones keep theirs).  In a worker (``worker_ports``:
+    listener index -> port), listeners bind with ``SO_REUSEPORT``."""
     from mtop.listen import ListenerService, server_endpoint
     from mtop.tlstransport import server_tls_factory
 
     services = []
-    for item in prepared:
+    for index, item in enumerate(prepared):
         listener = item.config
+        port = listener.listen.port if worker_ports is None else worker_ports.get(index, listener.listen.port)
         if listener.type == "quic":
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
             protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout)
-            service = QuicListenerService(reactor, protocol, listener.listen.host, listener.listen.port)
+            service = QuicListenerService(reactor, protocol, listener.listen.host, port, reuse_port=worker_ports is not None)
             service.use_security = lambda security, protocol=protocol: setattr(protocol, "configuration", security)
         else:
             holder = _Security(item.security)
@@ -91,7 +99,13 @@ def listener_services(prepared: list[PreparedListener], factory: Any, reactor: A
 
                 tls_factory = ProxyHeaderFactory(tls_factory, reactor, handshake_timeout, factory.counters)
                 note = " (PROXY protocol header required)"
-            service = ListenerService(server_endpoint(reactor, listener.listen), tls_factory, "MTop TLS", note)
+            if worker_ports is None:
+                endpoint = server_endpoint(reactor, listener.listen)
+            else:
+                from mtop.workers import ReusePortEndpoint
+
+                endpoint = ReusePortEndpoint(reactor, listener.listen, port)
+            service = ListenerService(endpoint, tls_factory, "MTop TLS", note)
             service.use_security = holder.set
         service.listener = listener
         services.append(service)

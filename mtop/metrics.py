@@ -43,7 +43,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from twisted.application.service import Service
 
 from mtop.config import ListenAddress
-from mtop.logs import logger
 
 #: Latency buckets in seconds: loopback (sub-millisecond) to a slow
 #: handshake over a bad mobile link.
@@ -165,43 +164,17 @@ def server_registry(factory: Any, quic_protocols: list[Any] = (), per_user: bool
     return registry
 
 
-class MetricsService(Service):
-    """Serves ``registry`` at ``http://LISTEN/metrics`` while running."""
+def metrics_service(reactor: Any, listen: ListenAddress, registry: CollectorRegistry) -> Service:
+    """A listening service serving ``registry`` at ``http://LISTEN/metrics``."""
+    from prometheus_client.twisted import MetricsResource
+    from twisted.web.resource import Resource
+    from twisted.web.server import Site
 
-    _log = logger()
+    from mtop.listen import ListenerService, server_endpoint
 
-    def __init__(self, reactor: Any, listen: ListenAddress, registry: CollectorRegistry, label: str = "metrics"):
-        self.reactor = reactor
-        self.listen = listen
-        self.registry = registry
-        self.label = label
-        self.port: Any = None
-
-    def startService(self) -> None:
-        super().startService()
-        from prometheus_client.twisted import MetricsResource
-        from twisted.web.resource import Resource
-        from twisted.web.server import Site
-
-        root = Resource()
-        root.putChild(b"metrics", MetricsResource(registry=self.registry))
-        site = Site(root)
-        site.noisy = False
-        site.log = lambda request: None  # scrapes are not worth a log line each
-        host = self.listen.host or "::"
-        try:
-            self.port = self.reactor.listenTCP(self.listen.port, site, interface=host)
-        except Exception as e:
-            self._log.critical("{label} cannot listen on {address}: {error}", label=self.label, address=str(self.listen), error=e)
-            self.reactor.callLater(0, self.reactor.stop)
-            return
-        bound = self.port.getHost()
-        shown = f"[{bound.host}]:{bound.port}" if ":" in bound.host else f"{bound.host}:{bound.port}"
-        self._log.info("{label} listening on http://{address}/metrics", label=self.label, address=shown, port=bound.port)
-
-    def stopService(self) -> Any:
-        super().stopService()
-        if self.port is None:
-            return None
-        port, self.port = self.port, None
-        return port.stopListening()
+    root = Resource()
+    root.putChild(b"metrics", MetricsResource(registry=registry))
+    site = Site(root)
+    site.noisy = False
+    site.log = lambda request: None  # scrapes are not worth a log line each
+    return ListenerService(server_endpoint(reactor, listen), site, "Prometheus metrics", " (path /metrics)")

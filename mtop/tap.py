@@ -9,8 +9,8 @@ from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
 from mtop import fileperms
-from mtop.config import Config, ConfigError, load_config
-from mtop.logs import logger, set_level
+from mtop.config import Config, ConfigError, ListenAddress, load_config
+from mtop.logs import logger, set_level, use_log_format
 from mtop.listeners import listener_services, prepare_listeners
 from mtop.tls import TLSConfigError
 
@@ -35,6 +35,7 @@ class Options(usage.Options):
             self.listeners = prepare_listeners(self.config_data)
         except (ConfigError, TLSConfigError) as e:
             raise usage.UsageError(f"{path}: {e}") from None
+        use_log_format(self.config_data.log.format, self.parent)
 
 
 def _check_driver(config: Config) -> None:
@@ -64,8 +65,6 @@ class _StartupNotes(Service):
         super().startService()
         for warning in self.config.warnings:
             self._log.warn("config {path}: {warning}", path=self.config.path, warning=warning)
-        if self.config.log.format == "json":
-            self._log.warn("config {path}: log.format json is not implemented yet; logging text", path=self.config.path)
         # Private keys and password-holding configs others can read
         # (climber's config comes through here too).
         for warning in fileperms.startup_warnings(self.config):
@@ -101,10 +100,20 @@ def makeService(options: Options) -> MultiService:
     from mtop.sessions import UserSessions
     from mtop.stats import Counters
 
+    from mtop.workers import ParentWatch, WorkerSupervisor, effective_workers, worker_number, worker_ports
+
     config = options.config_data
     set_level(config.log.level)
     root = MultiService()
     _StartupNotes(config).setServiceParent(root)
+    workers = effective_workers(config.server.workers)
+    number = worker_number()
+    if workers > 1 and number is None:
+        # The supervisor: the workers do the serving.
+        WorkerSupervisor(reactor, config, workers).setServiceParent(root)
+        return root
+    if number is not None:
+        ParentWatch(reactor).setServiceParent(root)
 
     store = user_store(config, reactor)
 
@@ -143,14 +152,19 @@ def makeService(options: Options) -> MultiService:
         counters=counters,
     )
     sessions.counters = counters
-    listeners = listener_services(options.listeners, factory, reactor, server.handshake_timeout)
+    listeners = listener_services(
+        options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
+    )
     for service in listeners:
         service.setServiceParent(root)
     if config.metrics.listen is not None:
-        from mtop.metrics import MetricsService, server_registry
+        from mtop.metrics import metrics_service, server_registry
 
         quic = [service.protocol for service in listeners if service.listener.type == "quic"]
         registry = server_registry(factory, quic, config.metrics.per_user)
-        MetricsService(reactor, config.metrics.listen, registry).setServiceParent(root)
+        listen = config.metrics.listen
+        if number is not None and listen.port:
+            listen = ListenAddress(listen.host, listen.port + number - 1)
+        metrics_service(reactor, listen, registry).setServiceParent(root)
     ConfigReloader(config, reactor, factory, authenticator, listeners).setServiceParent(root)
     return root

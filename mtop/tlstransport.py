@@ -13,8 +13,10 @@ original Go implementation does with ``tls.Conn.CloseWrite``.  So:
 * ``loseConnection`` sends ``close_notify`` and closes without waiting.
 
 Records are decrypted and delivered once per TCP read (not once per 16 KiB
-record), ciphertext goes to the TCP transport in one write per application
-write, and flow control is the TCP transport's own: this layer buffers
+record), straight into one buffer and copied out once; an application write
+is encrypted in one ``SSL_write`` and the ciphertext goes from one buffer to
+the socket (`mtop.relay.writer_for`), copied only if the socket does not
+take it all.  Flow control is the TCP transport's own: this layer buffers
 nothing after the handshake, so a registered producer is simply passed down.
 """
 
@@ -37,8 +39,104 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+#: Plaintext delivered to the protocol at most at once, and ciphertext
+#: taken from OpenSSL at most at once.
 _READ_SIZE = 1 << 18
 _BIO_READ_SIZE = 1 << 18
+
+
+def _direct_reader() -> Callable[[SSL.Connection, int], tuple[bytes, Any]] | None:
+    """``read(connection, size)``: every record OpenSSL can decrypt from
+    what it holds, as one bytes object of at most ``size`` bytes, plus the
+    pyOpenSSL exception that stopped it (`SSL.WantReadError` when it simply
+    needs more input), or None if the buffer filled first.
+
+    pyOpenSSL's ``recv`` returns one record (at most 16 KiB) per call, into
+    a fresh buffer of the size asked for, copied once more into bytes, and
+    the pieces are joined again: four copies and a large allocation per
+    record.  This calls ``SSL_read`` through pyOpenSSL's own cffi binding
+    into one buffer per process (the reactor is one thread), copied out once.
+    Errors still go through pyOpenSSL's error handling, so they are raised
+    exactly as ``recv`` raises them.  None when this pyOpenSSL lacks what it
+    needs (then ``recv`` is used)."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        ssl_read = lib.SSL_read
+        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+        probe._ssl, probe._raise_ssl_error  # noqa: B018 (attributes used below)
+    except Exception:
+        return None
+    buffer = ffi.new("char[]", _READ_SIZE)
+    unpack = ffi.buffer
+
+    def read(connection: SSL.Connection, size: int) -> tuple[bytes, Any]:
+        ssl = connection._ssl
+        size = min(size, _READ_SIZE)
+        total = 0
+        stop: Any = None
+        while total < size:
+            n = ssl_read(ssl, buffer + total, size - total)
+            if n > 0:
+                total += n
+                continue
+            try:
+                connection._raise_ssl_error(ssl, n)
+            except SSL.Error as e:
+                stop = e
+            break
+        return (unpack(buffer, total)[:] if total else b""), stop
+
+    return read
+
+
+_read_direct = _direct_reader()
+
+
+def _direct_flusher() -> Callable[[SSL.Connection, Callable[[Any], None]], None] | None:
+    """``flush(connection, write)``: hand everything OpenSSL has written to
+    its memory BIO to ``write`` as buffers that are only valid during the
+    call (a writer from `mtop.relay.writer_for` sends them to the socket
+    without a copy, and copies only what it has to queue).  Instead of
+    ``bio_read``, which allocates a buffer of the size asked for each time and
+    copies it into new bytes.  None when this pyOpenSSL lacks what it needs."""
+    try:
+        from OpenSSL._util import ffi, lib
+
+        bio_read = lib.BIO_read
+        SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)._from_ssl  # noqa: B018
+    except Exception:
+        return None
+    buffer = ffi.new("char[]", _BIO_READ_SIZE)
+    view = ffi.buffer
+
+    def flush(connection: SSL.Connection, write: Callable[[Any], None]) -> None:
+        bio = connection._from_ssl
+        while True:
+            n = bio_read(bio, buffer, _BIO_READ_SIZE)
+            if n <= 0:
+                return  # empty
+            write(view(buffer, n))
+            if n < _BIO_READ_SIZE:
+                return
+
+    return flush
+
+
+_flush_direct = _direct_flusher()
+
+
+def _whole_writes(connection: SSL.Connection) -> None:
+    """Let ``SSL_write`` encrypt all it is given in one call.  pyOpenSSL
+    turns on partial writes, which for a socket avoid blocking but here,
+    writing into a memory BIO that never fills, only make every 16 KiB
+    record a separate call back into Python (and its error checks)."""
+    try:
+        from OpenSSL._util import lib
+
+        lib.SSL_clear_mode(connection._ssl, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+    except Exception:  # an optimisation: partial writes still work
+        pass
 
 
 class VerificationError(SSL.Error):
@@ -74,12 +172,21 @@ class TLSTransport:
         self.wrapped = wrapped
         self._tls = tls
         self._verify = verify
+        _whole_writes(tls)
         self._pending: list[bytes] = []
+
+    @property
+    def tcp_transport(self) -> Any:
+        """The TCP transport this runs on."""
+        return self.transport
 
     # IProtocol, towards TCP
 
     def makeConnection(self, transport: Any) -> None:
+        from mtop.relay import writer_for
+
         self.transport = transport
+        self._write = writer_for(transport)
         self.connected = True
         self.wrapped.makeConnection(self)
         if not self._aborted:
@@ -157,6 +264,27 @@ class TLSTransport:
         return not self._lost
 
     def _read_records(self) -> None:
+        if _read_direct is None:
+            self._read_records_with_recv()
+            return
+        while True:
+            data, stop = _read_direct(self._tls, _READ_SIZE)
+            if data:
+                self._deliver(data)
+            if stop is None and not self._lost:
+                continue  # the buffer filled: there may be more
+            break
+        if isinstance(stop, SSL.ZeroReturnError):
+            self._flush()
+            self._end_of_input()
+            return
+        if stop is not None and not isinstance(stop, SSL.WantReadError):
+            self._fail(Failure(stop))
+            return
+        # Reading may have produced output (session tickets, key updates).
+        self._flush()
+
+    def _read_records_with_recv(self) -> None:
         recv = self._tls.recv
         chunks = []
         while True:
@@ -165,21 +293,20 @@ class TLSTransport:
             except SSL.WantReadError:
                 break
             except SSL.ZeroReturnError:
-                self._deliver(chunks)
+                self._deliver(b"".join(chunks))
                 self._flush()
                 self._end_of_input()
                 return
             except SSL.Error:
-                self._deliver(chunks)
+                self._deliver(b"".join(chunks))
                 self._fail(Failure())
                 return
-        self._deliver(chunks)
-        # Reading may have produced output (session tickets, key updates).
+        self._deliver(b"".join(chunks))
         self._flush()
 
-    def _deliver(self, chunks: list[bytes]) -> None:
-        if chunks and not self._aborted and self.wrapped is not None:
-            self.wrapped.dataReceived(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+    def _deliver(self, data: bytes) -> None:
+        if data and not self._aborted and self.wrapped is not None:
+            self.wrapped.dataReceived(data)
 
     def _end_of_input(self) -> None:
         if self._read_eof or self.wrapped is None:
@@ -195,13 +322,18 @@ class TLSTransport:
             self.loseConnection()
 
     def _flush(self) -> None:
+        if _flush_direct is not None and getattr(self._write, "takes_buffers", False):
+            _flush_direct(self._tls, self._write)
+            return
         bio_read = self._tls.bio_read
         while True:
             try:
                 data = bio_read(_BIO_READ_SIZE)
             except SSL.WantReadError:
                 return
-            self.transport.write(data)
+            self._write(data)
+            if len(data) < _BIO_READ_SIZE:
+                return  # a memory BIO hands over all it has: it is empty now
 
     def _fail(self, failure: Failure) -> None:
         if self._failure is None:
@@ -215,10 +347,9 @@ class TLSTransport:
 
     def _send(self, data: bytes) -> None:
         try:
-            sent = self._tls.send(data)
-            while sent < len(data):
-                data = data[sent:]
-                sent = self._tls.send(data)
+            # One call for all of it (see `_whole_writes`); should a write be
+            # partial anyway, the rest goes by offset, not by slicing copies.
+            self._tls.sendall(data)
         except SSL.Error:
             self._fail(Failure())
             return
@@ -418,6 +549,17 @@ def verify_hostname(hostname: str) -> Callable[[SSL.Connection], None]:
     return verify
 
 
+def session_reused(connection: SSL.Connection) -> bool:
+    """Whether ``connection``'s handshake resumed a session (pyOpenSSL has
+    no public call for it)."""
+    try:
+        from OpenSSL._util import lib
+
+        return bool(lib.SSL_session_reused(connection._ssl))
+    except Exception:
+        return False
+
+
 def client_tls_factory(
     wrapped_factory: Any,
     context: SSL.Context,
@@ -451,7 +593,11 @@ def client_tls_factory(
     checker = verify_hostname(name) if verify else None
 
     def after_handshake(connection: SSL.Connection) -> None:
-        if checker is not None:
+        # A resumed session was verified for this name when it was new (only
+        # verified sessions are kept, per name), and the server proved it
+        # holds it: checking its certificate again would cost a parse of the
+        # certificate per tunnel for nothing.
+        if checker is not None and not session_reused(connection):
             checker(connection)
         if session_cache is not None:
             session = connection.get_session()

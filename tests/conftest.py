@@ -5,6 +5,7 @@ import sqlite3
 import pytest
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import globalLogPublisher
 
 from mtop import passwords
 from mtop.auth import Authenticator
@@ -18,6 +19,15 @@ from mtop.tlstransport import server_tls_factory
 from mtop.userstore.sqlite import SQLiteUserStore
 
 VECTORS_PATH = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "mtop-v1.json"
+
+
+@pytest.fixture
+def events():
+    """Every log event published during the test."""
+    captured = []
+    globalLogPublisher.addObserver(captured.append)
+    yield captured
+    globalLogPublisher.removeObserver(captured.append)
 
 
 @pytest.fixture(scope="session")

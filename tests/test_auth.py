@@ -177,3 +177,37 @@ def test_cached_login_still_honours_expiry():
     assert store.lookups == 1
     assert results(auth.authenticate("alice", "pw")) == [False]
     assert store.lookups == 1  # refused from the cache, at once
+
+
+def test_refresh_of_unchanged_row_skips_the_expensive_check():
+    store, clock = DictStore(), Clock()
+    store.rows["bob"] = UserRecord("bob", "s", passwords.scrypt_hash("bobpw", log2_n=4))
+    checks = []
+
+    def counting(f, *args):
+        checks.append(f)
+        return maybeDeferred(f, *args)
+
+    auth = Authenticator(store, clock, counting, cache_ttl=5, query_timeout=2, outage_grace=600)
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert len(checks) == 1
+    clock.advance(5.1)
+    # The row is read again (changes must show within the TTL), but the
+    # password was verified against this very hash: no second scrypt.
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert store.lookups == 2 and len(checks) == 1
+    # A wrong password is still checked, and refused.
+    clock.advance(5.1)
+    assert results(auth.authenticate("bob", "nope")) == [False]
+    assert len(checks) == 2
+    # A new hash (password changed) is verified again.
+    store.rows["bob"] = UserRecord("bob", "s2", passwords.scrypt_hash("bobpw", log2_n=4))
+    clock.advance(5.1)
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert len(checks) == 3
+    # Disabled in the row: refused at once, without a check.
+    import dataclasses
+
+    store.rows["bob"] = dataclasses.replace(store.rows["bob"], enabled=False)
+    clock.advance(5.1)
+    assert results(auth.authenticate("bob", "bobpw")) == [False]

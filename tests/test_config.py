@@ -183,3 +183,25 @@ def test_limits_from_the_open_files_limit():
     derived = limit_settings(LimitsConfig()).max_tunnels
     assert derived == (0 if soft == resource.RLIM_INFINITY else max(16, (soft - RESERVED_FILES) // 2))
     assert limit_settings(LimitsConfig(max_tunnels=0)).max_tunnels == 0
+
+
+@pytest.mark.parametrize("value,expected", [(None, 1), (4, 4), ("auto", 0), ("AUTO", 0)])
+def test_workers(value, expected):
+    server = {"workers": value} if value is not None else {}
+    assert load_config_data({"server": server}, check_files=False).server.workers == expected
+
+
+@pytest.mark.parametrize("value", [0, 257, "many", True, 1.5])
+def test_bad_workers(value):
+    with pytest.raises(ConfigError, match="server.workers: .* is not a number of processes from 1 to 256 or 'auto'"):
+        load_config_data({"server": {"workers": value}}, check_files=False)
+
+
+def test_worker_command_line_keeps_twistd_options_without_the_pid_file():
+    from mtop.workers import TWISTD, worker_argv
+
+    argv = ["/usr/bin/twistd", "--pidfile", "/run/mtop.pid", "-r", "asyncio", "--logger", "mtop.logs.json", "mtop", "--config", "/etc/mtop/mtop.yaml"]
+    assert worker_argv(argv)[1:] == [
+        "-c", TWISTD, "--pidfile=", "--nodaemon", "-r", "asyncio", "--logger", "mtop.logs.json", "mtop", "--config", "/etc/mtop/mtop.yaml",
+    ]
+    assert "--pidfile=/x" not in worker_argv(["twistd", "--pidfile=/x", "-n", "mtop"])

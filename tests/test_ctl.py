@@ -1,3 +1,4 @@
+import os
 import sqlite3
 
 import pytest
@@ -71,6 +72,61 @@ def test_cert_init_writes_usable_files(tmp_path, capsys):
     server_context(str(tmp_path / "server.crt"), str(tmp_path / "server.key"), "mtop")
     code, out, err = run(capsys, "cert", "init", "--host", "vpn.example", "--dir", str(tmp_path))
     assert code == 1 and "--force" in err
+
+
+def test_cert_init_makes_a_ca_and_an_ecdsa_p256_server_certificate(tmp_path, capsys):
+    """What the original README's openssl recipe made: a CA, and a P-256
+    server certificate it signed for the names given, plus the config lines."""
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    code, out, err = run(
+        capsys, "cert", "init", "--host", "vpn.example", "--ip", "203.0.113.7", "--dir", str(tmp_path)
+    )
+    assert code == 0, err
+    ca = x509.load_pem_x509_certificate((tmp_path / "ca.crt").read_bytes())
+    chain = x509.load_pem_x509_certificates((tmp_path / "server.crt").read_bytes())
+    leaf = chain[0]
+    assert [c.subject for c in chain] == [leaf.subject, ca.subject]
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is True
+    assert ca.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign
+    assert leaf.extensions.get_extension_for_class(x509.BasicConstraints).value.ca is False
+    assert ExtendedKeyUsageOID.SERVER_AUTH in leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    leaf.verify_directly_issued_by(ca)
+    names = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == ["vpn.example"]
+    assert names.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("203.0.113.7")]
+    for cert, key_file in ((leaf, "server.key"), (ca, "ca.key")):
+        key = serialization.load_pem_private_key((tmp_path / key_file).read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1)
+        assert cert.public_key() == key.public_key()
+        assert (tmp_path / key_file).stat().st_mode & 0o777 == 0o600
+    # The lines for both configs, with absolute paths.
+    lines = out.splitlines()
+    mtop_part = lines[lines.index("mtop.yaml:") :]
+    assert f"    crt: {tmp_path / 'server.crt'}" in mtop_part and f"    key: {tmp_path / 'server.key'}" in mtop_part
+    climber_part = lines[[i for i, line in enumerate(lines) if line.startswith("climber.yaml")][0] :]
+    assert '    - host: "vpn.example:443"' in climber_part
+    assert f"      ca: {tmp_path / 'ca.crt'}" in climber_part
+
+
+def test_cert_init_group_makes_the_server_key_group_readable(tmp_path, capsys):
+    import grp
+
+    group = grp.getgrgid(os.getgid()).gr_name
+    code, out, err = run(capsys, "cert", "init", "--host", "localhost", "--dir", str(tmp_path), "--group", group)
+    assert code == 0, err
+    key = (tmp_path / "server.key").stat()
+    assert (key.st_mode & 0o777, key.st_gid) == (0o640, os.getgid())
+    assert (tmp_path / "ca.key").stat().st_mode & 0o777 == 0o600
+    code, out, err = run(
+        capsys, "cert", "init", "--host", "localhost", "--dir", str(tmp_path / "x"), "--group", "no-such-group-x"
+    )
+    assert code == 1 and err.strip().endswith("--group no-such-group-x: no such group")
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,6 @@
 builds, without starting it."""
 
 import pytest
-from twisted.logger import globalLogPublisher
 
 from mtop import tap
 from mtop.certs import init_certs
@@ -32,14 +31,6 @@ def tree(tmp_path):
     root = tap.makeService(options)
     (reloader,) = [s for s in root if isinstance(s, ConfigReloader)]
     return config, text, reloader
-
-
-@pytest.fixture
-def events():
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
 
 
 def messages(events):

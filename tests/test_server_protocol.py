@@ -5,7 +5,6 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
 
 from twisted.internet.address import IPv4Address
 
@@ -91,14 +90,6 @@ class FakeDialer:
         d = self.connect(host, port, factory)
         self.attempts[-1]["unchecked"] = True
         return d
-
-
-@pytest.fixture
-def events():
-    captured = []
-    globalLogPublisher.addObserver(captured.append)
-    yield captured
-    globalLogPublisher.removeObserver(captured.append)
 
 
 def outcome_events(events):

@@ -251,12 +251,16 @@ class QuicListenerService(Service):
 
     _log = logger()
 
-    def __init__(self, reactor: Any, protocol: QuicServerProtocol, host: str | None, port: int, label: str = "MTop QUIC"):
+    def __init__(
+        self, reactor: Any, protocol: QuicServerProtocol, host: str | None, port: int, label: str = "MTop QUIC", reuse_port: bool = False
+    ):
         self.reactor = reactor
         self.protocol = protocol
         self.interface = host
         self.port_number = port
         self.label = label
+        #: Bind with SO_REUSEPORT (server workers share the port).
+        self.reuse_port = reuse_port
         self.port: Any = None
 
     def privilegedStartService(self) -> None:
@@ -273,7 +277,10 @@ class QuicListenerService(Service):
         if interface is None:
             interface = "::" if _ipv6_available() else "0.0.0.0"
         try:
-            self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=interface, maxPacketSize=65535)
+            if self.reuse_port:
+                self.port = self._adopt_reuseport()
+            else:
+                self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=interface, maxPacketSize=65535)
         except Exception as e:
             self._log.critical("{label} cannot listen: {error}", label=self.label, error=e)
             self.reactor.callLater(0, self.reactor.stop)
@@ -281,6 +288,18 @@ class QuicListenerService(Service):
         host = self.port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
         self._log.info("{label} listening on {address}", label=self.label, address=shown, port=host.port)
+
+    def _adopt_reuseport(self) -> Any:
+        import socket
+
+        from mtop.config import ListenAddress
+        from mtop.workers import reuseport_socket
+
+        sock = reuseport_socket(ListenAddress(self.interface, self.port_number), socket.SOCK_DGRAM)
+        try:
+            return self.reactor.adoptDatagramPort(sock.fileno(), sock.family, self.protocol, maxPacketSize=65535)
+        finally:
+            sock.close()
 
     def stopService(self) -> Any:
         super().stopService()

@@ -244,7 +244,7 @@ def test_metrics_endpoint_counts_tunnels_bytes_logins_and_refusals(start_server,
     server = start_server(
         'acl:\n  allow: ["127.0.0.0/8"]\n  deny_ports: [9]\nmetrics:\n  listen: "127.0.0.1:0"\n  per_user: true\n'
     )
-    port = int(server.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)/metrics", 10).group(1))
+    port = int(server.wait_for(r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(path /metrics\)", 10).group(1))
     before = scrape(port)
     assert before['mtop_tunnels_open{state="relay"}'] == 0
     assert before["process_resident_memory_bytes"] > 0
@@ -285,7 +285,7 @@ def test_climber_metrics_count_tunnels_servers_and_failovers(server, make_climbe
 
     dead = closed_port()
     climber = make_climber([dead, server], strategy="failover", http=False, metrics={"listen": "127.0.0.1:0"})
-    port = int(climber.wait_for(r"metrics listening on http://127\.0\.0\.1:(\d+)/metrics", 10).group(1))
+    port = int(climber.wait_for(r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(path /metrics\)", 10).group(1))
     target = make_target(echo)
     sock, reply = socks5_request(climber.socks5_port, "127.0.0.1", target.port)
     try:

@@ -1,0 +1,89 @@
+"""Profile mtop and climber with py-spy during one load:
+``python -m bench.profile [download|upload|setup|idle] [--transport tls|quic]``.
+
+Starts the origin, ``twistd mtop`` and one climber as `bench.run` does,
+then runs ``py-spy record`` on both processes while the load runs (bounded
+by ``--seconds``) and writes ``mtop-<load>.svg`` and ``climber-<load>.svg``
+(flame graphs; ``--format speedscope`` or ``raw`` for others) in ``--out``.
+py-spy is not a dependency: ``.venv/bin/pip install py-spy``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path as FsPath
+
+from bench import client, procs
+from bench.client import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
+    parser.add_argument("load", choices=("download", "upload", "setup", "idle"), nargs="?", default="download")
+    parser.add_argument("--transport", choices=("tls", "quic"), default="tls")
+    parser.add_argument("--front", choices=("socks5", "http"), default="socks5")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--format", default="flamegraph", help="py-spy output format (flamegraph, speedscope, raw)")
+    parser.add_argument("--out", default="bench/results/profile")
+    parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    args = parser.parse_args(argv)
+    spy = shutil.which("py-spy") or str(FsPath(sys.executable).parent / "py-spy")
+    if not FsPath(spy).exists():
+        print("bench.profile: py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
+        return 2
+    out = FsPath(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    procs.raise_nofile_limit()
+    ws = procs.Workspace()
+    processes = procs.Processes()
+    spies: list[subprocess.Popen] = []
+    try:
+        ws.prepare()
+        _, origin = procs.start_origin(processes, ws)
+        mtop = procs.start_mtop(processes, ws)
+        climber = procs.start_climber(processes, ws, mtop, args.transport)
+        path = Path(args.front, ("127.0.0.1", climber.socks5 if args.front == "socks5" else climber.http))
+        echo = ("127.0.0.1", origin["echo"])
+        for sock in client.open_idle(path, echo, 4, 2, 30):
+            sock.close()
+        ext = {"flamegraph": "svg", "speedscope": "json"}.get(args.format, "txt")
+        label = f"{args.transport}-{args.load}"
+        for name, pid in (("mtop", mtop.process.pid), ("climber", climber.process.pid)):
+            spies.append(subprocess.Popen(
+                [spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--duration", str(int(args.seconds) + 1),
+                 "--format", args.format, "--output", str(out / f"{name}-{label}.{ext}"), "--nonblocking",
+                 *(["--native"] if args.native else [])],
+                stdout=subprocess.DEVNULL,
+            ))
+        time.sleep(0.5)
+        if args.load in ("download", "upload"):
+            service = "source" if args.load == "download" else "sink"
+            moved, elapsed = client.transfer(path, ("127.0.0.1", origin[service]), args.load, 1 << 40, args.seconds)
+            print(f"{label}: {moved / elapsed / 1e6:.1f} MB/s while profiled")
+        elif args.load == "setup":
+            result = client.setup_rate(path, echo, 1_000_000, 16, args.seconds)
+            print(f"{label}: {result.rate:.1f} tunnels/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms while profiled")
+        else:
+            opened = client.open_idle(path, echo, 2000, 16, args.seconds)
+            print(f"{label}: {len(opened)} idle tunnels opened while profiled")
+            for sock in opened:
+                sock.close()
+        for spy_process in spies:
+            spy_process.wait(timeout=60)
+        print(f"profiles in {out}/")
+    finally:
+        for spy_process in spies:
+            if spy_process.poll() is None:
+                spy_process.terminate()
+        processes.stop_all()
+        ws.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""``server.workers``: several processes on one port, each serving tunnels,
+a dead worker replaced, workers gone with their supervisor."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+
+from conftest import TEST_POLICY, ServerProcess, _processes
+from peers import echo
+from test_hardening_e2e import scrape
+from test_server_e2e import auth_message, connect
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+def wait_until(predicate, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.1)
+    return predicate()
+
+
+def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_path, make_target):
+    config = tmp_path / "mtop.yaml"
+    config.write_text(
+        "server:\n"
+        '  listen: "127.0.0.1:0"\n'
+        f"  crt: {e2e_setup.dir / 'certs' / 'server.crt'}\n"
+        f"  key: {e2e_setup.dir / 'certs' / 'server.key'}\n"
+        "  workers: 2\n"
+        "metrics:\n"
+        '  listen: "127.0.0.1:0"\n'
+        f"db:\n  dsn: {e2e_setup.dir / 'mtop.db'}\n" + TEST_POLICY
+    )
+    server = ServerProcess("workers", config, tmp_path)
+    _processes.append(server)
+    try:
+        server.start()
+        pids = {int(n): int(p) for n, p in re.findall(r"worker (\d) started \(pid (\d+)\)", server.log())}
+        assert set(pids) == {1, 2}
+        metrics = [int(p) for p in wait_for_all(server, r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(path /metrics\)", 2)]
+        target = make_target(echo)
+        clients = []
+        try:
+            for i in range(24):
+                client = connect(server, e2e_setup)
+                clients.append(client)
+                client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"%02d" % i)
+                assert client.read_exactly(4) == b"\x01\x00" + b"%02d" % i
+            per_worker = [scrape(port)['mtop_tunnels_open{state="relay"}'] for port in metrics]
+            assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker  # the kernel spread them
+        finally:
+            for client in clients:
+                client.close()
+
+        since = server.mark()
+        os.kill(pids[1], signal.SIGKILL)
+        server.wait_for(rf"worker 1 \(pid {pids[1]}\) ended .*; starting a new one", 10, since=since)
+        replaced = int(server.wait_for(r"worker 1 started \(pid (\d+)\)", 10, since=since).group(1))
+        assert replaced != pids[1]
+        server.wait_for(r"MTop TLS listening on 127\.0\.0\.1:", 20, since=since)
+        for i in range(6):  # served all along, by whichever worker
+            client = connect(server, e2e_setup)
+            try:
+                client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"ok")
+                assert client.read_exactly(4) == b"\x01\x00ok"
+            finally:
+                client.close()
+
+        # Killed without a chance to stop them, the supervisor leaves no worker behind.
+        server.proc.send_signal(signal.SIGKILL)
+        server.proc.wait(10)
+        assert wait_until(lambda: not alive(replaced) and not alive(pids[2]), 10)
+    finally:
+        server.stop()
+        _processes.remove(server)
+        for pid in pids.values():
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def wait_for_all(server, pattern: str, count: int, timeout: float = 20.0) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = re.findall(pattern, server.log())
+        if len(found) >= count:
+            return found[:count]
+        time.sleep(0.1)
+    raise AssertionError(f"{count} lines matching {pattern!r} expected" + server.describe())

@@ -1,0 +1,87 @@
+"""The benchmark harness's pieces (not the benchmarks: `make bench` runs
+those): the origin's services and the clients agree on what was moved."""
+
+import os
+import socket
+import time
+
+import pytest
+
+from bench import client
+from bench.origin import Origin
+
+
+@pytest.fixture
+def origin():
+    o = Origin()
+    yield o
+    o.close()
+
+
+def target(origin, service):
+    return ("127.0.0.1", origin.ports[service])
+
+
+def test_download_and_upload_count_every_byte(origin):
+    direct = client.Path("direct")
+    size = 3 * (1 << 20) + 7
+    assert client.transfer(direct, target(origin, "source"), "download", size, 30)[0] == size
+    assert client.transfer(direct, target(origin, "sink"), "upload", size, 30)[0] == size
+
+
+def test_time_bound_stops_a_transfer_early_and_counts_what_arrived(origin):
+    direct = client.Path("direct")
+    moved, elapsed = client.transfer(direct, target(origin, "sink"), "upload", 1 << 40, 0.2)
+    assert 0 < moved < 1 << 40 and elapsed < 10
+
+
+def test_echo_round_trips_and_setup_rate(origin):
+    direct = client.Path("direct")
+    with direct.open(target(origin, "echo")) as sock:
+        payload = os.urandom(32)
+        client.echo_once(sock, payload)
+    result = client.setup_rate(direct, target(origin, "echo"), 50, 4, 30)
+    assert result.done == 50 and result.failed == 0 and result.p50_ms <= result.p99_ms
+
+
+def test_socks5_client_speaks_to_a_minimal_server(origin):
+    """The SOCKS5 client's handshake, against a one-shot server that checks
+    it byte for byte and then splices to the echo."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    import threading
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            assert client.recv_exact(conn, 3) == b"\x05\x01\x00"
+            conn.sendall(b"\x05\x00")
+            request = client.recv_exact(conn, 10)
+            assert request[:4] == b"\x05\x01\x00\x01"
+            conn.sendall(b"\x05\x00\x00\x01" + bytes(6))
+            data = client.recv_exact(conn, 32)
+            conn.sendall(data)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    path = client.Path("socks5", listener.getsockname())
+    with path.open(target(origin, "echo")) as sock:
+        client.echo_once(sock, b"y" * 32)
+    thread.join(5)
+    listener.close()
+
+
+def test_percentile_is_nearest_rank():
+    values = sorted(float(i) for i in range(1, 101))
+    assert client.percentile(values, 50) == 50.0
+    assert client.percentile(values, 99) == 99.0
+    assert client.percentile([3.0], 99) == 3.0
+
+
+def test_cpu_seconds_of_this_process_grows():
+    before = client.cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert client.cpu_seconds(os.getpid()) >= before

@@ -1,0 +1,175 @@
+"""Logs: the level filter, JSON lines, and how twistd is told to write them."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from twisted.logger import Logger, LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+
+from mtop import logs
+
+
+def capture(emit) -> dict:
+    events: list[dict] = []
+    emit(Logger(namespace="mtop.test", observer=events.append))
+    assert len(events) == 1
+    return events[0]
+
+
+def tunnel_event() -> dict:
+    # As mtop.server logs one tunnel's end.
+    return capture(
+        lambda log: log.info(
+            "tunnel {outcome}: client={client} user={user} target={target} "
+            "up={bytes_up} down={bytes_down} duration={duration:.3f}s{detail_text}",
+            outcome="done",
+            client="127.0.0.1:53942",
+            user="alice",
+            target="example.com:443",
+            bytes_up=812,
+            bytes_down=48211,
+            duration=1.2042,
+            detail=None,
+            detail_text="",
+            tunnel_event=True,
+        )
+    )
+
+
+def test_json_line_has_the_structured_fields_and_the_text():
+    event = tunnel_event()
+    line = logs.event_as_json(event)
+    assert "\n" not in line
+    record = json.loads(line)
+    assert record["message"] == formatEvent(event)
+    assert record["message"] == (
+        "tunnel done: client=127.0.0.1:53942 user=alice target=example.com:443 up=812 down=48211 duration=1.204s"
+    )
+    assert record["level"] == "info"
+    assert record["namespace"] == "mtop.test"
+    assert record["time"].endswith("+00:00")
+    assert {k: record[k] for k in ("outcome", "client", "user", "target", "bytes_up", "bytes_down")} == {
+        "outcome": "done",
+        "client": "127.0.0.1:53942",
+        "user": "alice",
+        "target": "example.com:443",
+        "bytes_up": 812,
+        "bytes_down": 48211,
+    }
+    assert record["duration"] == pytest.approx(1.2042)
+    assert record["tunnel_event"] is True
+    # Twisted's internals and text-only helpers stay out.
+    assert not [k for k in record if k.startswith("log_")]
+    assert "detail_text" not in record and "format" not in record
+
+
+def test_json_line_levels_failures_objects_and_reserved_names():
+    class Peer:
+        def __str__(self) -> str:
+            return "IPv4Address(TCP, '127.0.0.1', 5)"
+
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        failure = Failure()
+    event = capture(lambda log: log.failure("flush failed for {peer}", failure, level=LogLevel.error, peer=Peer(), namespace="x"))
+    record = json.loads(logs.event_as_json(event))
+    assert record["level"] == "error"
+    assert record["message"] == "flush failed for IPv4Address(TCP, '127.0.0.1', 5)"
+    assert "ZeroDivisionError" in record["traceback"]
+    assert record["peer"] == "IPv4Address(TCP, '127.0.0.1', 5)"
+    # An event field named like one of the line's own keys is renamed.
+    assert record["field_namespace"] == "x" and record["namespace"] == "mtop.test"
+    warn = json.loads(logs.event_as_json(capture(lambda log: log.warn("careful"))))
+    assert warn["level"] == "warn" and warn["message"] == "careful"
+
+
+def test_json_lines_observer_writes_one_object_per_line():
+    out = io.StringIO()
+    observer = logs.json_lines_observer(out)
+    observer(tunnel_event())
+    observer(capture(lambda log: log.info("second {n}", n=2)))
+    lines = out.getvalue().splitlines()
+    assert [json.loads(line)["message"] for line in lines] == [formatEvent(tunnel_event()), "second 2"]
+
+
+@pytest.fixture
+def published():
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    yield events
+    globalLogPublisher.removeObserver(events.append)
+    logs.set_level("info")
+
+
+@pytest.mark.parametrize("level, expected", [("debug", ["d", "i", "w", "e"]), ("warn", ["w", "e"]), ("error", ["e"])])
+def test_level_filters_our_events(published, level, expected):
+    """log.level applies before any format: the JSON observer sees what the
+    text one would."""
+    logs.set_level(level)
+    log = logs.logger("mtop.test.level")
+    log.debug("d")
+    log.info("i")
+    log.warn("w")
+    log.error("e")
+    assert [formatEvent(e) for e in published if e.get("log_namespace") == "mtop.test.level"] == expected
+
+
+def twistd_options(*argv: str):
+    from twisted.scripts.twistd import ServerOptions
+
+    options = ServerOptions()
+    options.parseOptions(list(argv))
+    return options
+
+
+def write_config(tmp_path, log_format: str) -> str:
+    from mtop.certs import init_certs
+
+    init_certs(str(tmp_path), ["localhost"])
+    path = tmp_path / "mtop.yaml"
+    path.write_text(
+        "server: {listen: '127.0.0.1:0', crt: server.crt, key: server.key}\n"
+        f"log: {{level: info, format: {log_format}}}\n"
+        "db: {driverName: sqlite, dsn: mtop.db}\n"
+    )
+    return str(path)
+
+
+def test_json_format_sets_twistds_logger(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "_twistd_destination", logs._twistd_destination)
+    config = write_config(tmp_path, "json")
+    options = twistd_options("--nodaemon", "--pidfile=", "--logfile=-", "mtop", "--config", config)
+    assert options["logger"] is logs.twistd_json_observer
+    out = io.StringIO()
+    monkeypatch.setattr("sys.stdout", out)
+    options["logger"]()(tunnel_event())
+    assert json.loads(out.getvalue())["outcome"] == "done"
+
+
+def test_json_format_to_a_log_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "_twistd_destination", logs._twistd_destination)
+    config = write_config(tmp_path, "json")
+    logfile = tmp_path / "mtop.log"
+    options = twistd_options("--nodaemon", "--pidfile=", f"--logfile={logfile}", "mtop", "--config", config)
+    observer = options["logger"]()
+    observer(tunnel_event())
+    observer._outFile.close()
+    assert json.loads(logfile.read_text())["user"] == "alice"
+
+
+def test_text_format_and_explicit_logger_leave_twistd_alone(tmp_path, monkeypatch):
+    monkeypatch.setattr(logs, "_twistd_destination", logs._twistd_destination)
+    text = write_config(tmp_path, "text")
+    assert twistd_options("--nodaemon", "--pidfile=", "mtop", "--config", text)["logger"] is None
+    (tmp_path / "j").mkdir()
+    json_config = write_config(tmp_path / "j", "json")
+    options = twistd_options(
+        "--nodaemon", "--pidfile=", "--logger=twisted.logger.jsonFileLogObserver", "mtop", "--config", json_config
+    )
+    from twisted.logger import jsonFileLogObserver
+
+    assert options["logger"] is jsonFileLogObserver

@@ -1,0 +1,128 @@
+"""The TLS transport's fast paths, in memory: records decrypted straight
+into one buffer (through pyOpenSSL's cffi binding), writes by offset, and
+the relay's direct socket writes falling back to Twisted's queue."""
+
+import os
+
+from OpenSSL import SSL
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol
+from twisted.internet.testing import StringTransport
+from zope.interface import implementer
+
+from mtop import tlstransport
+from mtop.certs import init_certs
+from mtop.relay import writer_for
+from mtop.tls import client_context, server_context
+from mtop.tlstransport import TLSTransport
+
+
+def test_direct_reader_is_available():
+    # Without it every record costs a large allocation and extra copies; a
+    # pyOpenSSL that changes what it relies on must be noticed, not slow.
+    assert tlstransport._read_direct is not None
+
+
+class Wire:
+    """The TCP side of one end: what the TLS layer writes is collected."""
+
+    def __init__(self):
+        self.out = []
+
+    def write(self, data):
+        self.out.append(bytes(data))
+
+    def take(self):
+        data, self.out = b"".join(self.out), []
+        return data
+
+    def loseConnection(self):
+        pass
+
+    def loseWriteConnection(self):
+        pass
+
+
+@implementer(IHalfCloseableProtocol)
+class Collector(Protocol):
+    def __init__(self):
+        self.data = bytearray()
+        self.eof = False
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def readConnectionLost(self):
+        self.eof = True
+
+    def writeConnectionLost(self):
+        pass
+
+
+def make_pair(tmp_path):
+    paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    server_conn = SSL.Connection(server_context(paths.server_crt, paths.server_key, "mtop"), None)
+    server_conn.set_accept_state()
+    client_conn = SSL.Connection(client_context(paths.ca_crt, "mtop"), None)
+    client_conn.set_connect_state()
+    server_proto, client_proto = Collector(), Collector()
+    server, client = TLSTransport(server_proto, server_conn), TLSTransport(client_proto, client_conn)
+    server_wire, client_wire = Wire(), Wire()
+    client.makeConnection(client_wire)
+    server.makeConnection(server_wire)
+
+    def pump():
+        while client_wire.out or server_wire.out:
+            if client_wire.out:
+                server.dataReceived(client_wire.take())
+            if server_wire.out:
+                client.dataReceived(server_wire.take())
+
+    pump()
+    return server, client, server_proto, client_proto, server_wire, client_wire, pump
+
+
+def test_large_writes_arrive_whole_and_in_order(tmp_path):
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path)
+    payload = os.urandom(3 * (1 << 20) + 12345)  # more than the read buffer, not a multiple of a record
+    for i in range(0, len(payload), 700_000):
+        server.write(payload[i : i + 700_000])
+    # Delivered in pieces of arbitrary size, as TCP would.
+    data = server_wire.take()
+    for i in range(0, len(data), 100_003):
+        client.dataReceived(data[i : i + 100_003])
+    assert bytes(client_proto.data) == payload
+    client.write(b"and back")
+    pump()
+    assert bytes(server_proto.data) == b"and back"
+
+
+def test_close_notify_after_data_is_end_of_input(tmp_path):
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path)
+    server.write(b"last words")
+    server.loseWriteConnection()
+    pump()
+    assert bytes(client_proto.data) == b"last words" and client_proto.eof
+    # The other direction still works (half-close).
+    client.write(b"reply")
+    pump()
+    assert bytes(server_proto.data) == b"reply"
+
+
+def test_corrupt_record_fails_the_connection(tmp_path):
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path)
+    server.write(b"x" * 1000)
+    record = bytearray(server_wire.take())
+    record[-3] ^= 0xFF  # break the authentication tag
+    lost = []
+    client_proto.connectionLost = lost.append
+    client.dataReceived(bytes(record))
+    assert client._failure is not None and client._failure.check(SSL.Error)
+    assert bytes(client_proto.data) == b""
+
+
+def test_writer_for_other_transports_is_their_write():
+    transport = StringTransport()
+    write = writer_for(transport)
+    write(b"abc")
+    assert transport.value() == b"abc"
