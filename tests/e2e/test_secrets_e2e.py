@@ -176,10 +176,10 @@ def _write_private(path: Path, text: str) -> None:
         f.write(text)
 
 
-def _server_config(path: Path, certs, dsn: str) -> Path:
+def _server_config(path: Path, certs, dsn: str, log_format: str = "text") -> Path:
     path.write_text(yaml.safe_dump({
         "server": {"listen": "127.0.0.1:0", "crt": certs.server_crt, "key": certs.server_key, "handshake_timeout": 5},
-        "log": {"level": "debug"},
+        "log": {"level": "debug", "format": log_format},
         "db": {"driverName": "psql", "dsn": dsn, "cache_ttl": 0},
         # As every e2e server (conftest.TEST_POLICY): loopback targets are
         # allowed, and the deliberate failed logins do not ban 127.0.0.1.
@@ -195,7 +195,9 @@ def secrets_dir(tmp_path, postgres_dsn):
     return tmp_path, certs, postgres_dsn
 
 
-def test_no_password_reaches_any_output_at_debug_level(secrets_dir):
+# JSON logs carry every field of every event, not only the message.
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_no_password_reaches_any_output_at_debug_level(secrets_dir, log_format):
     base, certs, plain_dsn = secrets_dir
     user = "sec" + secrets.token_hex(4)
     user_pw = "Upw-" + secrets.token_hex(10)
@@ -206,7 +208,7 @@ def test_no_password_reaches_any_output_at_debug_level(secrets_dir):
     dsn = plain_dsn.replace("postgres://postgres@", f"postgres://postgres:{db_pw}@")
     assert db_pw in dsn
     outputs = Outputs()
-    config = _private(_server_config(base / "mtop.yaml", certs, dsn))
+    config = _private(_server_config(base / "mtop.yaml", certs, dsn, log_format))
 
     ctl(outputs, config, "db", "init")
     ctl(outputs, config, "user", "del", "-u", user, ok=False)  # no such user yet: an error, still no password
@@ -242,7 +244,7 @@ def test_no_password_reaches_any_output_at_debug_level(secrets_dir):
             proxy_auth = {"listen": "127.0.0.1:0", "username": local_user, "password": local_pw}
             climber_config = climber_dir / "climber.yaml"
             _write_private(climber_config, yaml.safe_dump({
-                "log": {"level": "debug"},
+                "log": {"level": "debug", "format": log_format},
                 "socks5": proxy_auth,
                 "http": proxy_auth,
                 "servers": [{"url": link, "ca": certs.ca_crt}],
@@ -286,7 +288,7 @@ def test_no_password_reaches_any_output_at_debug_level(secrets_dir):
             wrong_dir.mkdir()
             wrong_config = wrong_dir / "climber.yaml"
             _write_private(wrong_config, yaml.safe_dump({
-                "log": {"level": "debug"},
+                "log": {"level": "debug", "format": log_format},
                 "socks5": {"listen": "127.0.0.1:0"},
                 "servers": [
                     {"host": f"127.0.0.1:{server.port}", "username": user, "password": wrong_pw, "ca": certs.ca_crt},
@@ -316,6 +318,8 @@ def test_no_password_reaches_any_output_at_debug_level(secrets_dir):
     log = "\n".join(outputs.texts.values())
     assert "auth-failed" in log and "tunnel done" in log and "407" not in user_pw  # the session did happen
     assert WARNING not in log  # every secret file is 0600 here
+    if log_format == "json":
+        assert log.count('{"time":') > 20  # the processes did log JSON lines
     outputs.check({
         "the user's password": (user_pw, user),
         "the wrong password": (wrong_pw, user),
