@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.application.service import Service
 
+from mtop import fileperms
 from mtop.config import Config, ConfigError, load_config
 from mtop.logs import logger, set_level
 from mtop.tls import TLSConfigError
@@ -82,6 +83,8 @@ class ConfigReloader(Service):
         set_level(config.log.level)
         for warning in config.warnings:
             self._log.warn("config {path}: {warning}", path=config.path, warning=warning)
+        for warning in fileperms.startup_warnings(config):
+            self._log.warn("{warning}", warning=warning)
         factory = self.factory
         factory.dialer.acl = destination_acl(config)
         factory.dialer.connect_timeout = config.server.connect_timeout

@@ -318,7 +318,9 @@ class TunnelProtocol(Protocol):
         if self.state != "auth":
             return
         if self._fallback_allowed():
-            self._to_fallback("auth failed", self._auth_bytes, user=True)
+            # The same bytes but the password: the web server answers them
+            # the same, and its logs must not keep a (mistyped) password.
+            self._to_fallback("auth failed", wire.without_password(self._auth_bytes), user=True)
         else:
             self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
 

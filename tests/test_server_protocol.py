@@ -369,7 +369,8 @@ def test_fallback_gets_a_failed_login_with_its_auth_message():
     assert dialer.attempts == []
     clock.advance(0.5)
     web, web_transport = dialer.succeed()
-    assert web_transport.value() == AUTH + b"more"
+    assert web_transport.value() == wire.without_password(AUTH) + b"more"
+    assert b"pw" not in web_transport.value()
     assert client.value() == b""
 
 

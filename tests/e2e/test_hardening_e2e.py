@@ -14,6 +14,7 @@ import threading
 import pytest
 
 from conftest import TWISTD, ServerProcess, _start, subprocess_env
+from mtop import wire
 from peers import echo
 from test_server_e2e import TLSClient, auth_message, connect, outcome_line
 
@@ -122,7 +123,8 @@ def test_fallback_serves_browsers_probes_and_failed_logins(start_server, e2e_set
         assert wrong.read_to_eof() == PAGE  # not 01 02, although reply_errors is on
     finally:
         wrong.close()
-    assert web.received[-1] == message
+    assert web.received[-1] == wire.without_password(message)  # what was sent, the password masked
+    assert e2e_setup.wrong_password.encode() not in web.received[-1]
     good = connect(server, e2e_setup)
     try:
         good.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"hello")
