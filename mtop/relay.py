@@ -72,8 +72,15 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
             return
         try:
             sent = tcp.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0  # Twisted's path sends it when the socket takes more
         except OSError:
-            sent = 0  # would block, or an error: Twisted's path finds out
+            # The peer is gone (reset, broken pipe).  This send consumed the
+            # socket's error: the next read would see a clean EOF, a
+            # half-close that never happened.  End the connection now, as
+            # lost, the way Twisted's own write path would have.
+            tcp.abortConnection()
+            return
         if sent < len(data):
             tcp.write(data if not sent and type(data) is bytes else bytes(memoryview(data)[sent:]))
 

@@ -3,6 +3,12 @@ into one buffer (through pyOpenSSL's cffi binding), writes by offset, and
 the relay's direct socket writes falling back to Twisted's queue."""
 
 import os
+import socket
+import struct
+import time
+
+import pytest_twisted
+from twisted.internet.task import deferLater
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -126,3 +132,46 @@ def test_writer_for_other_transports_is_their_write():
     write = writer_for(transport)
     write(b"abc")
     assert transport.value() == b"abc"
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_eof():
+    """A send that meets the peer's reset consumes the socket's error; the
+    connection must end as lost, never look half-closed."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Factory
+
+    ended = Deferred()
+    seen = []
+
+    @implementer(IHalfCloseableProtocol)
+    class Side(Protocol):
+        def connectionMade(self):
+            self.write = writer_for(self.transport)
+            ready.callback(self)
+
+        def readConnectionLost(self):
+            seen.append("eof")
+
+        def writeConnectionLost(self):
+            pass
+
+        def connectionLost(self, reason):
+            seen.append("lost")
+            ended.callback(None)
+
+    ready = Deferred()
+    port = reactor.listenTCP(0, Factory.forProtocol(Side), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        side = await ready
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset
+        time.sleep(0.1)  # it arrives before the reactor looks again
+        side.write(b"x" * 65536)  # so this send meets it first
+        await ended
+        assert seen == ["lost"], seen
+    finally:
+        port.stopListening()
