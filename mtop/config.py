@@ -20,7 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from mtop.acl import ACLError, DestinationACL, parse_network, parse_port_range
-from mtop.limits import LimitSettings, ThrottleSettings
+from mtop.limits import ThrottleSettings
 from mtop.redact import redact, shown
 
 

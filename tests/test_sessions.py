@@ -10,8 +10,8 @@ import pytest
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 
-from mtop.ratelimit import MIN_BURST, TokenBucket, UserRate
-from mtop.relay import Relay, Valve
+from mtop.ratelimit import MIN_BURST, TokenBucket
+from mtop.relay import Valve
 from mtop.sessions import UserSessions
 from mtop.userstore import StoreUnavailable, UserRecord
 

@@ -8,7 +8,6 @@ import struct
 import time
 
 import pytest_twisted
-from twisted.internet.task import deferLater
 
 from OpenSSL import SSL
 from twisted.internet.interfaces import IHalfCloseableProtocol

@@ -23,7 +23,6 @@ from conftest import (
     TEST_POLICY,
     ServerProcess,
     _processes,
-    run_ctl,
     subprocess_env,
 )
 from peers import banner_then_read, echo, recv_to_eof

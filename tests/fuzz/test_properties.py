@@ -13,13 +13,11 @@ pytest-twisted breaks on parametrized ``@given`` tests.
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import tempfile
 
-import pytest
-from hypothesis import assume, given
+from hypothesis import given
 from hypothesis import strategies as st
 
 from climber import http_codec as http
@@ -31,7 +29,6 @@ from fuzz_strategies import (
     cuts,
     field_text,
     hosts,
-    mutated,
     ports,
     texts,
     tricky_text,
