@@ -105,13 +105,10 @@ class Dialer:
         # thread round trip and about a tenth of the CPU of a tunnel.
         if isIPAddress(host) or isIPv6Address(host):
             endpoint_class = TCP4ClientEndpoint if isIPAddress(host) else TCP6ClientEndpoint
-            d = endpoint_class(self.reactor, host, port, timeout=self.connect_timeout).connect(factory)
-            d.addTimeout(self.connect_timeout, self.reactor)
-            return d
+            return self._connect(endpoint_class(self.reactor, host, port, timeout=self.connect_timeout), factory)
         resolver = _FilteringResolver(self.reactor.nameResolver, self.acl)
-        endpoint = HostnameEndpoint(_ReactorWithResolver(self.reactor, resolver), host, port, timeout=self.connect_timeout)
-        d = endpoint.connect(factory)
-        d.addTimeout(self.connect_timeout, self.reactor)
+        reactor = _ReactorWithResolver(self.reactor, resolver)
+        d = self._connect(HostnameEndpoint(reactor, host, port, timeout=self.connect_timeout), factory)
 
         def refused(failure: Failure) -> Failure:
             if failure.check(DNSLookupError) and resolver.refused:
@@ -124,7 +121,11 @@ class Dialer:
     def connect_unchecked(self, host: str, port: int, factory: Any) -> Deferred:
         """Connect without the ACL, for destinations the operator
         configured (the fallback web server)."""
-        d = HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout).connect(factory)
+        return self._connect(HostnameEndpoint(self.reactor, host, port, timeout=self.connect_timeout), factory)
+
+    def _connect(self, endpoint: Any, factory: Any) -> Deferred:
+        """``endpoint.connect(factory)`` under the one deadline."""
+        d = endpoint.connect(factory)
         d.addTimeout(self.connect_timeout, self.reactor)
         return d
 

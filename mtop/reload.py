@@ -21,7 +21,6 @@ from typing import Any
 
 from twisted.application.service import Service
 
-from mtop import fileperms
 from mtop.config import Config, ConfigError, load_config
 from mtop.logs import logger, set_level
 from mtop.tls import TLSConfigError
@@ -78,13 +77,11 @@ class ConfigReloader(Service):
         from mtop.acl import destination_acl
         from mtop.limits import limit_settings
         from mtop.server import ServerSettings
+        from mtop.tap import log_config_warnings
 
         old = self.config
         set_level(config.log.level)
-        for warning in config.warnings:
-            self._log.warn("config {path}: {warning}", path=config.path, warning=warning)
-        for warning in fileperms.startup_warnings(config):
-            self._log.warn("{warning}", warning=warning)
+        log_config_warnings(self._log, config)
         factory = self.factory
         factory.dialer.acl = destination_acl(config)
         factory.dialer.connect_timeout = config.server.connect_timeout

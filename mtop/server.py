@@ -462,7 +462,7 @@ class TunnelProtocol(Protocol):
             totals = factory.user_bytes.setdefault(self.request.username, [0, 0])
             totals[0] += bytes_up
             totals[1] += bytes_down
-        self.factory.limits.closed(self.client_key, self._handshaking)
+        factory.limits.closed(self.client_key, self._handshaking)
         self._handshaking = False
         if self._admitted:
             self._admitted = False

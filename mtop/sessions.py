@@ -137,12 +137,13 @@ class UserSessions(MultiService):
         flush_interval: float = 5.0,
         flush_timeout: float = 10.0,
         server_id: str | None = None,
+        counters: Counters | None = None,
     ):
         super().__init__()
         self.store = store
         self.authenticator = authenticator
         #: Where database errors are counted (the tap shares the server's).
-        self.counters = Counters()
+        self.counters = counters if counters is not None else Counters()
         self.clock = clock
         self.recheck_interval = recheck_interval
         self.flush_interval = flush_interval

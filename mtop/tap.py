@@ -53,6 +53,16 @@ def _check_driver(config: Config) -> None:
             ) from None
 
 
+def log_config_warnings(log: Any, config: Any) -> None:
+    """Log what is worth a warning in a loaded config (at start and after a
+    reload): unknown keys and the like, and private keys or
+    password-holding configs others can read (climber's config too)."""
+    for warning in config.warnings:
+        log.warn("config {path}: {warning}", path=config.path, warning=warning)
+    for warning in fileperms.startup_warnings(config):
+        log.warn("{warning}", warning=warning)
+
+
 class _StartupNotes(Service):
     """Logs the config's warnings once the log is set up."""
 
@@ -63,12 +73,7 @@ class _StartupNotes(Service):
 
     def startService(self) -> None:
         super().startService()
-        for warning in self.config.warnings:
-            self._log.warn("config {path}: {warning}", path=self.config.path, warning=warning)
-        # Private keys and password-holding configs others can read
-        # (climber's config comes through here too).
-        for warning in fileperms.startup_warnings(self.config):
-            self._log.warn("{warning}", warning=warning)
+        log_config_warnings(self._log, self.config)
 
 
 def user_store(config: Config, reactor: Any) -> Service:
@@ -130,6 +135,9 @@ def makeService(options: Options) -> MultiService:
     )
     # The sessions own the store: their last traffic flush runs before it
     # closes.
+    # One set of counters for the server's events and the sessions' database
+    # errors (what the metrics read).
+    counters = Counters()
     sessions = UserSessions(
         store,
         authenticator,
@@ -137,10 +145,10 @@ def makeService(options: Options) -> MultiService:
         recheck_interval=config.db.recheck_interval,
         flush_interval=config.db.flush_interval,
         flush_timeout=max(config.db.query_timeout, 5.0),
+        counters=counters,
     )
     sessions.setServiceParent(root)
     server = config.server
-    counters = Counters()
     factory = TunnelFactory(
         authenticator,
         Dialer(reactor, server.connect_timeout, destination_acl(config)),
@@ -151,7 +159,6 @@ def makeService(options: Options) -> MultiService:
         throttle=AuthThrottle(reactor, config.auth_throttle, counters),
         counters=counters,
     )
-    sessions.counters = counters
     listeners = listener_services(
         options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
     )
