@@ -230,10 +230,12 @@ class ServerConnector:
                 server=entry.name,
             )
 
-    def tls_factory(self, wrapped: Any) -> Any:
+    def tls_factory(self, wrapped: Any, clock: Any = None) -> Any:
         # The session is saved by the tunnel after the reply, not at the end
         # of the handshake (TLS 1.3 tickets come later), so no cache here.
-        factory = client_tls_factory(wrapped, self.context, self.entry.host, not self.entry.insecure, self.entry.sni)
+        factory = client_tls_factory(
+            wrapped, self.context, self.entry.host, not self.entry.insecure, self.entry.sni, clock=clock
+        )
         name = self.entry.sni or self.entry.host
         inner_connection_for = factory.connection_for
 
@@ -254,7 +256,7 @@ class ServerConnector:
     def connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
         """Connect ``protocol`` to the server over TCP and TLS."""
         return server_endpoint(reactor, self.entry.host, self.entry.port, timeout).connect(
-            self.tls_factory(_OneProtocol(protocol))
+            self.tls_factory(_OneProtocol(protocol), reactor)
         )
 
     def close(self) -> None:

@@ -92,7 +92,7 @@ def listener_services(
             service.use_security = lambda security, protocol=protocol: setattr(protocol, "configuration", security)
         else:
             holder = _Security(item.security)
-            tls_factory = server_tls_factory(factory, holder.get)
+            tls_factory = server_tls_factory(factory, holder.get, reactor)
             note = ""
             if listener.proxy_protocol:
                 from mtop.proxyproto import ProxyHeaderFactory

@@ -64,14 +64,17 @@ class Collector(Protocol):
         pass
 
 
-def make_pair(tmp_path):
+def make_pair(tmp_path, clock=None):
+    """Two connected ends in memory; ``clock`` times the server's quiet
+    check."""
     paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
     server_conn = SSL.Connection(server_context(paths.server_crt, paths.server_key, "mtop"), None)
     server_conn.set_accept_state()
     client_conn = SSL.Connection(client_context(paths.ca_crt, "mtop"), None)
     client_conn.set_connect_state()
     server_proto, client_proto = Collector(), Collector()
-    server, client = TLSTransport(server_proto, server_conn), TLSTransport(client_proto, client_conn)
+    server = TLSTransport(server_proto, server_conn, clock=clock)
+    client = TLSTransport(client_proto, client_conn)
     server_wire, client_wire = Wire(), Wire()
     client.makeConnection(client_wire)
     server.makeConnection(server_wire)
@@ -174,3 +177,73 @@ async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_e
         assert seen == ["lost"], seen
     finally:
         port.stopListening()
+
+
+def test_received_bytes_are_read_where_they_lie_and_not_kept(tmp_path):
+    """The input BIO reads TCP's bytes in place; once they are processed
+    nothing refers to them (an idle tunnel keeps no copy of its last read),
+    even when a read ends in the middle of a record."""
+    import sys
+
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path)
+    payload = os.urandom(200_000)
+    server.write(payload)
+    wire = server_wire.take()
+    first, second = bytes(wire[:150_001]), bytes(wire[150_001:])
+    before = sys.getrefcount(first)
+    client.dataReceived(first)
+    assert sys.getrefcount(first) == before
+    assert 0 < len(client_proto.data) < len(payload)
+    client.dataReceived(second)
+    assert bytes(client_proto.data) == payload
+
+
+def test_unread_input_survives_the_next_read():
+    """Should OpenSSL leave fed bytes unread (a handshake stopped midway),
+    they are copied out before the caller's buffer goes, and come first at
+    the next read."""
+    swaps = tlstransport._bio_swaps
+    assert swaps is not None
+    connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
+    connection.set_accept_state()
+    memory = swaps.feed(connection, bytearray(b"abc"))  # a writable buffer, overwritten below
+    swaps.settle(connection)
+    del memory
+    memory = swaps.feed(connection, b"def")  # noqa: F841 (the BIO reads from it)
+    from OpenSSL._util import ffi, lib
+
+    where = ffi.new("char **")
+    size = lib.BIO_get_mem_data(connection._into_ssl, where)
+    assert ffi.buffer(where[0], size)[:] == b"abcdef"
+
+
+def test_grown_output_buffer_is_given_back_when_quiet(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path, clock)
+    server_conn = server._tls
+    server.write(b"small")  # small writes leave the buffer as it is
+    assert not clock.getDelayedCalls()
+    grown = server_conn._from_ssl
+    server.write(os.urandom(300_000))
+    clock.advance(tlstransport.QUIET_SECONDS)
+    server.write(os.urandom(300_000))  # still busy: kept
+    clock.advance(tlstransport.QUIET_SECONDS)
+    assert server_conn._from_ssl == grown
+    clock.advance(tlstransport.QUIET_SECONDS)  # quiet for a whole period
+    assert server_conn._from_ssl != grown and not clock.getDelayedCalls()
+    server.write(b"after")
+    client.dataReceived(server_wire.take())
+    assert bytes(client_proto.data).endswith(b"after") and len(client_proto.data) == 600_010
+
+
+def test_quiet_check_stops_with_the_connection(tmp_path):
+    from twisted.internet.task import Clock
+
+    clock = Clock()
+    server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path, clock)
+    server.write(os.urandom(100_000))
+    assert clock.getDelayedCalls()
+    server.connectionLost(None)
+    assert not clock.getDelayedCalls()
