@@ -152,6 +152,7 @@ def makeService(options: Options) -> MultiService:
     from climber.tunnel import TunnelOpener
     from mtop.listen import ListenerService, server_endpoint
     from mtop.logs import set_level
+    from mtop.memory import MemoryTrimmer
     from mtop.tap import _StartupNotes
     from mtop.wire import format_hostport
 
@@ -163,6 +164,7 @@ def makeService(options: Options) -> MultiService:
     pool = ServerPool(config.usable_servers, config.strategy, reactor)
     climber = Climber(TunnelOpener(reactor, pool, config.idle_timeout), reactor, config.idle_timeout, config.handshake_timeout)
     _Lifecycle(climber, config).setServiceParent(root)
+    MemoryTrimmer(reactor).setServiceParent(root)
 
     for listener, protocol, label in (
         (config.socks5, Socks5Connection, "SOCKS5 proxy"),

@@ -100,6 +100,7 @@ def makeService(options: Options) -> MultiService:
     from mtop.auth import Authenticator
     from mtop.dialer import Dialer
     from mtop.limits import AuthThrottle, ConnectionLimits, limit_settings
+    from mtop.memory import MemoryTrimmer
     from mtop.reload import ConfigReloader
     from mtop.server import ServerSettings, TunnelFactory
     from mtop.sessions import UserSessions
@@ -148,6 +149,7 @@ def makeService(options: Options) -> MultiService:
         counters=counters,
     )
     sessions.setServiceParent(root)
+    MemoryTrimmer(reactor).setServiceParent(root)
     server = config.server
     factory = TunnelFactory(
         authenticator,
