@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 BUFFER = 1 << 20
 SIZE = struct.Struct("!Q")
@@ -215,12 +216,8 @@ def setup_rate(path: Path, echo: tuple[str, int], total: int, concurrency: int, 
             with lock:
                 latencies.append(time.monotonic() - started)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
     started = time.monotonic()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
+    run_workers(worker, concurrency, seconds + 30)
     elapsed = time.monotonic() - started
     if not latencies:
         raise BenchError(f"no connection through {path.kind} worked: {failures[:1]!r}")
@@ -232,6 +229,16 @@ def setup_rate(path: Path, echo: tuple[str, int], total: int, concurrency: int, 
         done=len(latencies),
         failed=len(failures),
     )
+
+
+def run_workers(worker: Callable[[], None], count: int, seconds: float) -> None:
+    """Run ``worker`` in ``count`` daemon threads at once and wait for them,
+    at most ``seconds`` for each (the workers bound their own loops)."""
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(seconds)
 
 
 def percentile(sorted_values: list[float], p: float) -> float:
@@ -265,14 +272,49 @@ def open_idle(path: Path, echo: tuple[str, int], count: int, concurrency: int, s
             with lock:
                 opened.append(sock)
 
-    threads = [threading.Thread(target=worker, daemon=True) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(seconds + 30)
+    run_workers(worker, concurrency, seconds + 30)
     if failures and not opened:
         raise BenchError(f"no idle tunnel through {path.kind} opened: {failures[0]!r}")
     return opened
+
+
+def echo_each(socks: list[socket.socket], size: int, parallel: int, seconds: float) -> int:
+    """Send ``size`` bytes through each of ``socks`` (connected to the
+    echo) and read them back, ``parallel`` sockets at a time, within
+    ``seconds``; returns how many sockets completed.  The sockets stay
+    open."""
+    payload = memoryview(BLOCK * (size // BUFFER + 1))[:size]
+    deadline = time.monotonic() + seconds
+    done = []
+    lock = threading.Lock()
+    queue = iter(socks)
+
+    def worker() -> None:
+        buffer = bytearray(BUFFER)
+        while time.monotonic() < deadline:
+            with lock:
+                sock = next(queue, None)
+            if sock is None:
+                return
+            sock.settimeout(max(deadline - time.monotonic(), 0.1))
+            sender = threading.Thread(target=sock.sendall, args=(payload,), daemon=True)
+            sender.start()
+            got = 0
+            try:
+                while got < size:
+                    n = sock.recv_into(buffer, min(BUFFER, size - got))
+                    if not n:
+                        break
+                    got += n
+            except OSError:
+                pass
+            sender.join(max(deadline - time.monotonic(), 0.1))
+            if got == size:
+                with lock:
+                    done.append(sock)
+
+    run_workers(worker, parallel, seconds + 30)
+    return len(done)
 
 
 def family(pid: int) -> list[int]:

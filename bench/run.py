@@ -121,9 +121,12 @@ def _setup(route: str) -> Callable[[Context], dict[str, float]]:
     return run
 
 
-def _idle_rss(route: str) -> Callable[[Context], dict[str, float]]:
+def _idle_rss(route: str, used: bool = False) -> Callable[[Context], dict[str, float]]:
     """Fresh mtop and climber, warmed up; VmRSS before and after opening
-    ``--idle`` tunnels to the echo; KiB per tunnel."""
+    ``--idle`` tunnels to the echo; KiB per tunnel.  With ``used``, a
+    tenth as many tunnels each echo ``--used-bytes`` first (8 at a time),
+    then all rest for ``--used-rest`` seconds before the reading: what a
+    tunnel that has carried traffic keeps once it is idle."""
 
     def run(ctx: Context) -> dict[str, float]:
         mtop = procs.start_mtop(ctx.processes, ctx.ws)
@@ -137,15 +140,20 @@ def _idle_rss(route: str) -> Callable[[Context], dict[str, float]]:
                 sock.close()
             time.sleep(1.0)
             before = client.rss_kib(mtop.process.pid), client.rss_kib(climber.process.pid)
-            opened = client.open_idle(path, ctx.target("echo"), ctx.args.idle, ctx.args.concurrency, 120)
+            wanted = max(ctx.args.idle // 10, 1) if used else ctx.args.idle
+            opened = client.open_idle(path, ctx.target("echo"), wanted, ctx.args.concurrency, 120)
             try:
-                time.sleep(1.0)
+                if used:
+                    echoed = client.echo_each(opened, ctx.args.used_bytes, 8, ctx.args.setup_seconds)
+                    if echoed < len(opened):
+                        print(f"  (only {echoed} of {len(opened)} tunnels echoed {ctx.args.used_bytes} bytes)", file=sys.stderr)
+                time.sleep(ctx.args.used_rest if used else 1.0)
                 after = client.rss_kib(mtop.process.pid), client.rss_kib(climber.process.pid)
             finally:
                 for sock in opened:
                     sock.close()
-            if len(opened) < ctx.args.idle:
-                print(f"  (only {len(opened)} of {ctx.args.idle} idle tunnels opened)", file=sys.stderr)
+            if len(opened) < wanted:
+                print(f"  (only {len(opened)} of {wanted} idle tunnels opened)", file=sys.stderr)
             n = max(len(opened), 1)
             return {
                 "mtop KiB": (after[0] - before[0]) / n,
@@ -202,6 +210,13 @@ def _measurements() -> list[Measurement]:
             Measurement(
                 f"{route}-idle-rss", f"RSS per idle {route.upper()} tunnel", _idle_rss(route),
                 {"mtop KiB": "KiB", "climber KiB": "KiB", "tunnels": ""},
+            )
+        )
+    for route in ("tls", "quic"):
+        items.append(
+            Measurement(
+                f"{route}-used-idle-rss", f"RSS per idle {route.upper()} tunnel that has echoed --used-bytes",
+                _idle_rss(route, used=True), {"mtop KiB": "KiB", "climber KiB": "KiB", "tunnels": ""},
             )
         )
     return items
@@ -315,7 +330,8 @@ def report(args: argparse.Namespace, chosen: list[Measurement], results: dict, s
         "machine": machine(),
         "settings": {
             k: getattr(args, k)
-            for k in ("repeat", "size", "seconds", "streams", "tunnels", "concurrency", "idle", "quic_packet_size", "workers")
+            for k in ("repeat", "size", "seconds", "streams", "tunnels", "concurrency", "idle", "used_bytes", "used_rest",
+                      "quic_packet_size", "workers")
         },
         "results": {},
         "targets": [],
@@ -416,6 +432,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", type=int, default=16, help="connections opened at once (16)")
     parser.add_argument("--setup-seconds", type=float, default=60.0, help="seconds per setup-rate run at most (60)")
     parser.add_argument("--idle", type=int, default=2000, help="idle tunnels for the RSS figure (2000)")
+    parser.add_argument("--used-bytes", type=int, default=MiB,
+                        help="bytes each tunnel echoes before the used-idle RSS reading (1 MiB)")
+    parser.add_argument("--used-rest", type=float, default=15.0,
+                        help="seconds the used tunnels rest before that reading (15)")
     parser.add_argument("--quic-packet-size", type=int, default=1350, help="QUIC packet size, both ends (1350, the default)")
     parser.add_argument("--workers", type=int, default=1, help="mtop's server.workers (1); CPU and RSS figures add up its workers")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between measurements (0.5)")

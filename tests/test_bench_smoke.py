@@ -85,3 +85,15 @@ def test_cpu_seconds_of_this_process_grows():
     while time.process_time() < deadline:
         pass
     assert client.cpu_seconds(os.getpid()) >= before
+
+
+def test_echo_each_moves_every_byte_and_keeps_the_sockets_open(origin):
+    direct = client.Path("direct")
+    socks = [direct.open(target(origin, "echo")) for _ in range(3)]
+    try:
+        assert client.echo_each(socks, 2 * (1 << 20) + 5, 2, 30) == 3
+        for sock in socks:
+            client.echo_once(sock, b"still open")
+    finally:
+        for sock in socks:
+            sock.close()
