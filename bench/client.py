@@ -11,10 +11,11 @@ from __future__ import annotations
 import math
 import os
 import socket
+import ssl
 import struct
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 BUFFER = 1 << 20
@@ -37,12 +38,25 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
 
 
 @dataclass(frozen=True)
+class MtopLogin:
+    """What a client speaking MTop itself needs: the CA that signed the
+    server's certificate, and a user."""
+
+    ca: str
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
 class Path:
-    """How to reach the origin: ``kind`` is ``direct``, ``socks5`` or
-    ``http`` (CONNECT); ``proxy`` is the proxy's (host, port)."""
+    """How to reach the origin: ``kind`` is ``direct``, ``socks5``,
+    ``http`` (CONNECT) or ``mtop`` (MTop v1 over TLS straight to the server,
+    no climber: the server's own cost); ``proxy`` is the proxy's or
+    server's (host, port)."""
 
     kind: str
     proxy: tuple[str, int] | None = None
+    login: MtopLogin | None = None
 
     def open(self, target: tuple[str, int], timeout: float = 10.0) -> socket.socket:
         """A connected socket to ``target`` through this path (the proxy's
@@ -55,6 +69,8 @@ class Path:
                 _socks5_connect(sock, target)
             elif self.kind == "http":
                 _http_connect(sock, target)
+            elif self.kind == "mtop":
+                sock = _mtop_connect(sock, self.login, target)
         except BaseException:
             sock.close()
             raise
@@ -74,6 +90,31 @@ def _socks5_connect(sock: socket.socket, target: tuple[str, int]) -> None:
     if rest is None:
         rest = recv_exact(sock, 1)[0] + 2
     recv_exact(sock, rest)
+
+
+_mtop_tls: dict[str, tuple[ssl.SSLContext, list]] = {}
+_mtop_lock = threading.Lock()
+
+
+def _mtop_connect(sock: socket.socket, login: MtopLogin, target: tuple[str, int]) -> socket.socket:
+    """TLS 1.3 with ALPN ``mtop`` (resuming the last session, as climber
+    does), the auth message, the two-byte reply: the TLS socket."""
+    from mtop import wire
+
+    with _mtop_lock:
+        if login.ca not in _mtop_tls:
+            context = ssl.create_default_context(cafile=login.ca)
+            context.minimum_version = ssl.TLSVersion.TLSv1_3
+            context.set_alpn_protocols(["mtop"])
+            _mtop_tls[login.ca] = (context, [None])
+        context, last = _mtop_tls[login.ca]
+    tls = context.wrap_socket(sock, server_hostname=sock.getpeername()[0], session=last[0])
+    tls.sendall(wire.encode_auth(wire.AuthRequest(login.username, login.password, target[0], target[1], wire.ATYP_IPV4)))
+    reply = recv_exact(tls, wire.REPLY_LENGTH)
+    if reply != wire.REPLY_SUCCESS:
+        raise BenchError(f"MTop server replied {reply.hex()}")
+    last[0] = tls.session  # the tickets have arrived before the reply
+    return tls
 
 
 def _http_connect(sock: socket.socket, target: tuple[str, int]) -> None:

@@ -54,6 +54,8 @@ class Context:
 
     def cpu(self, route: str) -> dict[str, float]:
         """CPU seconds so far of the processes a route goes through."""
+        if route == "mtop":
+            return {"mtop": client.cpu_seconds(self.mtop.process.pid)}
         if route not in self.climbers:
             return {}
         return {"mtop": client.cpu_seconds(self.mtop.process.pid), "climber": client.cpu_seconds(self.climbers[route].process.pid)}
@@ -63,6 +65,9 @@ class Context:
             return Path("direct")
         if route == "relay":
             return Path("socks5", ("127.0.0.1", self.relay_port))
+        if route == "mtop":
+            login = client.MtopLogin(str(self.ws.dir / "certs" / "ca.crt"), procs.USER, self.ws.password)
+            return Path("mtop", ("127.0.0.1", self.mtop.port), login)
         climber = self.climbers[route]
         return Path(front, ("127.0.0.1", climber.socks5 if front == "socks5" else climber.http))
 
@@ -169,8 +174,10 @@ def _idle_rss(route: str, used: bool = False) -> Callable[[Context], dict[str, f
 
 def _units(route: str, main: str, cpu_unit: str) -> dict[str, str]:
     units = {main: main}
+    if route in ("tls", "quic", "mtop"):
+        units[f"mtop CPU {cpu_unit}"] = cpu_unit
     if route in ("tls", "quic"):
-        units.update({f"mtop CPU {cpu_unit}": cpu_unit, f"climber CPU {cpu_unit}": cpu_unit})
+        units[f"climber CPU {cpu_unit}"] = cpu_unit
     return units
 
 
@@ -190,14 +197,22 @@ def _measurements() -> list[Measurement]:
                         () if route == "direct" else (route,),
                     )
                 )
-    for route, label in routes:
+    # The server alone: a client speaking MTop over TLS itself, no climber.
+    server_only = ("mtop", "MTop client straight to mtop (TLS, no climber)")
+    items.append(
+        Measurement(
+            "mtop-download", f"one {server_only[1]}, download", _transfer("mtop", "mtop", "download"),
+            _units("mtop", "MB/s", "s/GB"), "direct-download", ("mtop",),
+        )
+    )
+    for route, label in (*routes, server_only):
         items.append(
             Measurement(
                 f"{route}-parallel8", f"8 x {label}, download aggregate", _parallel(route), _units(route, "MB/s", "s/GB"),
                 None if route == "direct" else "direct-parallel8", () if route == "direct" else (route,),
             )
         )
-    for route, label in routes:
+    for route, label in (*routes, server_only):
         items.append(
             Measurement(
                 f"{route}-setup", f"setup + 32-byte echo, {label}", _setup(route),
@@ -278,10 +293,12 @@ def machine() -> dict[str, Any]:
 def warm_up(ctx: Context) -> None:
     """One tunnel through each front end (full handshake, scrypt, QUIC
     connection), so the first measurement is not the one paying them."""
-    for route in ctx.climbers:
-        for front in ("socks5", "http"):
-            with ctx.path(route, front).open(ctx.target("echo")) as sock:
-                client.echo_once(sock, b"warm-up" * 4)
+    paths = [ctx.path(route, front) for route in ctx.climbers for front in ("socks5", "http")]
+    if ctx.mtop is not None:
+        paths.append(ctx.path("mtop"))
+    for path in paths:
+        with path.open(ctx.target("echo")) as sock:
+            client.echo_once(sock, b"warm-up" * 4)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -300,7 +317,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctx = Context(args, ws, processes, origin)
         if "relay" in needs:
             _, ctx.relay_port = procs.start_relay(processes, ws)
-        if needs & {"tls", "quic"}:
+        if needs & {"tls", "quic", "mtop"}:
             ctx.mtop = procs.start_mtop(processes, ws)
             for transport in ("tls", "quic"):
                 if transport in needs:

@@ -6,6 +6,7 @@ import socket
 import time
 
 import pytest
+import pytest_twisted
 
 from bench import client
 from bench.origin import Origin
@@ -97,3 +98,36 @@ def test_echo_each_moves_every_byte_and_keeps_the_sockets_open(origin):
     finally:
         for sock in socks:
             sock.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtop_path_speaks_mtop_to_the_server_and_resumes(server, origin):
+    """The harness's MTop client (TLS, auth message, reply) against the
+    real server in this process; its second tunnel resumes the session."""
+    from twisted.internet.threads import deferToThread
+
+    factory, port, paths = server
+    path = client.Path("mtop", ("127.0.0.1", port), client.MtopLogin(paths.ca_crt, "alice", "pw"))
+
+    def two_tunnels():
+        reused = []
+        for _ in range(2):
+            with path.open(target(origin, "echo")) as sock:
+                client.echo_once(sock, os.urandom(32))
+                reused.append(sock.session_reused)
+        moved = client.transfer(path, target(origin, "source"), "download", (1 << 20) + 3, 30)[0]
+        return reused, moved
+
+    reused, moved = await deferToThread(two_tunnels)
+    assert reused == [False, True] and moved == (1 << 20) + 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_mtop_path_reports_a_refused_login(server, origin):
+    from twisted.internet.threads import deferToThread
+
+    factory, port, paths = server
+    path = client.Path("mtop", ("127.0.0.1", port), client.MtopLogin(paths.ca_crt, "alice", "wrong"))
+    # (the server closes a failed login without a reply, as the Go server does)
+    with pytest.raises(client.BenchError):
+        await deferToThread(path.open, target(origin, "echo"))
