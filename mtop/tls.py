@@ -110,5 +110,11 @@ def client_context(
             ctx.set_default_verify_paths()
     if proto:
         ctx.set_alpn_protos([proto.encode("utf-8")])
-    ctx.set_session_cache_mode(SSL.SESS_CACHE_CLIENT)
+    # Sessions are kept by the caller (one per server name, set on each new
+    # connection), not by OpenSSL's cache: with the client cache on,
+    # OpenSSL 3+ makes a TLS 1.3 session single-use (the first connection
+    # that resumes it marks it not resumable), so every tunnel opened while
+    # another was resuming did a full handshake (a third of them at 4 at a
+    # time), and every ticket went into a cache nothing reads.
+    ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     return ctx

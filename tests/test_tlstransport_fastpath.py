@@ -247,3 +247,38 @@ def test_quiet_check_stops_with_the_connection(tmp_path):
     assert clock.getDelayedCalls()
     server.connectionLost(None)
     assert not clock.getDelayedCalls()
+
+
+def test_a_session_resumes_any_number_of_connections(tmp_path):
+    """climber keeps one session per server and sets it on every new
+    connection, several at a time: the first connection that resumes it
+    must not spend it for the others (OpenSSL's client cache would)."""
+    from mtop.tlstransport import session_reused
+
+    paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    server_ctx = server_context(paths.server_crt, paths.server_key, "mtop")
+    client_ctx = client_context(paths.ca_crt, "mtop")
+
+    def connect(session=None):
+        server_conn = SSL.Connection(server_ctx, None)
+        server_conn.set_accept_state()
+        client_conn = SSL.Connection(client_ctx, None)
+        client_conn.set_connect_state()
+        if session is not None:
+            client_conn.set_session(session)
+        server, client = TLSTransport(Collector(), server_conn), TLSTransport(Collector(), client_conn)
+        server_wire, client_wire = Wire(), Wire()
+        client.makeConnection(client_wire)
+        server.makeConnection(server_wire)
+        while client_wire.out or server_wire.out:
+            if client_wire.out:
+                server.dataReceived(client_wire.take())
+            if server_wire.out:
+                client.dataReceived(server_wire.take())
+        assert client._handshake_done and server._handshake_done
+        return client_conn
+
+    first = connect()
+    assert not session_reused(first)
+    session = first.get_session()
+    assert all(session_reused(connect(session)) for _ in range(3))
