@@ -56,8 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         for name, pid in (("mtop", mtop.process.pid), ("climber", climber.process.pid)):
             spies.append(subprocess.Popen(
                 [spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--duration", str(int(args.seconds) + 1),
-                 "--format", args.format, "--output", str(out / f"{name}-{label}.{ext}"), "--nonblocking",
-                 *(["--native"] if args.native else [])],
+                 "--format", args.format, "--output", str(out / f"{name}-{label}.{ext}"),
+                 # py-spy reads native stacks only while the process is
+                 # stopped; otherwise it samples without stopping it.
+                 *(["--native"] if args.native else ["--nonblocking"])],
                 stdout=subprocess.DEVNULL,
             ))
         time.sleep(0.5)
