@@ -425,8 +425,14 @@ def draw(out: dict[str, Any], path: str) -> None:
                 ratios.append(item["ratio"])
     fig, ax = plt.subplots(figsize=(8, 0.3 * len(labels) + 1.5))
     ax.barh(labels[::-1], ratios[::-1])
+    # The ratio targets, as a red tick on their bars.
+    for t in out["targets"]:
+        label = f"{t['measurement']} {t['metric']}"
+        if t["kind"] == "ratio" and label in labels:
+            row = len(labels) - 1 - labels.index(label)
+            ax.plot([t["bound"]] * 2, [row - 0.4, row + 0.4], color="red", linewidth=2)
     ax.set_xscale("log")
-    ax.set_xlabel("ratio to direct (same run), log scale")
+    ax.set_xlabel("ratio to direct (same run), log scale; red: target")
     ax.set_title(f"MTop benchmark {out['date']}")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
