@@ -21,11 +21,12 @@ nothing after the handshake, so a registered producer is simply passed down.
 
 Memory: OpenSSL's memory BIOs never shrink, so a tunnel that once moved a
 256 KiB chunk would keep about that much per direction for the rest of its
-life, idle or not (600 KiB per idle tunnel was measured after a 1 MiB
-echo).  So what TCP delivered is read by OpenSSL where it lies (a read-only
+life, idle or not (about 690 KiB per idle tunnel was measured after a
+1 MiB echo).  So what TCP delivered is read by OpenSSL where it lies (a read-only
 BIO over the received bytes, replaced at the next read: no copy, nothing
 kept), and the output BIO is replaced by an empty one once a connection
-that wrote large chunks has been quiet for `QUIET_SECONDS`.
+that wrote large chunks has written none for a whole `QUIET_SECONDS`
+period (2-4 s after the last one).
 """
 
 from __future__ import annotations
@@ -152,7 +153,7 @@ _flush_direct = _direct_flusher()
 
 class _BioSwaps:
     """Replacing a connection's memory BIOs through pyOpenSSL's own cffi
-    binding (`bio_swaps` is None when this pyOpenSSL lacks what it needs:
+    binding (`_bio_swaps` is None when this pyOpenSSL lacks what it needs:
     then ``bio_write`` is used and the output BIO is kept).
 
     OpenSSL's ``SSL_set_bio`` frees the BIO it replaces; pyOpenSSL's
@@ -493,9 +494,10 @@ class TLSTransport:
                 self._quiet_call = self._clock.callLater(QUIET_SECONDS, self._release_if_quiet)
 
     def _release_if_quiet(self) -> None:
-        """Give the grown output BIO back once no large write came for
-        `QUIET_SECONDS`; while they keep coming, look again later (the
-        capacity is what makes them cheap)."""
+        """Give the grown output BIO back once a whole `QUIET_SECONDS`
+        period passed without a large write (the one that armed the check
+        counts, so 2-4 s after the last); while they keep coming, look
+        again later (the capacity is what makes them cheap)."""
         self._quiet_call = None
         if self._lost:
             return
