@@ -10,6 +10,13 @@ climber (local application <-> MTop tunnel).  What it guarantees:
 * **half-close**: end of input one way (TCP FIN, TLS ``close_notify``) becomes
   ``loseWriteConnection`` on the other side; the other direction goes on
   until it ends too;
+* **lingering close**: when the target goes away while the client is still
+  sending, the client's side is shut for writing (after what the target
+  sent) and what the client still sends is read and dropped until its end
+  of input, for at most `LINGER_SECONDS`: closing a connection with unread
+  input makes the kernel send a reset, which can destroy the last bytes
+  relayed to the client before it reads them (an HTTP server's early 413
+  answer to an upload, say);
 * **idle timeout** on an injected clock, without per-chunk timer work: a
   periodic check compares byte counters;
 * **byte counts** both ways and an outcome, reported once through
@@ -38,6 +45,10 @@ from twisted.internet.interfaces import IReactorTime
 #: other side every time; four times that is four times fewer rounds, still
 #: well within the server's 1 MiB per tunnel.
 TUNNEL_BUFFER_SIZE = 1 << 18
+
+#: How long a client whose target is gone may go on sending (read and
+#: dropped) before its connection is cut.
+LINGER_SECONDS = 2.0
 
 
 def large_buffers(transport: Any, size: int = TUNNEL_BUFFER_SIZE) -> None:
@@ -75,10 +86,13 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
         except (BlockingIOError, InterruptedError):
             sent = 0  # Twisted's path sends it when the socket takes more
         except OSError:
-            # The peer is gone (reset, broken pipe).  This send consumed the
-            # socket's error: the next read would see a clean EOF, a
-            # half-close that never happened.  End the connection now, as
-            # lost, the way Twisted's own write path would have.
+            # The peer is gone (reset, broken pipe).  What it sent before
+            # may still wait unread (an early answer to an upload): that is
+            # delivered first.  This send consumed the socket's error: the
+            # next read would see a clean EOF, a half-close that never
+            # happened.  So the connection ends now, as lost, the way
+            # Twisted's own write path would have ended it.
+            _deliver_unread(tcp)
             tcp.abortConnection()
             return
         if sent < len(data):
@@ -87,6 +101,23 @@ def writer_for(transport: Any) -> Callable[[bytes], None]:
     # Any buffer will do, valid only during the call: what is queued is copied.
     write.takes_buffers = True  # type: ignore[attr-defined]
     return write
+
+
+def _deliver_unread(tcp: Any) -> None:
+    """Hand ``tcp``'s protocol what its socket still holds to read (at
+    most a few socket buffers' worth), up to the end of input.  Linux keeps
+    what arrived before a reset readable."""
+    if getattr(tcp, "_delivering_unread", False):
+        return  # the protocol wrote again while this ran
+    tcp._delivering_unread = True
+    for _ in range(64):
+        try:
+            data = tcp.socket.recv(tcp.bufferSize)
+        except OSError:
+            return
+        if not data or tcp.protocol is None:
+            return
+        tcp.protocol.dataReceived(data)
 
 
 def no_delay(transport: Any) -> None:
@@ -195,6 +226,9 @@ class Relay:
     _client_lost = False
     _target_lost = False
     _finished = False
+    _closing = False
+    #: The target is gone and the client is being drained (see `target_lost`).
+    _draining = False
 
     def __init__(
         self,
@@ -210,6 +244,7 @@ class Relay:
         self.idle_timeout = idle_timeout
         self.on_finished = on_finished
         self._idle: IdleWatch | None = None
+        self._linger: Any = None
         self.client_valve = Valve(client)
         self.target_valve = Valve(target)
         self._write_client = writer_for(client)
@@ -235,6 +270,8 @@ class Relay:
     # Events from the client side.
 
     def client_data(self, data: bytes) -> None:
+        if self._draining:
+            return  # the target is gone: nowhere to go
         self.bytes_up += len(data)
         self._write_target(data)
         if self.meter is not None:
@@ -244,7 +281,9 @@ class Relay:
         if self._client_eof:
             return
         self._client_eof = True
-        if self._target_eof:
+        if self._draining:
+            self.client.loseConnection()  # drained: nothing unread is left
+        elif self._target_eof:
             self.close("done")
         elif not self._target_lost:
             # Nothing more comes from the client: the target's producer is
@@ -254,6 +293,7 @@ class Relay:
 
     def client_lost(self) -> None:
         self._client_lost = True
+        self._stop_lingering()
         if not self._target_lost:
             self._set_outcome("done" if self._client_eof and self._target_eof else "client-closed")
             self.target.unregisterProducer()
@@ -283,8 +323,30 @@ class Relay:
         if not self._client_lost:
             self._set_outcome("done" if self._client_eof and self._target_eof else "target-closed")
             self.client.unregisterProducer()
-            self.client.loseConnection()
+            if self._client_eof or self._closing:
+                self.client.loseConnection()
+            else:
+                self._drain_client()
         self._maybe_finished()
+
+    def _drain_client(self) -> None:
+        """The lingering close: what the target sent goes first, then our
+        end of output; the client is read (and dropped) until its end of
+        input or `LINGER_SECONDS`."""
+        self._draining = True
+        if not self._target_eof:
+            self.client.loseWriteConnection()
+        # Whatever paused reading (flow control towards the target, a rate
+        # limit) no longer applies.
+        if self.client_valve.reasons:
+            self.client_valve.reasons.clear()
+            self.client.resumeProducing()
+        self._linger = self.clock.callLater(LINGER_SECONDS, self.client.abortConnection)
+
+    def _stop_lingering(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
 
     # Both.
 
@@ -292,6 +354,7 @@ class Relay:
         """End the tunnel: both sides are closed (after flushing what they
         hold, unless ``abort``)."""
         self._set_outcome(outcome)
+        self._closing = True
         for transport, lost in ((self.client, self._client_lost), (self.target, self._target_lost)):
             if lost:
                 continue

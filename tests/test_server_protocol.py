@@ -176,6 +176,51 @@ def test_half_close_both_ways_then_one_outcome_event(events):
     assert factory.tunnels == set()
 
 
+def test_target_reset_while_the_client_sends_is_a_lingering_close(events):
+    """The target answers and resets while the client is still uploading:
+    the answer, then our end of output; what the client still sends is
+    dropped, and its end of input closes it.  (Closing at once, with its
+    upload unread, would send a reset that can destroy the answer.)"""
+    from mtop.relay import LINGER_SECONDS
+
+    protocol, client, clock, dialer, auth, factory = make()
+    protocol.dataReceived(AUTH)
+    target_protocol, target = dialer.succeed()
+    protocol.dataReceived(b"upload part 1")
+    client.producer.pauseProducing()  # the target's buffer is full
+    target_protocol.dataReceived(b"413 too large")
+    target_protocol.connectionLost(None)  # a reset: no end of input first
+    assert client.value().endswith(b"413 too large")
+    assert client.write_closed and not client.disconnecting and not client.aborted
+    assert client.producerState == "producing"  # read, to be dropped
+    protocol.dataReceived(b"upload part 2")
+    assert target.value() == b"upload part 1"
+    clock.advance(LINGER_SECONDS / 2)
+    protocol.readConnectionLost()
+    assert client.disconnecting and not client.aborted
+    protocol.connectionLost(None)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "target-closed" and event["bytes_up"] == len(b"upload part 1")
+    assert not clock.getDelayedCalls()
+
+
+def test_a_client_that_keeps_sending_after_the_target_left_is_cut(events):
+    from mtop.relay import LINGER_SECONDS
+
+    protocol, client, clock, dialer, auth, factory = make()
+    protocol.dataReceived(AUTH)
+    target_protocol, target = dialer.succeed()
+    target_protocol.connectionLost(None)
+    for _ in range(3):
+        clock.advance(LINGER_SECONDS / 4)
+        protocol.dataReceived(b"more")
+    assert not client.aborted
+    clock.advance(LINGER_SECONDS / 4)
+    assert client.aborted
+    protocol.connectionLost(None)
+    assert outcome_events(events)[0]["outcome"] == "target-closed"
+
+
 def test_client_eof_during_connect_is_carried_to_target():
     protocol, client, clock, dialer, auth, factory = make()
     protocol.dataReceived(AUTH + b"req")

@@ -282,3 +282,50 @@ def test_a_session_resumes_any_number_of_connections(tmp_path):
     assert not session_reused(first)
     session = first.get_session()
     assert all(session_reused(connect(session)) for _ in range(3))
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_write_to_a_reset_peer_delivers_what_it_sent_before():
+    """The peer answered, then reset (a server refusing an upload early):
+    its answer still reaches the protocol, before the connection ends as
+    lost."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Factory
+
+    ended = Deferred()
+    seen = []
+
+    @implementer(IHalfCloseableProtocol)
+    class Side(Protocol):
+        def connectionMade(self):
+            self.write = writer_for(self.transport)
+            ready.callback(self)
+
+        def dataReceived(self, data):
+            seen.append(data)
+
+        def readConnectionLost(self):
+            seen.append("eof")
+
+        def writeConnectionLost(self):
+            pass
+
+        def connectionLost(self, reason):
+            seen.append("lost")
+            ended.callback(None)
+
+    ready = Deferred()
+    port = reactor.listenTCP(0, Factory.forProtocol(Side), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        side = await ready
+        peer.sendall(b"413 too large")
+        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        peer.close()  # a reset right after its answer
+        time.sleep(0.1)  # both arrive before the reactor looks again
+        side.write(b"x" * 65536)
+        await ended
+        assert seen == [b"413 too large", "lost"], seen
+    finally:
+        port.stopListening()
