@@ -287,13 +287,13 @@ class HTTPProxyConnection(LocalConnection):
         self._close_tunnel(abort=False)
         self.outcome = "done"
         self._log_outcome(self._up, self._down)
-        keep = self._keep_alive and self._request_body.done and not self._client_eof
+        uploading = not self._request_body.done
+        keep = self._keep_alive and not uploading and not self._client_eof
         self._request = None
         self._request_body = None
         self._response_body = None
         if not keep:
-            self.state = "closed"
-            self.transport.loseConnection()
+            self._close(uploading)
             return
         # Ready for the next request on this connection.
         self.state = "handshake"
@@ -320,10 +320,20 @@ class HTTPProxyConnection(LocalConnection):
         self._close_tunnel(abort=True)
         self._log_outcome(self._up, self._down)
         if self._response_started:
-            self.state = "closed"
-            self.transport.loseConnection()
+            self._close(self._request_body is not None and not self._request_body.done)
         else:
             self.close_after(http.error_response(status, f"climber: {detail}"))
+
+    def _close(self, uploading: bool) -> None:
+        """Close after what was sent; while the application is still
+        sending its request body (an early response), with a lingering
+        close (`close_after`), or the reset its unread upload causes could
+        destroy the response before it is read."""
+        if uploading:
+            self.close_after(b"")
+        else:
+            self.state = "closed"
+            self.transport.loseConnection()
 
     def _close_tunnel(self, abort: bool) -> None:
         if self._idle is not None:
