@@ -125,6 +125,12 @@ class OriginHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     timeout = 60  # seconds per socket operation
+    # Every write goes out at once.  With Nagle's algorithm a write right
+    # after another (``/reject``'s 413 just after the automatic 100
+    # Continue) waits for the first one's acknowledgement, and closing with
+    # the request body unread then resets the connection and drops it: the
+    # client got a 100 Continue and no answer in a loaded CI run.
+    disable_nagle_algorithm = True
     server: "Origin"
 
     def log_message(self, format: str, *args) -> None:  # quiet
