@@ -192,6 +192,12 @@ class Valve:
         if not self.reasons:
             self.transport.resumeProducing()
 
+    def open(self) -> None:
+        """Resume the transport whatever held it."""
+        if self.reasons:
+            self.reasons.clear()
+            self.transport.resumeProducing()
+
     # IPushProducer, for the consumer this valve is registered with.
 
     def pauseProducing(self) -> None:
@@ -338,9 +344,7 @@ class Relay:
             self.client.loseWriteConnection()
         # Whatever paused reading (flow control towards the target, a rate
         # limit) no longer applies.
-        if self.client_valve.reasons:
-            self.client_valve.reasons.clear()
-            self.client.resumeProducing()
+        self.client_valve.open()
         self._linger = self.clock.callLater(LINGER_SECONDS, self.client.abortConnection)
 
     def _stop_lingering(self) -> None:

@@ -137,10 +137,10 @@ def test_writer_for_other_transports_is_their_write():
 
 
 
-@pytest_twisted.ensureDeferred
-async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_eof():
-    """A send that meets the peer's reset consumes the socket's error; the
-    connection must end as lost, never look half-closed."""
+async def write_to_a_reset_peer(answer: bytes) -> list:
+    """A direct write to a peer that sent ``answer`` and then reset the
+    connection (both arrived before the reactor looked); the protocol's
+    events."""
     from twisted.internet import reactor
     from twisted.internet.defer import Deferred
     from twisted.internet.protocol import Factory
@@ -153,6 +153,9 @@ async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_e
         def connectionMade(self):
             self.write = writer_for(self.transport)
             ready.callback(self)
+
+        def dataReceived(self, data):
+            seen.append(data)
 
         def readConnectionLost(self):
             seen.append("eof")
@@ -169,14 +172,24 @@ async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_e
     peer = socket.create_connection(("127.0.0.1", port.getHost().port))
     try:
         side = await ready
+        if answer:
+            peer.sendall(answer)
         peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         peer.close()  # a reset
         time.sleep(0.1)  # it arrives before the reactor looks again
         side.write(b"x" * 65536)  # so this send meets it first
         await ended
-        assert seen == ["lost"], seen
     finally:
         port.stopListening()
+    return seen
+
+
+@pytest_twisted.ensureDeferred
+async def test_direct_write_to_a_reset_peer_ends_the_connection_as_lost_not_as_eof():
+    """A send that meets the peer's reset consumes the socket's error; the
+    connection must end as lost, never look half-closed."""
+    seen = await write_to_a_reset_peer(b"")
+    assert seen == ["lost"], seen
 
 
 def test_received_bytes_are_read_where_they_lie_and_not_kept(tmp_path):
@@ -289,43 +302,5 @@ async def test_direct_write_to_a_reset_peer_delivers_what_it_sent_before():
     """The peer answered, then reset (a server refusing an upload early):
     its answer still reaches the protocol, before the connection ends as
     lost."""
-    from twisted.internet import reactor
-    from twisted.internet.defer import Deferred
-    from twisted.internet.protocol import Factory
-
-    ended = Deferred()
-    seen = []
-
-    @implementer(IHalfCloseableProtocol)
-    class Side(Protocol):
-        def connectionMade(self):
-            self.write = writer_for(self.transport)
-            ready.callback(self)
-
-        def dataReceived(self, data):
-            seen.append(data)
-
-        def readConnectionLost(self):
-            seen.append("eof")
-
-        def writeConnectionLost(self):
-            pass
-
-        def connectionLost(self, reason):
-            seen.append("lost")
-            ended.callback(None)
-
-    ready = Deferred()
-    port = reactor.listenTCP(0, Factory.forProtocol(Side), interface="127.0.0.1")
-    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
-    try:
-        side = await ready
-        peer.sendall(b"413 too large")
-        peer.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        peer.close()  # a reset right after its answer
-        time.sleep(0.1)  # both arrive before the reactor looks again
-        side.write(b"x" * 65536)
-        await ended
-        assert seen == [b"413 too large", "lost"], seen
-    finally:
-        port.stopListening()
+    seen = await write_to_a_reset_peer(b"413 too large")
+    assert seen == [b"413 too large", "lost"], seen
