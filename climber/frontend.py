@@ -30,14 +30,11 @@ from zope.interface import implementer
 from climber.tunnel import Tunnel, TunnelError, TunnelOpener
 from mtop import wire
 from mtop.logs import logger
-from mtop.relay import Relay, no_delay
+from mtop.relay import LINGER_SECONDS, Relay, no_delay
 
 #: Bytes kept from an application while its tunnel opens.  It is paused, so
 #: this is what one read can bring; the cap is a safety net.
 MAX_EARLY_DATA = 1 << 20
-
-#: How long a refused application may keep sending after our error reply.
-LINGER_SECONDS = 2.0
 
 
 @dataclass

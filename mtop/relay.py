@@ -46,8 +46,9 @@ from twisted.internet.interfaces import IReactorTime
 #: well within the server's 1 MiB per tunnel.
 TUNNEL_BUFFER_SIZE = 1 << 18
 
-#: How long a client whose target is gone may go on sending (read and
-#: dropped) before its connection is cut.
+#: How long a lingering close reads (and drops) what a peer still sends
+#: before the connection is cut: here a client whose target is gone, in the
+#: server and climber one refused with an error reply.
 LINGER_SECONDS = 2.0
 
 

@@ -46,7 +46,7 @@ from mtop.auth import Authenticator
 from mtop.dialer import DestinationRefused, Dialer
 from mtop.limits import AuthThrottle, ConnectionLimits, client_key, peer_host
 from mtop.logs import logger
-from mtop.relay import Relay, no_delay
+from mtop.relay import LINGER_SECONDS, Relay, no_delay
 from mtop.stats import Counters
 from mtop.tls import FALLBACK_ALPN
 from mtop.userstore import StoreUnavailable, UserRecord
@@ -55,9 +55,6 @@ from mtop.userstore import StoreUnavailable, UserRecord
 #: The client is paused during that time, so only what one read delivered
 #: can arrive; this is a safety net, not a working limit.
 MAX_EARLY_DATA = 1 << 20
-
-#: How long a refused client may keep sending after our error reply.
-LINGER_SECONDS = 2.0
 
 #: Refusals by limits and bans are logged at most this often.
 REFUSAL_WARNING_INTERVAL = 60.0
