@@ -147,3 +147,15 @@ def test_without_password_keeps_the_framing_and_drops_the_password():
     assert (parsed.username, parsed.password, parsed.target) == ("alice", "*" * 11, "example.com:443")
     empty = wire.encode_auth(wire.AuthRequest("bob", "", "192.0.2.1", 80, wire.ATYP_IPV4))
     assert wire.without_password(empty) == empty
+
+
+def test_vectors_agree_with_a_shared_copy_when_one_is_beside_the_checkout(vectors):
+    """The suite carries its own vectors; a team checkout may also have the
+    shared copy they were taken from, and then the two must agree."""
+    import json
+    import pathlib
+
+    shared = pathlib.Path(__file__).resolve().parents[2] / "shared" / "vectors" / "mtop-v1.json"
+    if shared.exists():
+        assert json.loads(shared.read_text()) == vectors
+    assert vectors["auth_valid"] and vectors["auth_invalid"]
