@@ -35,7 +35,7 @@ import hashlib
 import hmac
 import os
 from datetime import datetime, timezone
-from typing import Callable
+from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
@@ -88,10 +88,15 @@ class Authenticator:
         cache_ttl: float = 5.0,
         query_timeout: float = 5.0,
         outage_grace: float = 0.0,
+        workers: Any = None,
     ):
+        """``run_in_thread(f, *args)`` runs an expensive check off the
+        reactor thread; ``workers`` (a `mtop.fairqueue.FairWorkers`), when
+        given, runs them instead, shared fairly between client addresses."""
         self.store = store
         self.clock = clock
         self.run_in_thread = run_in_thread
+        self.workers = workers
         self.cache_ttl = cache_ttl
         self.query_timeout = query_timeout
         self.outage_grace = outage_grace
@@ -118,7 +123,10 @@ class Authenticator:
     def authenticate(self, username: str, password: str) -> Deferred[bool]:
         return self.login(username, password).addCallback(lambda record: record is not None)
 
-    def login(self, username: str, password: str) -> Deferred[UserRecord | None]:
+    def login(self, username: str, password: str, client: str = "") -> Deferred[UserRecord | None]:
+        """The user's policy if ``password`` is right and the row admits
+        them, else ``None``; ``client`` (the address key) is whose share of
+        the password-checking workers an expensive check uses."""
         token = self._token(username, password)
         now = self.clock.seconds()
         cached = self._cache.get(username)
@@ -137,7 +145,7 @@ class Authenticator:
         lookup = maybeDeferred(self.store.lookup, username)
         lookup.addTimeout(self.query_timeout, self.clock)
         lookup.addErrback(self._store_failed, username)
-        lookup.addCallback(self._verify, password, key)
+        lookup.addCallback(self._verify, password, key, client)
         lookup.addErrback(self._from_cache, username, token)
         lookup.addBoth(self._done, key, username, token)
         return result
@@ -157,7 +165,7 @@ class Authenticator:
         return failure
 
     def _verify(
-        self, record: UserRecord | None, password: str, key: tuple[str, bytes] | None = None
+        self, record: UserRecord | None, password: str, key: tuple[str, bytes] | None = None, client: str = ""
     ) -> Deferred[UserRecord | None] | UserRecord | None:
         now = utc_now(self.clock)
         if record is not None and record.refusal(now) is not None:
@@ -182,6 +190,8 @@ class Authenticator:
                 # answer would be the same.
                 return checked(record.password != "" and record.refusal(now) is None)
         if record is None or passwords.is_expensive(record.password):
+            if self.workers is not None:
+                return self.workers.run(client, _check, record, password, now).addCallback(checked)
             return self.run_in_thread(_check, record, password, now).addCallback(checked)
         return checked(_check(record, password, now))
 

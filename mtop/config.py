@@ -120,7 +120,8 @@ class LimitsConfig:
 
     max_tunnels: int | None = None
     max_handshakes: int = 1024
-    max_per_client: int = 0
+    max_per_client: int = 512
+    max_handshakes_per_client: int = 64
 
 
 @dataclass(frozen=True)
@@ -473,6 +474,7 @@ def _load_limits(section: Section) -> LimitsConfig:
         max_tunnels=section.get("max_tunnels", d.max_tunnels, as_count),
         max_handshakes=section.get("max_handshakes", d.max_handshakes, as_count),
         max_per_client=section.get("max_per_client", d.max_per_client, as_count),
+        max_handshakes_per_client=section.get("max_handshakes_per_client", d.max_handshakes_per_client, as_count),
     )
     section.finish()
     return config
@@ -484,6 +486,7 @@ def _load_throttle(section: Section) -> ThrottleSettings:
         max_failures=section.get("max_failures", d.max_failures, as_count),
         window=section.get("window", d.window, as_seconds),
         ban=section.get("ban", d.ban, as_seconds),
+        max_in_flight=section.get("max_in_flight", d.max_in_flight, as_count),
     )
     section.finish()
     return config

@@ -48,7 +48,15 @@ from mtop.config import ListenAddress
 #: handshake over a bad mobile link.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
-_REFUSED = ("acl", "banned", "max-tunnels", "max-handshakes", "max-per-client", "proxy-header")
+_REFUSED = (
+    "acl",
+    "banned",
+    "max-tunnels",
+    "max-handshakes",
+    "max-handshakes-per-client",
+    "max-per-client",
+    "proxy-header",
+)
 
 
 def prefixed(counters: dict[str, int], prefix: str) -> dict[str, int]:

@@ -87,6 +87,7 @@ class ConfigReloader(Service):
         factory.dialer.connect_timeout = config.server.connect_timeout
         factory.limits.settings = limit_settings(config.limits)
         factory.throttle.settings = config.auth_throttle
+        factory.login_gate.limit = config.auth_throttle.max_in_flight
         factory.settings = ServerSettings.from_config(config.server)
         auth = self.authenticator
         auth.cache_ttl = config.db.cache_ttl

@@ -44,7 +44,7 @@ from zope.interface import implementer
 from mtop import wire
 from mtop.auth import Authenticator
 from mtop.dialer import DestinationRefused, Dialer
-from mtop.limits import AuthThrottle, ConnectionLimits, client_key, peer_host
+from mtop.limits import AuthThrottle, ConnectionLimits, LoginGate, client_key, peer_host
 from mtop.logs import logger
 from mtop.relay import LINGER_SECONDS, Relay, no_delay
 from mtop.stats import Counters
@@ -143,9 +143,12 @@ class TunnelProtocol(Protocol):
     detail: str | None = None
     _client_eof = False
     _admitted = False
-    _handshaking = False
+    _login_slot = False
     _fallback_reason: str | None = None
     _dialled = 0.0
+    #: The QUIC connection this tunnel is a stream of (told when the
+    #: tunnel's auth message arrives, when it logs in, when it ends).
+    parent: Any = None
 
     def __init__(self, factory: "TunnelFactory", client_key: str = ""):
         self.factory = factory
@@ -164,8 +167,7 @@ class TunnelProtocol(Protocol):
         self.started = self.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)
-        self.factory.limits.opened(self.client_key)
-        self._handshaking = True
+        self.factory.limits.opened(self)
         self._deadline = self.clock.callLater(self.factory.settings.handshake_timeout, self._handshake_expired)
 
     def handshakeCompleted(self) -> None:
@@ -241,21 +243,61 @@ class TunnelProtocol(Protocol):
         self._buffer = buf[parsed.consumed :]
         # Nothing more is read from the client until the target is there.
         self.transport.pauseProducing()
+        self.state = "auth"
+        self._auth_started = self.clock.seconds()
+        if self.parent is not None:
+            self.parent.tunnel_request(self)
+        # At most a few logins per address are in flight; the others wait
+        # here, and are refused without a lookup once the address is banned.
+        self._pending = self.factory.login_gate.turn(self.client_key)
+        self._pending.addCallbacks(self._login_turn, lambda f: None)
+
+    def _login_turn(self, _: None) -> None:
+        self._pending = None
+        self._login_slot = True
+        if self.state != "auth":
+            self._release_login_slot()
+            return
         if self.factory.throttle.banned(self.client_key):
-            # Banned while this connection was in its handshake: the store
-            # is not asked.
+            # Banned while this connection was in its handshake or waited
+            # its turn: the store is not asked.
+            self._release_login_slot()
             self.factory.counters.inc("refused.banned")
             self._fail("throttled", None)
             return
-        self.state = "auth"
-        self._auth_started = self.clock.seconds()
-        self._pending = self.factory.authenticator.login(self.request.username, self.request.password)
+        self._pending = self.factory.authenticator.login(self.request.username, self.request.password, self.client_key)
         self._pending.addCallbacks(self._auth_result, self._auth_error)
+
+    def _release_login_slot(self) -> None:
+        if self._login_slot:
+            self._login_slot = False
+            self.factory.login_gate.done(self.client_key)
 
     def _handshake_expired(self) -> None:
         self._deadline = None
         self.outcome = "handshake-timeout"
         self.transport.abortConnection()
+
+    def evict(self) -> None:
+        """`mtop.limits.Holder`: the pre-login pool is full and this slot
+        goes to a client from an address holding fewer."""
+        if self.state == "closed":
+            return
+        self._cancel_deadline()
+        self.outcome = "evicted"
+        self.transport.abortConnection()
+
+    def shutdown(self) -> None:
+        """The server stops: end this connection now (its outcome is
+        ``shutdown`` unless it was already failing for a reason of its own)."""
+        if self.state == "relay":
+            self.relay.close("shutdown", abort=True)
+        elif self.state == "failing":
+            self.transport.abortConnection()
+        elif self.state != "closed":
+            self._cancel_deadline()
+            self.outcome = "shutdown"
+            self.transport.abortConnection()
 
     def _cancel_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
@@ -265,18 +307,23 @@ class TunnelProtocol(Protocol):
     # Auth and connect
 
     def _handshake_over(self) -> None:
-        if self._handshaking:
-            self._handshaking = False
-            self.factory.limits.handshake_done()
+        self.factory.limits.logged_in(self)
 
     def _auth_result(self, record: UserRecord | None) -> None:
         self._pending = None
         if self.state != "auth":
+            self._release_login_slot()
             return
-        self._handshake_over()
         if record is None:
+            # Counted (and maybe banned) before the next login from this
+            # address may start.
             self._auth_failed()
+            self._release_login_slot()
             return
+        self._release_login_slot()
+        self._handshake_over()
+        if self.parent is not None:
+            self.parent.tunnel_logged_in(self)
         self.factory.counters.inc("auth.ok")
         sessions = self.factory.sessions
         if sessions is not None:
@@ -323,6 +370,7 @@ class TunnelProtocol(Protocol):
 
     def _auth_error(self, failure: Failure) -> None:
         self._pending = None
+        self._release_login_slot()
         if failure.check(CancelledError) or self.state != "auth":
             return
         self._handshake_over()
@@ -459,8 +507,10 @@ class TunnelProtocol(Protocol):
             totals = factory.user_bytes.setdefault(self.request.username, [0, 0])
             totals[0] += bytes_up
             totals[1] += bytes_down
-        factory.limits.closed(self.client_key, self._handshaking)
-        self._handshaking = False
+        self._release_login_slot()
+        factory.limits.closed(self)
+        if self.parent is not None:
+            self.parent.tunnel_ended(self)
         if self._admitted:
             self._admitted = False
             self.factory.sessions.release(self, self.request.username)
@@ -506,6 +556,7 @@ class TunnelFactory(Factory):
         self.counters = counters if counters is not None else Counters()
         self.limits = limits if limits is not None else ConnectionLimits(counters=self.counters)
         self.throttle = throttle if throttle is not None else AuthThrottle(clock, counters=self.counters)
+        self.login_gate = LoginGate(self.throttle.settings.max_in_flight)
         self.tunnels: set[TunnelProtocol] = set()
         self.timings = Timings()
         #: Bytes (up, down) of finished tunnels per user, when metrics
@@ -538,6 +589,12 @@ class TunnelFactory(Factory):
         self._log.debug("connection from {client} refused: {why}", client=key, why=refusal)
         self._note_refusal(refusal)
         return refusal
+
+    def close_all(self) -> None:
+        """End every connection now (the server stops); each logs its
+        outcome as it goes."""
+        for tunnel in list(self.tunnels):
+            tunnel.shutdown()
 
     def _note_refusal(self, refusal: str) -> None:
         """A warning for the first refusal, then at most one a minute with

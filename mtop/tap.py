@@ -76,6 +76,32 @@ class _StartupNotes(Service):
         log_config_warnings(self._log, self.config)
 
 
+class TunnelCloser(Service):
+    """At shutdown, once the listeners are closed, ends every open
+    connection (each logs its outcome, ``shutdown``) and waits for them to
+    go, at most `SHUTDOWN_WAIT` seconds."""
+
+    SHUTDOWN_WAIT = 2.0
+
+    def __init__(self, reactor: Any, factory: Any):
+        self.reactor = reactor
+        self.factory = factory
+
+    def stopService(self) -> Any:
+        from twisted.internet.task import deferLater
+
+        super().stopService()
+        self.factory.close_all()
+        deadline = self.reactor.seconds() + self.SHUTDOWN_WAIT
+
+        def gone(_: Any = None) -> Any:
+            if not self.factory.tunnels or self.reactor.seconds() >= deadline:
+                return None
+            return deferLater(self.reactor, 0.01, lambda: None).addCallback(gone)
+
+        return gone()
+
+
 def user_store(config: Config, reactor: Any) -> Service:
     """The user store ``db.driverName`` names."""
     db = config.db
@@ -126,6 +152,8 @@ def makeService(options: Options) -> MultiService:
     def run_in_thread(f, *args):
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
+    from mtop.fairqueue import FairWorkers
+
     authenticator = Authenticator(
         store,
         reactor,
@@ -133,6 +161,7 @@ def makeService(options: Options) -> MultiService:
         cache_ttl=config.db.cache_ttl,
         query_timeout=config.db.query_timeout,
         outage_grace=config.db.outage_grace,
+        workers=FairWorkers(reactor),
     )
     # The sessions own the store: their last traffic flush runs before it
     # closes.
@@ -161,6 +190,9 @@ def makeService(options: Options) -> MultiService:
         throttle=AuthThrottle(reactor, config.auth_throttle, counters),
         counters=counters,
     )
+    # Stopped after the listeners (services stop in reverse order) and
+    # before the sessions' last traffic flush.
+    TunnelCloser(reactor, factory).setServiceParent(root)
     listeners = listener_services(
         options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
     )

@@ -130,8 +130,9 @@ def test_hardening_defaults(confdir):
     config = load_config(str(path))
     assert config.acl.refusal("127.0.0.1", 80) is not None  # loopback refused unless allowed
     assert config.limits.max_tunnels is None and config.limits.max_handshakes == 1024
-    assert config.limits.max_per_client == 0
+    assert config.limits.max_per_client == 512 and config.limits.max_handshakes_per_client == 64
     assert (config.auth_throttle.max_failures, config.auth_throttle.window, config.auth_throttle.ban) == (10, 60, 300)
+    assert config.auth_throttle.max_in_flight == 4
     assert config.server.auth_failure_delay == 0.5
     assert config.server.fallback is None
     assert [listener.proxy_protocol for listener in config.listeners] == [False]

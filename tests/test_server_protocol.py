@@ -59,7 +59,7 @@ class FakeAuth:
         self.result = result
         self.calls = []
 
-    def login(self, username, password):
+    def login(self, username, password, client=""):
         self.calls.append(username)
         if isinstance(self.result, Deferred):
             return self.result
@@ -346,14 +346,8 @@ def test_failed_logins_ban_the_address_without_asking_the_store_again():
 
 
 def test_limits_refuse_before_the_handshake_and_are_released():
-    protocol, client, clock, dialer, auth, factory = make(
-        limits=LimitSettings(max_tunnels=3, max_handshakes=2, max_per_client=2)
-    )
+    protocol, client, clock, dialer, auth, factory = make(limits=LimitSettings(max_tunnels=3, max_per_client=2))
     second, _ = connect(factory)
-    assert connect(factory, "192.0.2.50") == (None, None)  # two handshakes in progress
-    assert factory.counters["refused.max-handshakes"] == 1
-    protocol.dataReceived(AUTH)
-    dialer.succeed()  # first tunnel relaying: no longer a handshake
     assert connect(factory) == (None, None)  # two from 192.0.2.1 already
     assert factory.counters["refused.max-per-client"] == 1
     third, _ = connect(factory, "192.0.2.50")
@@ -361,8 +355,50 @@ def test_limits_refuse_before_the_handshake_and_are_released():
     assert factory.counters["refused.max-tunnels"] == 1
     second.connectionLost(None)
     third.connectionLost(None)
+    assert factory.limits.open == 1 and factory.limits.handshaking == 1
+    protocol.dataReceived(AUTH)
+    dialer.succeed()  # relaying: no longer before its login
     assert factory.limits.open == 1 and factory.limits.handshaking == 0
     assert connect(factory)[0] is not None
+
+
+def test_full_handshake_pool_evicts_the_busiest_address_for_a_newcomer(events):
+    protocol, client, clock, dialer, auth, factory = make(limits=LimitSettings(max_handshakes=2))
+    second, second_transport = connect(factory)
+    # 192.0.2.1 holds the whole pool: a newcomer takes its oldest slot.
+    newcomer, _ = connect(factory, "192.0.2.50")
+    assert newcomer is not None and client.aborted and not second_transport.aborted
+    protocol.connectionLost(None)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "evicted" and event["user"] is None
+    assert factory.limits.counters["evicted"] == 1
+    # Now each address holds one: nobody is evicted for a third address.
+    assert connect(factory, "192.0.2.51") == (None, None)
+    assert factory.counters["refused.max-handshakes"] == 1
+    assert factory.limits.open == 2 and factory.limits.handshaking == 2
+
+
+def test_logins_in_flight_per_address_are_capped_and_stop_at_the_ban():
+    lookups = []
+    protocol, client, clock, dialer, auth, factory = make(
+        result=False, throttle=ThrottleSettings(max_failures=3, window=60, ban=300, max_in_flight=2)
+    )
+    pending = [Deferred() for _ in range(10)]
+    auth.login = lambda user, password, client="": lookups.append(user) or pending[len(lookups) - 1]
+    tunnels = [protocol] + [connect(factory)[0] for _ in range(9)]
+    for tunnel in tunnels:
+        tunnel.dataReceived(AUTH)
+    assert len(lookups) == 2  # the others wait their turn
+    for i in range(3):
+        pending[i].callback(None)  # wrong password
+    # The third failure banned the address: the seven still waiting are
+    # refused without a lookup.
+    assert len(lookups) == 4
+    pending[3].callback(None)
+    assert len(lookups) == 4
+    assert all(t.state in ("failing", "closed", "auth") for t in tunnels)
+    assert factory.counters["refused.banned"] == 6
+    assert factory.login_gate.in_flight("192.0.2.1") == 0
 
 
 @pytest.mark.parametrize("lookup_time", [0.0, 0.05, 0.2])

@@ -30,7 +30,9 @@ from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol
 
+from mtop.limits import client_key
 from mtop.logs import logger
+from mtop.wire import format_address
 from mtop.quic.connection import (
     MAX_DATAGRAM_SIZE,
     FlowControlledConnection,
@@ -45,6 +47,10 @@ MAX_TICKETS = 10000
 #: A connection (not a tunnel) with no packets for this long is closed when
 #: tunnels never idle out (``idle_timeout: 0``).
 LONGEST_IDLE = 3600.0
+#: A QUIC connection whose last tunnel has ended is closed after this many
+#: seconds without a new one (clients open a new connection for the next
+#: tunnel; the original's client gives up an idle connection after 10 s).
+QUIC_LINGER = 10.0
 
 
 class QuicConfigError(ValueError):
@@ -98,23 +104,97 @@ class TicketStore:
 
 
 class _ServerConnection(QuicDriver):
-    """One client's connection to the server."""
+    """One client's connection to the server.
 
-    def __init__(self, listener: "QuicServerProtocol", quic: FlowControlledConnection, address: Any):
+    It is held to what a TLS connection is held to: it counts toward the
+    per-address and global connection limits, and holds a pre-login slot
+    (`mtop.limits.ConnectionLimits`) until one of its tunnels logs in.  It
+    must finish its QUIC handshake, open a stream and send that stream's
+    auth message within the handshake timeout, and it is closed
+    `QUIC_LINGER` seconds after its last tunnel ended.  Each connection
+    ends with one outcome log line (``quic connection {outcome}``).
+
+    States (metrics): ``handshake`` (QUIC handshake), ``login`` (no tunnel
+    logged in yet), ``active`` (tunnels open), ``idle`` (lingering)."""
+
+    #: Why the server closed it, when it did.
+    outcome: str | None = None
+    logged_in = False
+    _requests = 0
+
+    def __init__(self, listener: "QuicServerProtocol", quic: FlowControlledConnection, address: Any, client_key: str):
         super().__init__(listener.reactor, quic, listener.send, twisted_address(address))
         self.listener = listener
         self.host = listener.host
+        self.client_key = client_key
+        self.started = self.reactor.seconds()
+        self._tunnels = 0
         self._deadline = self.reactor.callLater(listener.handshake_timeout, self._handshake_expired)
+        self._linger: Any = None
+        self.limits.opened(self)
+
+    @property
+    def limits(self) -> Any:
+        return self.listener.factory.limits
+
+    @property
+    def state(self) -> str:
+        if not self.handshake_complete:
+            return "handshake"
+        if not self.logged_in:
+            return "login"
+        return "active" if self._tunnels else "idle"
+
+    def _end(self, outcome: str, reason: str) -> None:
+        if self.terminated:
+            return
+        self.outcome = outcome
+        self.close(reason=reason)
 
     def _handshake_expired(self) -> None:
         self._deadline = None
         if not self.handshake_complete:
-            self.close(reason="handshake timeout")
+            self._end("handshake-timeout", "handshake timeout")
+        elif not self.logged_in and not self._requests:
+            self._end("no-tunnel", "no tunnel opened in time")
+        elif not self.logged_in:
+            # A login is pending (its own deadline covers it): look again.
+            self._deadline = self.reactor.callLater(1.0, self._handshake_expired)
+
+    def evict(self) -> None:
+        """`mtop.limits.Holder`: its pre-login slot goes to a client from an
+        address holding fewer."""
+        self._end("evicted", "server busy")
+
+    def tunnel_request(self, tunnel: Any) -> None:
+        """A tunnel on this connection has sent its auth message."""
+        self._requests += 1
+
+    def tunnel_logged_in(self, tunnel: Any) -> None:
+        if not self.logged_in:
+            self.logged_in = True
+            self.limits.logged_in(self)
+            if self._deadline is not None and self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def tunnel_ended(self, tunnel: Any) -> None:
+        self._tunnels -= 1
+        if self._tunnels <= 0 and not self.terminated:
+            self._cancel_linger()
+            self._linger = self.reactor.callLater(QUIC_LINGER, self._linger_expired)
+
+    def _cancel_linger(self) -> None:
+        if self._linger is not None and self._linger.active():
+            self._linger.cancel()
+        self._linger = None
+
+    def _linger_expired(self) -> None:
+        self._linger = None
+        if self._tunnels <= 0:
+            self._end("idle", "idle")
 
     def handshake_completed(self, event: Any) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
         self._log.debug(
             "QUIC connection from {client} ready (ALPN {alpn}, resumed {resumed})",
             client=self.peer, alpn=event.alpn_protocol, resumed=event.session_resumed,
@@ -127,6 +207,9 @@ class _ServerConnection(QuicDriver):
         protocol = self.listener.factory.buildProtocol(self.peer)
         if protocol is None:
             return None
+        protocol.parent = self
+        self._tunnels += 1
+        self._cancel_linger()
         stream = QuicStreamTransport(self, stream_id, protocol)
         stream.start()
         return stream
@@ -142,13 +225,26 @@ class _ServerConnection(QuicDriver):
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
+        self._cancel_linger()
         self.listener.forget(self)
-        if self.handshake_complete:
-            self._log.debug("QUIC connection from {client} ended: {reason}", client=self.peer, reason=reason)
-        else:
-            self._log.info(
-                "QUIC handshake from {client} failed: {reason}", client=self.peer, reason=reason, tunnel_outcome="quic-handshake-failed"
-            )
+        self.limits.closed(self)
+        outcome = self.outcome
+        if outcome is None:
+            if self.listener.stopping:
+                outcome = "shutdown"
+            elif not self.handshake_complete:
+                outcome = "quic-handshake-failed"
+            else:
+                outcome = "closed"
+        self.listener.factory.counters.inc(f"quic.{outcome}")
+        self._log.info(
+            "quic connection {outcome}: client={client} duration={duration:.3f}s ({reason})",
+            outcome=outcome,
+            client=format_address(self.peer),
+            duration=self.reactor.seconds() - self.started,
+            reason=reason,
+            quic_outcome=outcome,
+        )
 
 
 class QuicServerProtocol(DatagramProtocol):
@@ -214,7 +310,7 @@ class QuicServerProtocol(DatagramProtocol):
             except Exception as e:
                 self._log.debug("QUIC connection from {client} refused: {error!r}", client=address, error=e)
                 return
-            connection = _ServerConnection(self, quic, address)
+            connection = _ServerConnection(self, quic, address, client_key(address[0]))
             self.connections[header.destination_cid] = connection
             self.connections[quic.host_cid] = connection
         connection.datagram_received(data, address)
@@ -223,8 +319,7 @@ class QuicServerProtocol(DatagramProtocol):
         """A new connection from a banned address, or over a connection
         limit, is dropped before any handshake work (its streams would be
         refused anyway)."""
-        check = getattr(self.factory, "admission_refusal", None)
-        return check is None or check(twisted_address(address)) is None
+        return self.factory.admission_refusal(twisted_address(address)) is None
 
     def _send_quietly(self, data: bytes, address: Any) -> None:
         try:
