@@ -21,11 +21,13 @@ Metrics (all per process):
 ``mtop_auth_total{result}``        logins: ok, failed, unavailable
 ``mtop_refused_total{reason}``     connections refused: acl, banned,
                                    max-tunnels, max-handshakes,
+                                   max-handshakes-per-client,
                                    max-per-client, proxy-header
 ``mtop_fallback_total``            clients spliced to the fallback site
 ``mtop_db_errors_total``           failed user lookups, rechecks, flushes
 ``mtop_throttled_addresses``       addresses banned now
-``mtop_quic_connections``          open QUIC connections
+``mtop_quic_connections{state}``   open QUIC connections: handshake, login
+                                   (no tunnel logged in yet), active, idle
 ``mtop_quic_streams``              open QUIC streams
 ``mtop_handshake_seconds``         histogram: accept to complete auth message
 ``mtop_connect_seconds``           histogram: dialling the target
@@ -153,7 +155,11 @@ class _ServerCollector:
         connections = set()
         for protocol in self.quic_protocols:
             connections.update(protocol.connections.values())
-        yield GaugeMetricFamily("mtop_quic_connections", "Open QUIC connections.", value=len(connections))
+        quic = GaugeMetricFamily("mtop_quic_connections", "Open QUIC connections by state.", labels=["state"])
+        quic_states = Counter(connection.state for connection in connections)
+        for state in ("handshake", "login", "active", "idle"):
+            quic.add_metric([state], quic_states.get(state, 0))
+        yield quic
         yield GaugeMetricFamily(
             "mtop_quic_streams", "Open QUIC streams.", value=sum(len(connection.streams) for connection in connections)
         )

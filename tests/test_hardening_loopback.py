@@ -53,20 +53,38 @@ class CountingStore(SQLiteUserStore):
         return super().lookup(username)
 
 
+#: (username, salt, stored hash) of the test users.
+USERS = (("alice", "s", passwords.legacy_hash("s", "pw")), ("bob", "", passwords.scrypt_hash("bob-pw")))
+
+
 class Server:
-    def __init__(self, tmp_path, settings=ServerSettings(handshake_timeout=5), limits=None, throttle=None, proxy=False):
+    """An MTop server in this process on 127.0.0.1 (real TLS) with alice
+    (legacy hash, password pw) and bob (scrypt, bob-pw) in real SQLite, or
+    in ``store`` (a started store holding them); ``workers``: a
+    `FairWorkers` for the password checks (else the reactor's threads)."""
+
+    def __init__(
+        self, tmp_path, settings=ServerSettings(handshake_timeout=5), limits=None, throttle=None, proxy=False, store=None, workers=None
+    ):
         self.paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
-        db_path = tmp_path / "users.db"
-        db = sqlite3.connect(db_path)
-        db.execute(BASE_TABLE)
-        db.execute("INSERT INTO mtop_user (username, salt, password) VALUES ('alice', 's', ?)", (passwords.legacy_hash("s", "pw"),))
-        db.execute("INSERT INTO mtop_user (username, salt, password) VALUES ('bob', '', ?)", (passwords.scrypt_hash("bob-pw"),))
-        db.commit()
-        db.close()
-        self.store = CountingStore(str(db_path))
-        self.store.startService()
+        if store is None:
+            db_path = tmp_path / "users.db"
+            db = sqlite3.connect(db_path)
+            db.execute(BASE_TABLE)
+            for name, salt, hashed in USERS:
+                db.execute("INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)", (name, salt, hashed))
+            db.commit()
+            db.close()
+            store = CountingStore(str(db_path))
+            store.startService()
+        self.store = store
+        self.workers = workers
         auth = Authenticator(
-            self.store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a), cache_ttl=0
+            self.store,
+            reactor,
+            lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a),
+            cache_ttl=0,
+            workers=workers,
         )
         self.factory = TunnelFactory(
             auth,
@@ -85,6 +103,8 @@ class Server:
         self.port = self.listening.getHost().port
 
     def close(self):
+        if self.workers is not None:
+            self.workers.stop()
         self.store.stopService()
         for tunnel in list(self.factory.tunnels):
             tunnel.transport.abortConnection()

@@ -308,3 +308,71 @@ async def test_banned_address_gets_no_quic_connection(quic_server, echo_target, 
     assert answer == b""
     assert protocol.connections == {}  # the Initial was dropped: no handshake
     assert factory.counters["refused.banned"] >= 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_quic_connections_without_a_tunnel_are_held_to_the_budget_and_the_deadline(server, events):
+    """300 QUIC connections from one address that finish their handshake
+    but never open a stream: at most the per-address pre-login budget of
+    them exists at any moment, each is closed at the handshake deadline
+    with an outcome line, and none is left 2 s after it."""
+    from mtop.config import LimitsConfig
+    from mtop.limits import ConnectionLimits, limit_settings
+    from mtop.quic.client import QuicClientConnection, client_configuration
+
+    factory, _, paths = server
+    settings = limit_settings(LimitsConfig())
+    factory.limits = ConnectionLimits(settings, factory.counters)
+    deadline = 1.5
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), deadline)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    clients = []
+    try:
+        configuration = client_configuration("localhost", "mtop", paths.ca_crt, False, 30)
+        for _ in range(300):
+            # Clients give up their own handshake after 1 s (before a
+            # retransmitted Initial could be admitted once slots free up).
+            clients.append(
+                QuicClientConnection(reactor, configuration, "127.0.0.1", port.getHost().port, 1.0, lambda c: None, lambda t: None)
+            )
+        from mtop.metrics import server_registry
+
+        registry = server_registry(factory, [protocol])
+        most = ready = 0
+        in_metrics = []
+        for _ in range(int((deadline + 2.0) / 0.05)):
+            open_now = set(protocol.connections.values())
+            most = max(most, len(open_now))
+            ready = max(ready, sum(1 for c in clients if c.handshake_complete))
+            if open_now and all(c.state == "login" for c in open_now):
+                in_metrics.append((len(open_now), registry.get_sample_value("mtop_quic_connections", {"state": "login"})))
+            await sleep(0.05)
+        assert in_metrics and all(count == value for count, value in in_metrics), in_metrics
+        assert ready >= settings.max_handshakes_per_client // 2  # real handshakes happened
+        assert most <= settings.max_handshakes_per_client == 64
+        assert not protocol.connections
+        assert factory.limits.open == 0 and factory.limits.handshaking == 0
+        closed = [e for e in events if e.get("quic_outcome") == "no-tunnel"]
+        assert len(closed) == ready
+        assert factory.counters["refused.max-handshakes-per-client"] >= 300 - 64
+    finally:
+        for client in clients:
+            client.shut("test over")
+        protocol.close_all()
+        await port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_quic_connection_lingers_briefly_after_its_last_tunnel(quic_server, echo_target, make_forward, events, monkeypatch):
+    import mtop.quic.server as quic_server_module
+
+    monkeypatch.setattr(quic_server_module, "QUIC_LINGER", 0.5)
+    factory, port, paths, protocol = quic_server
+    forward = make_forward(quic_entry(port, paths), echo_target)
+    assert await deferToThread(send_half_close_read, forward.port, b"hi") == b"got:hi"
+    (connection,) = set(protocol.connections.values())
+    assert connection.logged_in and factory.limits.handshaking == 0
+    assert await eventually(lambda: not protocol.connections, 5)
+    assert [e["quic_outcome"] for e in events if e.get("quic_outcome")] == ["idle"]
+    # The next tunnel opens a new connection.
+    assert await deferToThread(send_half_close_read, forward.port, b"again") == b"got:again"

@@ -4,6 +4,7 @@ listener, and a config error."""
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 import ssl
@@ -308,3 +309,61 @@ def test_climber_metrics_count_tunnels_servers_and_failovers(server, make_climbe
     assert after[f'climber_server_tunnels_opened_total{{server="{via}"}}'] == 1
     assert after["climber_failovers_total"] == 1
     assert sum(v for k, v in after.items() if k.startswith("climber_tunnels_total{") and f'server="{via}"' in k) == 1
+
+
+def test_every_connection_open_at_shutdown_gets_one_outcome_line(start_server, e2e_setup, make_target):
+    """SIGTERM with connections in every state (relaying, in the relay's
+    lingering close, failing with a reply, before their auth message):
+    each logs exactly one outcome, ``shutdown`` for those the stop ends."""
+    import time
+
+    from test_server_e2e import auth_message as message
+
+    import struct
+
+    server = start_server('acl:\n  allow: ["127.0.0.0/8"]\nauth_throttle:\n  max_failures: 100\n')
+    since = server.mark()
+    echo_target = make_target(echo)
+
+    def leave_at_once(sock):
+        # Resets the connection while the client still sends (as a web
+        # server refusing an upload may): the relay lingers, reading the
+        # client, for up to 2 s.
+        time.sleep(0.3)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        return b""
+
+    leaving_target = make_target(leave_at_once)
+    clients = []
+    try:
+        for _ in range(10):  # relaying
+            client = connect(server, e2e_setup)
+            client.send_all(message(e2e_setup.alice, None, "127.0.0.1", echo_target.port) + b"x")
+            assert client.read_exactly(3) == b"\x01\x00x"
+            clients.append(client)
+        for _ in range(10):  # the target left while the client still sends: lingering
+            client = connect(server, e2e_setup)
+            client.send_all(message(e2e_setup.alice, None, "127.0.0.1", leaving_target.port) + b"upload")
+            assert client.read_exactly(2) == b"\x01\x00"
+            clients.append(client)
+        for _ in range(10):  # a wrong password, answered 01 02, then lingering
+            client = connect(server, e2e_setup)
+            client.send_all(message(e2e_setup.alice, e2e_setup.wrong_password, "127.0.0.1", echo_target.port))
+            assert client.read_exactly(2) == b"\x01\x02"
+            clients.append(client)
+        for _ in range(10):  # TLS done, no auth message yet
+            clients.append(connect(server, e2e_setup))
+        time.sleep(0.6)  # the targets have reset: those relays linger
+        server.stop()
+        log = server.log(since)
+        outcomes = re.findall(r"tunnel (\S+): client=127\.0\.0\.1:(\d+) ", log)
+        ports = [int(port) for _, port in outcomes]
+        for client in clients:
+            assert ports.count(client.local_port) == 1, (client.local_port, log)
+        kinds = [outcome for outcome, port in outcomes if int(port) in {c.local_port for c in clients}]
+        assert kinds.count("shutdown") >= 20, kinds
+        assert kinds.count("auth-failed") == 10, kinds
+        assert "Traceback" not in log
+    finally:
+        for client in clients:
+            client.close()
