@@ -11,12 +11,22 @@ twistd's log observer is).  Twisted's own events are not filtered.
 shows), ``traceback`` for failures, and the event's own fields (a tunnel's
 ``outcome``, ``client``, ``user``, ``target``, ``bytes_up``,
 ``bytes_down``, ``duration``, ...).
+
+Logs cannot be forged: on its way to the global publisher every text
+(``str`` or ``bytes``) field of our events is wrapped in `LogText` /
+`LogBytes`, which equal the raw value (so the JSON fields keep it) but
+format escaped (`escape_text`): one event is one line, with no control,
+line-separator or bidi characters.  Fields that carry what a peer chose
+(`PEER_FIELDS`: ``user``, ``target``, ...) are also quoted logfmt-style
+when they hold spaces, quotes, ``=`` or escapes (`quote_text`), so a
+username cannot pose as another field.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
+import re
 import sys
 from typing import IO, Any
 
@@ -38,8 +48,132 @@ LEVELS = {
     "critical": LogLevel.critical,
 }
 
+# Text that cannot forge a log line
+
+#: What `escape_text` escapes: the backslash (the escape character itself),
+#: C0 controls and DEL (LF, CR, ESC of ANSI sequences, NUL), C1 controls
+#: (NEL, the one-byte CSI), the line and paragraph separators, the bidi
+#: controls (marks, embeddings, overrides, isolates: they reorder what a
+#: terminal or an editor shows) and surrogates (lone ones, from text decoded
+#: with ``surrogateescape``, are not even writable as UTF-8).
+_ESCAPED = re.compile(r"[\\\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+#: An escaped value holding one of these is quoted by `quote_text`.
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
+def _escape_char(match: re.Match) -> str:
+    code = ord(match.group())
+    if code == 0x5C:
+        return "\\\\"
+    if code < 0x80:
+        return f"\\x{code:02x}"
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape's stand-in for byte 0x80-0xff
+        return f"\\x{code - 0xDC00:02x}"
+    return f"\\u{code:04x}"
+
+
+def escape_text(text: str) -> str:
+    """``text`` safe for one line of a text log.
+
+    The backslash becomes ``\\\\``; a code point below 0x80 (C0 controls,
+    DEL) ``\\xNN``; a byte that was not UTF-8 (a surrogate U+DC80-U+DCFF
+    from ``surrogateescape``) ``\\xNN`` of that byte; C1 controls, the line
+    and paragraph separators, the bidi controls and other surrogates
+    ``\\uNNNN``.  Everything else, non-ASCII letters included, is kept.
+    Distinct texts give distinct results (the escapes decode back)."""
+    text = str.__str__(text)  # a plain str, whatever subclass came in
+    if _ESCAPED.search(text) is None:
+        return text
+    return _ESCAPED.sub(_escape_char, text)
+
+
+def quote_text(text: str) -> str:
+    """`escape_text`, then quoted logfmt-style (``"..."``, with ``\\"``)
+    when the result is empty or holds whitespace, ``"``, ``=`` or an escape,
+    so that it reads as one field value: ``user="x target=1.2.3.4:80"``.
+    Plain values (``alice``, ``example.com:443``, ``用户``) stay as they are."""
+    escaped = escape_text(text)
+    if escaped and _NEEDS_QUOTES.search(escaped) is None:
+        return escaped
+    return '"' + escaped.replace('"', '\\"') + '"'
+
+
+def bytes_text(data: bytes) -> str:
+    """``data`` as text for a log: UTF-8, each byte that is not shown by
+    `escape_text` as ``\\xNN``."""
+    return bytes(data).decode("utf-8", "surrogateescape")
+
+
+class LogText(str):
+    """A text field of a log event: equal to the raw value (comparisons,
+    ``json.dumps``), formatted (``{field}``, ``{field!s}``) escaped by
+    `escape_text`."""
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __str__(self) -> str:
+        return escape_text(self)
+
+
+class PeerText(LogText):
+    """A `LogText` of a `PEER_FIELDS` field: also quoted by `quote_text`."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return quote_text(self)
+
+
+class LogBytes(bytes):
+    """A bytes field of a log event: equal to the raw value, formatted as
+    `bytes_text` escaped (rather than Python's ``b'...'``)."""
+
+    __slots__ = ()
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    def __str__(self) -> str:
+        return escape_text(bytes_text(self))
+
+
+class PeerBytes(LogBytes):
+    """A `LogBytes` of a `PEER_FIELDS` field: also quoted by `quote_text`."""
+
+    __slots__ = ()
+
+    def __str__(self) -> str:
+        return quote_text(bytes_text(self))
+
+
+#: Event fields whose value a peer chose (names, addresses, protocol
+#: tokens, request lines): quoted when needed (`quote_text`).
+PEER_FIELDS = frozenset({"user", "username", "target", "host", "sni", "alpn", "request", "client", "peer"})
+
+
+def escaped_event(event: dict) -> dict:
+    """A copy of ``event`` whose ``str`` and ``bytes`` field values (keys
+    not starting with ``log_``) format escaped: `LogText`, `PeerText`,
+    `LogBytes`, `PeerBytes`.  Other values (numbers, addresses, exceptions)
+    are kept; a failure's traceback is formatted by Twisted as it is."""
+    escaped = {}
+    for key, value in event.items():
+        if not key.startswith("log_"):
+            if isinstance(value, str):
+                value = (PeerText if key in PEER_FIELDS else LogText)(value)
+            elif isinstance(value, bytes):
+                value = (PeerBytes if key in PEER_FIELDS else LogBytes)(value)
+        escaped[key] = value
+    return escaped
+
+
 _predicate = LogLevelFilterPredicate(defaultLogLevel=LogLevel.info)
-observer = FilteringLogObserver(lambda event: globalLogPublisher(event), [_predicate])
+#: Where our loggers publish: the level filter, then the global publisher
+#: (twistd's text or JSON observer) with the event's text escaped.
+observer = FilteringLogObserver(lambda event: globalLogPublisher(escaped_event(event)), [_predicate])
 
 
 def logger(namespace: str | None = None) -> Logger:
@@ -61,6 +195,17 @@ _RESERVED = ("time", "level", "namespace", "system", "message", "traceback")
 _NOT_FIELDS = frozenset(
     {"format", "message", "isError", "why", "failure", "time", "system", "printed", "detail_text"}
 )
+
+
+#: What ``json.dumps(..., ensure_ascii=False)`` writes as it is but a
+#: terminal or a line splitter must not see: DEL, C1 controls, the line and
+#: paragraph separators, bidi controls, surrogates.  In JSON they can only
+#: be inside strings, where a ``\\uNNNN`` escape is the same value.
+_JSON_ESCAPED = re.compile(r"[\x7f-\x9f\u061c\u200e\u200f\u2028-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def _json_escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"
 
 
 def _json_value(value: Any) -> Any:
@@ -96,7 +241,8 @@ def event_as_json(event: dict) -> str:
         if key.startswith("log_") or key in _NOT_FIELDS:
             continue
         record[f"field_{key}" if key in _RESERVED else key] = value
-    return json.dumps(record, default=_json_value, ensure_ascii=False, separators=(",", ":"))
+    line = json.dumps(record, default=_json_value, ensure_ascii=False, separators=(",", ":"))
+    return _JSON_ESCAPED.sub(_json_escape, line)
 
 
 def json_lines_observer(out: IO[str]) -> FileLogObserver:

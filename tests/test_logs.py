@@ -96,6 +96,24 @@ def test_json_lines_observer_writes_one_object_per_line():
     assert [json.loads(line)["message"] for line in lines] == [formatEvent(tunnel_event()), "second 2"]
 
 
+def test_json_lines_keep_raw_text_without_raw_line_breaks_or_terminal_controls():
+    """JSON escapes C0 controls itself; DEL, C1 controls, the line and
+    paragraph separators, bidi controls and lone surrogates are written as
+    ``\\uNNNN`` too, so a JSON line is one line for any line splitter and
+    safe in a terminal, and still parses to the raw value."""
+    raw = "a\nb\rc\x1b[31m\x7f\x85\x9b\u2028\u2029\u202e\u2066" + b"\xff".decode("utf-8", "surrogateescape")
+    out = io.StringIO()
+    observer = logs.json_lines_observer(out)
+    observer(capture(lambda log: log.info("user {user}", user=raw, data=b"\xff")))
+    line = out.getvalue()
+    assert line.endswith("\n") and len(line.splitlines()) == 1
+    assert all(c == "\ufffd" or c.isascii() and c.isprintable() for c in line[:-1])
+    line.encode("utf-8")  # no lone surrogate left
+    record = json.loads(line)
+    assert record["user"] == raw
+    assert record["data"] == "\ufffd"  # bytes: as before
+
+
 @pytest.fixture
 def published():
     events: list[dict] = []
