@@ -223,6 +223,12 @@ class TunnelProtocol(Protocol):
     # Handshake
 
     def _handshake_data(self, data: bytes) -> None:
+        if self.clock.seconds() - self.started >= self.factory.settings.handshake_timeout:
+            # Past the deadline (a busy reactor has not run the timer yet):
+            # a late auth message is not looked at.
+            self._cancel_deadline()
+            self._handshake_expired()
+            return
         buf = self._buffer + data if self._buffer else data
         try:
             parsed = wire.parse_auth(buf)

@@ -505,3 +505,15 @@ def test_quic_streams_are_never_sent_to_the_fallback(events):
     assert stream.disconnecting and dialer.attempts == []
     protocol.connectionLost(None)
     assert outcome_events(events)[0]["outcome"] == "bad-request"
+
+
+def test_an_auth_message_after_the_deadline_is_not_looked_at(events):
+    """A busy reactor may deliver data before it runs an expired timer:
+    the deadline still holds."""
+    protocol, client, clock, dialer, auth, factory = make(handshake_timeout=3)
+    clock.rightNow += 3.5  # time passed, the timer has not run yet
+    protocol.dataReceived(AUTH)
+    assert auth.calls == [] and client.aborted
+    protocol.connectionLost(None)
+    (event,) = outcome_events(events)
+    assert event["outcome"] == "handshake-timeout"
