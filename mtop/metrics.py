@@ -23,6 +23,8 @@ Metrics (all per process):
                                    max-tunnels, max-handshakes,
                                    max-handshakes-per-client,
                                    max-per-client, proxy-header
+``mtop_evicted_total``             connections before their login closed for a
+                                   newcomer from a less busy address
 ``mtop_fallback_total``            clients spliced to the fallback site
 ``mtop_db_errors_total``           failed user lookups, rechecks, flushes
 ``mtop_throttled_addresses``       addresses banned now
@@ -147,6 +149,10 @@ class _ServerCollector:
             refused.add_metric([reason], reasons.get(reason, 0))
         yield refused
 
+        yield CounterMetricFamily(
+            "mtop_evicted", "Connections before their login closed for a newcomer from a less busy address.",
+            value=counters.get("evicted", 0),
+        )
         yield CounterMetricFamily("mtop_fallback", "Clients spliced to the fallback web server.", value=counters.get("fallback", 0))
         yield CounterMetricFamily(
             "mtop_db_errors", "Failed user lookups, rechecks and traffic flushes.", value=counters.get("db.errors", 0)

@@ -348,6 +348,8 @@ async def test_quic_connections_without_a_tunnel_are_held_to_the_budget_and_the_
                 in_metrics.append((len(open_now), registry.get_sample_value("mtop_quic_connections", {"state": "login"})))
             await sleep(0.05)
         assert in_metrics and all(count == value for count, value in in_metrics), in_metrics
+        assert registry.get_sample_value("mtop_refused_total", {"reason": "max-handshakes-per-client"}) >= 300 - 64
+        assert registry.get_sample_value("mtop_evicted_total") == 0
         assert ready >= settings.max_handshakes_per_client // 2  # real handshakes happened
         assert most <= settings.max_handshakes_per_client == 64
         assert not protocol.connections
