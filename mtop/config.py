@@ -20,6 +20,7 @@ from typing import Any, Callable
 import yaml
 
 from mtop.acl import ACLError, DestinationACL, parse_network, parse_port_range
+from mtop.clientlist import ClientListError, is_file_entry, read_entry, resolve_entries
 from mtop.limits import ThrottleSettings
 from mtop.redact import redact, shown
 
@@ -133,11 +134,22 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ClientsConfig:
+    """``clients:``: client address allow and block lists, as written
+    (networks, addresses, list file paths; relative paths made absolute).
+    `mtop.clientlist.ClientLists.from_config` builds the lists."""
+
+    allow: tuple[str, ...] = ()
+    deny: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     server: ServerConfig = ServerConfig()
     log: LogConfig = LogConfig()
     db: DBConfig = DBConfig()
     acl: DestinationACL = DestinationACL()
+    clients: ClientsConfig = ClientsConfig()
     limits: LimitsConfig = LimitsConfig()
     auth_throttle: ThrottleSettings = ThrottleSettings()
     metrics: MetricsConfig = MetricsConfig()
@@ -468,6 +480,29 @@ def _load_acl(section: Section) -> DestinationACL:
     return acl
 
 
+def _load_clients(section: Section, base: str, check_files: bool = True) -> ClientsConfig:
+    """``clients: {allow, deny}``: networks, addresses or list file paths.
+    Every entry is read here (list files too, unless ``check_files`` is
+    false, as for mtopctl), so a bad network or list file line stops the
+    load rather than the server's start."""
+
+    def entries(key: str, value: Any) -> tuple[str, ...]:
+        items = value if isinstance(value, list) else [value]
+        resolved = resolve_entries([as_string(f"{key}[{i}]", item) for i, item in enumerate(items)], base)
+        for i, entry in enumerate(resolved):
+            if not check_files and is_file_entry(entry):
+                continue
+            try:
+                read_entry(entry)
+            except ClientListError as e:
+                raise ConfigError(f"{key}[{i}]: {e}") from None
+        return resolved
+
+    config = ClientsConfig(allow=section.get("allow", (), entries), deny=section.get("deny", (), entries))
+    section.finish()
+    return config
+
+
 def _load_limits(section: Section) -> LimitsConfig:
     d = LimitsConfig()
     config = LimitsConfig(
@@ -555,6 +590,7 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     log = _load_log(Section("log", top.get("log", {}, lambda k, v: v), warnings))
     db = _load_db(Section("db", top.get("db", {}, lambda k, v: v), warnings), base)
     acl = _load_acl(Section("acl", top.get("acl", {}, lambda k, v: v), warnings))
+    clients = _load_clients(Section("clients", top.get("clients", {}, lambda k, v: v), warnings), base, check_files)
     limits = _load_limits(Section("limits", top.get("limits", {}, lambda k, v: v), warnings))
     throttle = _load_throttle(Section("auth_throttle", top.get("auth_throttle", {}, lambda k, v: v), warnings))
     metrics = load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings))
@@ -564,6 +600,7 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
         log=log,
         db=db,
         acl=acl,
+        clients=clients,
         limits=limits,
         auth_throttle=throttle,
         metrics=metrics,

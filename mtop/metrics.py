@@ -20,7 +20,7 @@ Metrics (all per process):
                                    ``metrics.per_user: true``)
 ``mtop_auth_total{result}``        logins: ok, failed, unavailable
 ``mtop_refused_total{reason}``     connections refused: acl, banned,
-                                   max-tunnels, max-handshakes,
+                                   client-denied, max-tunnels, max-handshakes,
                                    max-handshakes-per-client,
                                    max-per-client, proxy-header
 ``mtop_evicted_total``             connections before their login closed for a
@@ -55,6 +55,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 _REFUSED = (
     "acl",
     "banned",
+    "client-denied",
     "max-tunnels",
     "max-handshakes",
     "max-handshakes-per-client",

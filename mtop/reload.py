@@ -3,7 +3,7 @@
 What a reload changes, for new connections and logins (open tunnels go on
 as they are): the login cache is emptied (and ``db.cache_ttl``,
 ``query_timeout``, ``outage_grace`` apply), the destination ACL, the
-limits and the throttle's settings, the ``server:`` settings (timeouts,
+client allow and block lists (their files re-read), the limits and the throttle's settings, the ``server:`` settings (timeouts,
 ``reply_errors``, ``auth_failure_delay``, ``fallback``), ``log.level``, and
 every listener's certificate and key (re-read from their files, so renewed
 certificates are picked up).  Listen addresses, listener types and the
@@ -33,12 +33,17 @@ class ConfigReloader(Service):
     _log = logger()
     _previous_handler: Any = None
 
-    def __init__(self, config: Config, reactor: Any, factory: Any, authenticator: Any, listeners: list[Any]):
+    def __init__(
+        self, config: Config, reactor: Any, factory: Any, authenticator: Any, listeners: list[Any], client_lists: Any = None
+    ):
+        """``client_lists``: the `mtop.clientlist.ClientListWatcher` that
+        keeps ``factory.client_lists`` up to date with its files."""
         self.config = config
         self.reactor = reactor
         self.factory = factory
         self.authenticator = authenticator
         self.listeners = listeners
+        self.client_lists = client_lists
 
     def startService(self) -> None:
         super().startService()
@@ -60,16 +65,21 @@ class ConfigReloader(Service):
     def reload(self) -> bool:
         """Read the config file again and apply it; ``False`` (and nothing
         changed) when it is not valid."""
+        from mtop.clientlist import ClientListError, ClientLists
         from mtop.listeners import prepare_listeners
 
         path = self.config.path
         try:
             config = load_config(path)
             prepared = prepare_listeners(config, self.reactor)
-        except (ConfigError, TLSConfigError) as e:
+            lists = ClientLists.from_config(config.clients)
+        except (ConfigError, TLSConfigError, ClientListError) as e:
             self._log.error("config reload rejected, the running configuration stays: {path}: {error}", path=path, error=e)
             return False
         self._apply(config, prepared)
+        self.factory.client_lists = lists
+        if self.client_lists is not None:
+            self.client_lists.use(config.clients, lists)
         self.config = config
         return True
 

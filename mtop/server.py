@@ -43,6 +43,7 @@ from zope.interface import implementer
 
 from mtop import wire
 from mtop.auth import Authenticator
+from mtop.clientlist import ClientLists
 from mtop.dialer import DestinationRefused, Dialer
 from mtop.limits import AuthThrottle, ConnectionLimits, LoginGate, client_key, peer_host
 from mtop.logs import logger
@@ -563,6 +564,9 @@ class TunnelFactory(Factory):
         self.limits = limits if limits is not None else ConnectionLimits(counters=self.counters)
         self.throttle = throttle if throttle is not None else AuthThrottle(clock, counters=self.counters)
         self.login_gate = LoginGate(self.throttle.settings.max_in_flight)
+        #: Client addresses allowed and refused (``clients:``), judged
+        #: first; replaced whole by a reload or a changed list file.
+        self.client_lists = ClientLists()
         self.tunnels: set[TunnelProtocol] = set()
         self.timings = Timings()
         #: Bytes (up, down) of finished tunnels per user, when metrics
@@ -583,9 +587,12 @@ class TunnelFactory(Factory):
     def admission_refusal(self, addr: Any, key: str | None = None) -> str | None:
         """Why a new connection from ``addr`` is refused now (counted and
         logged at debug level), or ``None``."""
+        host = peer_host(addr)
         if key is None:
-            key = client_key(peer_host(addr))
-        if self.throttle.banned(key):
+            key = client_key(host)
+        if self.client_lists.refused(host):
+            refusal = "client-denied"
+        elif self.throttle.banned(key):
             refusal = "banned"
         else:
             refusal = self.limits.refusal(key)

@@ -193,6 +193,11 @@ def makeService(options: Options) -> MultiService:
     # Stopped after the listeners (services stop in reverse order) and
     # before the sessions' last traffic flush.
     TunnelCloser(reactor, factory).setServiceParent(root)
+    from mtop.clientlist import ClientLists, ClientListWatcher
+
+    factory.client_lists = ClientLists.from_config(config.clients)
+    watcher = ClientListWatcher(config.clients, factory.client_lists, lambda lists: setattr(factory, "client_lists", lists), reactor)
+    watcher.setServiceParent(root)
     listeners = listener_services(
         options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
     )
@@ -207,5 +212,5 @@ def makeService(options: Options) -> MultiService:
         if number is not None and listen.port:
             listen = ListenAddress(listen.host, listen.port + number - 1)
         metrics_service(reactor, listen, registry).setServiceParent(root)
-    ConfigReloader(config, reactor, factory, authenticator, listeners).setServiceParent(root)
+    ConfigReloader(config, reactor, factory, authenticator, listeners, watcher).setServiceParent(root)
     return root

@@ -373,3 +373,54 @@ async def test_other_addresses_log_in_promptly_and_failures_look_alike_during_a_
     assert max(medians.values()) - min(medians.values()) < 0.05, times
     assert max(p90s.values()) - min(p90s.values()) < 0.05, times
     assert all(t >= DEFAULT_SETTINGS.auth_failure_delay - 0.01 for values in times.values() for t in values), times
+
+
+# 5. Client allow and block lists
+
+
+@pytest_twisted.ensureDeferred
+async def test_denied_clients_are_closed_before_tls_and_others_get_in(servers, tmp_path, echo_target):
+    import ssl
+
+    from mtop.clientlist import ClientLists
+
+    server = default_server(tmp_path)
+    servers.append(server)
+    server.factory.client_lists = ClientLists(allow=["127.0.0.0/8", "127.0.9.7"], deny=["127.0.0.2/32", "127.0.9.0/24"])
+
+    def refused(source):
+        try:
+            tunnel_echo(server, target_port=echo_target, source=source)
+        except (ssl.SSLError, ConnectionResetError, OSError):
+            return True
+        return False
+
+    assert await deferToThread(refused, "127.0.0.2")
+    assert await deferToThread(refused, "127.0.9.1")
+    assert server.factory.counters["refused.client-denied"] == 2
+    # The most specific entry wins: 127.0.9.7 is allowed inside the denied /24.
+    assert await deferToThread(tunnel_echo, server, target_port=echo_target, source="127.0.9.7") == b"\x01\x00ping"
+    assert await deferToThread(tunnel_echo, server, target_port=echo_target, source="127.0.0.3") == b"\x01\x00ping"
+    assert server.store.lookups == 2  # the refused ones cost no lookup
+
+
+@pytest_twisted.ensureDeferred
+async def test_denied_clients_get_no_quic_connection(server, tmp_path):
+    from mtop.clientlist import ClientLists
+    from mtop.quic.client import QuicClientConnection, client_configuration
+    from mtop.quic.server import QuicServerProtocol, server_configuration
+
+    factory, _, paths = server
+    factory.client_lists = ClientLists(deny=["127.0.0.1"])
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), 5)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    configuration = client_configuration("localhost", "mtop", paths.ca_crt, False, 30)
+    client = QuicClientConnection(reactor, configuration, "127.0.0.1", port.getHost().port, 1.0, lambda c: None, lambda t: None)
+    try:
+        await deferLater(reactor, 1.2, lambda: None)
+        assert not client.handshake_complete and not protocol.connections
+        assert factory.counters["refused.client-denied"] >= 1
+    finally:
+        client.shut("test over")
+        protocol.close_all()
+        await port.stopListening()

@@ -367,3 +367,46 @@ def test_every_connection_open_at_shutdown_gets_one_outcome_line(start_server, e
     finally:
         for client in clients:
             client.close()
+
+
+def test_client_block_list_file_and_sighup(start_server, e2e_setup, make_target, tmp_path):
+    """A block list file: loaded at start, re-read when it changes (within
+    the 5 s check), replaced by SIGHUP with another config; refusals are
+    closed before TLS and counted."""
+    import os
+    import time
+
+    def tunnel_works() -> bool:
+        try:
+            client = connect(server, e2e_setup)
+        except Exception:
+            return False
+        try:
+            client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"x")
+            return client.read_exactly(3) == b"\x01\x00x"
+        finally:
+            client.close()
+
+    blocklist = tmp_path / "drop.txt"
+    blocklist.write_text("; a public list's comment\n192.0.2.0/24 ; SBL1\n")
+    server = start_server(f'acl:\n  allow: ["127.0.0.0/8"]\nclients:\n  deny: ["{blocklist}"]\n')
+    target = make_target(echo)
+    server.wait_for(r"client lists loaded: 0 networks allowed, 1 denied", 10)
+    assert tunnel_works()
+    # The operator adds loopback to the list (atomically, as documented).
+    since = server.mark()
+    new = tmp_path / "drop.txt.new"
+    new.write_text("192.0.2.0/24\n127.0.0.0/8  # us, for the test\n")
+    os.replace(new, blocklist)
+    server.wait_for(r"client lists loaded: 0 networks allowed, 2 denied", 10, since=since)
+    assert not tunnel_works()
+    # SIGHUP with the list gone from the config: loopback gets in again.
+    since = server.mark()
+    server.config.write_text(server.config.read_text().replace(f'clients:\n  deny: ["{blocklist}"]\n', ""))
+    server.proc.send_signal(signal.SIGHUP)
+    server.wait_for(r"config reloaded from ", 10, since=since)
+    deadline = time.monotonic() + 5
+    while not tunnel_works() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert tunnel_works()
+    assert "Traceback" not in server.log()
