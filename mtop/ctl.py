@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Sequence
 
-from mtop import passwords, wire
+from mtop import fileperms, passwords, wire
 from mtop.config import ConfigError, load_config, parse_listen
 from mtop.database import DatabaseError, DBSettings, SyncDatabase, connect
 from mtop.dsn import describe_dsn
@@ -77,6 +77,9 @@ def cmd_db_init(args: argparse.Namespace) -> None:
         db.close()
     where = settings.dsn if settings.driver == "sqlite" else describe_dsn(settings.driver, settings.dsn)
     print(f"database ready: {where}" + (f" (added {', '.join(added)})" if added else ""))
+    # A database made before init created it 0600 (or by another tool).
+    for warning in fileperms.database_warnings(settings.driver, settings.dsn):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def cmd_db_upgrade(args: argparse.Namespace) -> None:

@@ -215,6 +215,23 @@ def _first_line(error: Exception) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def create_private_file(path: str) -> bool:
+    """Create ``path`` empty (an empty file is an empty SQLite database)
+    with mode 0600, before SQLite would create it 0644 under the usual
+    umask: it holds password hashes.  SQLite gives its journal files the
+    database's mode.  An existing file is left as it is; ``True`` if the
+    file was created.  Raises `DatabaseError` if it cannot be."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        return False
+    except OSError as e:
+        raise DatabaseError(f"cannot create SQLite database {path}: {e.strerror}") from None
+    os.close(fd)
+    return True
+
+
 def connect(settings: DBSettings, create: bool = False) -> SyncDatabase:
     """Open ``settings``' database (creating a SQLite file only with
     ``create``).  Raises `DatabaseError` naming what failed."""
@@ -223,7 +240,11 @@ def connect(settings: DBSettings, create: bool = False) -> SyncDatabase:
         if create:
             directory = os.path.dirname(path)
             if directory:
-                os.makedirs(directory, exist_ok=True)
+                try:
+                    os.makedirs(directory, exist_ok=True)
+                except OSError as e:
+                    raise DatabaseError(f"cannot create SQLite database {path}: {directory}: {e.strerror}") from None
+            create_private_file(path)
         mode = "rwc" if create else "rw"
         try:
             connection = sqlite3.connect(f"file:{quote(path)}?mode={mode}", uri=True, timeout=10.0)

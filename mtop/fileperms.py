@@ -1,5 +1,6 @@
-"""Start-up checks of the files that hold secrets: a TLS private key, or a
-config file with a password in it, that every user of the machine can read.
+"""Start-up checks of the files that hold secrets: a TLS private key, a
+config file with a password in it, or a SQLite user database (password
+hashes), that every user of the machine can read.
 
 Each function returns warning sentences (naming the file, its mode and the
 ``chmod`` that fixes it), for the start-up notes of ``twistd mtop`` and
@@ -95,9 +96,32 @@ def config_file_warnings(path: str | None) -> list[str]:
     return [_warning(path, mode, f"passwords ({keys[0]}{more})")]
 
 
+#: Files SQLite keeps beside a database, holding pages of it.
+SQLITE_SIDE_FILES = ("-journal", "-wal", "-shm")
+
+
+def database_warnings(driver: str, path: str) -> list[str]:
+    """Warnings for a SQLite user database at ``path`` (``driver`` as in
+    ``db.driverName``) and its journal files, if others can read them: they
+    hold the password hashes.  Other drivers keep the users elsewhere."""
+    if driver != "sqlite" or not path:
+        return []
+    warnings = []
+    for name in (path, *(path + suffix for suffix in SQLITE_SIDE_FILES)):
+        mode = readable_by_others(name)
+        if mode is not None:
+            what = "the SQLite user database (db.dsn)" if name == path else f"a journal of the SQLite user database {path}"
+            warnings.append(
+                f"{name} is {what}, with the users' password hashes, and is readable by every user of this "
+                f"machine (mode {mode:04o}); run: chmod 600 {shlex.quote(name)}"
+            )
+    return warnings
+
+
 def startup_warnings(config: Any) -> list[str]:
     """Every warning for a loaded config: an ``mtop.config.Config`` (its TLS
-    keys and the file) or a ``climber.config.ClimberConfig`` (the file)."""
+    keys, its SQLite database and the file) or a
+    ``climber.config.ClimberConfig`` (the file)."""
     keys: list[tuple[str, str]] = []
     listeners = getattr(config, "listeners", ())
     for i, listener in enumerate(listeners):
@@ -105,4 +129,9 @@ def startup_warnings(config: Any) -> list[str]:
     server = getattr(config, "server", None)
     if getattr(server, "key", ""):
         keys.append(("server.key", server.key))
-    return key_file_warnings(keys) + config_file_warnings(getattr(config, "path", None))
+    db = getattr(config, "db", None)
+    return (
+        key_file_warnings(keys)
+        + (database_warnings(db.driverName, db.dsn) if db is not None else [])
+        + config_file_warnings(getattr(config, "path", None))
+    )

@@ -54,6 +54,64 @@ def test_missing_database_is_one_clear_line(config, capsys):
     assert code == 1 and "mtopctl db init" in err and "Traceback" not in err
 
 
+def _mode(path):
+    return os.stat(path).st_mode & 0o777
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o000])
+def test_db_init_creates_the_sqlite_database_private(config, tmp_path, capsys, umask):
+    old = os.umask(umask)
+    try:
+        code, out, err = run(capsys, "-c", config, "db", "init")
+    finally:
+        os.umask(old)
+    assert code == 0 and err == ""
+    db_path = tmp_path / "users.db"
+    assert _mode(db_path) == 0o600
+    assert run(capsys, "-c", config, "user", "add", "-u", "alice", "-p", "Alice-pw-1")[0] == 0
+    assert _mode(db_path) == 0o600
+    # SQLite's rollback journal, which holds pages of the table while a
+    # write is under way, gets the database's mode.
+    db = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        db.execute("BEGIN IMMEDIATE")
+        db.execute("UPDATE mtop_user SET salt = 'x'")
+        assert _mode(f"{db_path}-journal") == 0o600
+        db.execute("ROLLBACK")
+    finally:
+        db.close()
+
+
+def test_db_init_in_a_new_directory(tmp_path, capsys):
+    path = tmp_path / "mtop.yaml"
+    path.write_text("server:\n  crt: server.crt\n  key: server.key\ndb:\n  driverName: sqlite\n  dsn: state/users.db\n")
+    assert run(capsys, "-c", str(path), "db", "init")[0] == 0
+    assert _mode(tmp_path / "state" / "users.db") == 0o600
+
+
+def test_db_init_names_an_existing_world_readable_database(config, tmp_path, capsys):
+    db_path = tmp_path / "users.db"
+    sqlite3.connect(db_path).close()
+    os.chmod(db_path, 0o644)
+    code, out, err = run(capsys, "-c", config, "db", "init")
+    assert code == 0 and "database ready" in out
+    # Left as it is (the operator may have reasons), with the fix named.
+    assert _mode(db_path) == 0o644
+    assert len(err.strip().splitlines()) == 1
+    assert str(db_path) in err and "0644" in err and f"chmod 600 {db_path}" in err
+    os.chmod(db_path, 0o600)
+    assert run(capsys, "-c", config, "db", "init")[2] == ""
+
+
+@pytest.mark.parametrize("where", ["afile/users.db", "x" * 300 + ".db"])
+def test_db_init_that_cannot_create_the_database_says_so_in_one_line(tmp_path, capsys, where):
+    (tmp_path / "afile").write_text("")
+    path = tmp_path / "mtop.yaml"
+    path.write_text(f"server:\n  crt: server.crt\n  key: server.key\ndb:\n  driverName: sqlite\n  dsn: {where}\n")
+    code, out, err = run(capsys, "-c", str(path), "db", "init")
+    assert code == 1 and "cannot create SQLite database" in err and len(err.strip().splitlines()) == 1
+
+
 def test_url_matches_the_vectors(vectors, capsys):
     for case in vectors["share_url"]["cases"]:
         code, out, err = run(

@@ -90,6 +90,49 @@ def test_config_without_passwords_may_be_readable(tmp_path, certs):
     assert fileperms.startup_warnings(load_config(str(path))) == []
 
 
+def _sqlite_config(tmp_path, certs, mode):
+    db_path = tmp_path / "users.db"
+    db_path.write_bytes(b"")
+    os.chmod(db_path, mode)
+    doc = _server_doc(certs)
+    doc["db"] = {"driverName": "sqlite", "dsn": str(db_path)}
+    return load_config(str(_write(tmp_path / "mtop.yaml", doc, 0o600))), str(db_path)
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o604, 0o666])
+def test_sqlite_database_readable_by_others_is_named_with_mode_and_fix(tmp_path, certs, mode):
+    config, db_path = _sqlite_config(tmp_path, certs, mode)
+    (warning,) = fileperms.startup_warnings(config)
+    assert db_path in warning and "password hashes" in warning and "db.dsn" in warning
+    assert f"mode {mode:04o}" in warning and warning.endswith(f"run: chmod 600 {db_path}")
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o640, 0o660])
+def test_private_sqlite_database_gives_no_warning(tmp_path, certs, mode):
+    config, db_path = _sqlite_config(tmp_path, certs, mode)
+    assert fileperms.startup_warnings(config) == []
+
+
+def test_sqlite_journal_readable_by_others_is_named_too(tmp_path, certs):
+    config, db_path = _sqlite_config(tmp_path, certs, 0o600)
+    journal = tmp_path / "users.db-journal"
+    journal.write_bytes(b"")
+    os.chmod(journal, 0o644)
+    (warning,) = fileperms.startup_warnings(config)
+    assert warning.startswith(f"{journal} is a journal of the SQLite user database {db_path}")
+    assert warning.endswith(f"run: chmod 600 {journal}")
+
+
+def test_only_sqlite_databases_are_files_to_check(tmp_path):
+    world_readable = tmp_path / "mtop"
+    world_readable.write_bytes(b"")
+    os.chmod(world_readable, 0o644)
+    assert fileperms.database_warnings("postgres", str(world_readable)) == []
+    assert fileperms.database_warnings("mysql", str(world_readable)) == []
+    assert len(fileperms.database_warnings("sqlite", str(world_readable))) == 1
+    assert fileperms.database_warnings("sqlite", str(tmp_path / "missing.db")) == []
+
+
 def _climber_doc(**server):
     return {"socks5": {"listen": "127.0.0.1:0"}, "servers": [{"insecure": True, **server}]}
 

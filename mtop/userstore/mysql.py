@@ -2,7 +2,10 @@
 PyMySQL.
 
 adbapi runs the blocking driver in its thread pool (see
-`mtop.userstore.sql.AdbapiUserStore`).
+`mtop.userstore.sql.AdbapiUserStore`).  There is no connection to watch
+between queries, so an outage is noticed by the queries: one failing
+because the server cannot be reached starts it, the next one answered ends
+it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,12 @@ from mtop.dsn import describe_dsn, parse_mysql_dsn
 from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 POOL_SIZE = 4
+
+#: Server errors that mean "not serving this client now" rather than a
+#: fault of the query: too many connections, shutting down, connection
+#: killed (MariaDB).  Client-side errors (2000-2999: cannot connect, server
+#: gone, connection lost) mean the same.
+_OUTAGE_ERRORS = frozenset({1040, 1053, 1927})
 
 
 class MySQLUserStore(AdbapiUserStore):
@@ -43,3 +52,13 @@ class MySQLUserStore(AdbapiUserStore):
         import pymysql
 
         return bool(failure.check(pymysql.Error, adbapi.ConnectionLost))
+
+    def _is_outage(self, failure: Failure) -> bool:
+        import pymysql
+
+        if failure.check(adbapi.ConnectionLost, pymysql.err.InterfaceError):
+            return True
+        if failure.check(pymysql.err.OperationalError, pymysql.err.InternalError):
+            code = failure.value.args[0] if failure.value.args else None
+            return isinstance(code, int) and (2000 <= code < 3000 or code in _OUTAGE_ERRORS)
+        return False

@@ -1,11 +1,20 @@
 """Users in PostgreSQL, through txpostgres (psycopg2's asynchronous mode on
 the reactor, no threads).
 
-Each pooled connection has txpostgres' dead-connection detector: when the
-database goes away, queries on it fail at once (the login is refused as
-"store unavailable") while it reconnects in the background with backoff
-(1 s up to 10 s); when the database is back, lookups work again with no
-restart.
+The store keeps `pool_size` connections and sends each query to the least
+busy live one.  Each has a ``Reconnector``, txpostgres' dead-connection
+detector with a retry loop of our own: when the database goes away,
+queries on a dead connection fail at once (the login is refused as "store
+unavailable") while it reconnects in the background with backoff (1 s up
+to 10 s); when the database is back, lookups work again with no restart,
+and the first connection back makes the others retry at once.
+
+The store is unavailable while none of its connections is alive: that is
+one warning when it starts and one line when it ends (see
+`mtop.userstore.sql`).  txpostgres itself reports a connection whose
+socket dies between queries by raising from the reactor's ``doRead``
+(which Twisted logs as "Unhandled Error" with a traceback); our
+``Connection`` turns that into an ordinary lost connection instead.
 
 `watch` adds one more connection that ``LISTEN``s on ``mtop_user``: the
 trigger `mtop.database` installs sends the username of every changed row,
@@ -17,9 +26,10 @@ was away are lost).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
-from twisted.internet.defer import Deferred, DeferredList, fail
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -27,13 +37,144 @@ from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
 from mtop.userstore import StoreUnavailable
-from mtop.userstore.sql import SQLUserStore, UsageFlush
+from mtop.userstore.sql import SQLUserStore, UsageFlush, error_line
 
 POOL_SIZE = 3
 #: Seconds between pings of the listening connection.
 LISTEN_PING_INTERVAL = 10.0
 #: What `watch` callbacks receive when any user may have changed.
 ALL_USERS = None
+
+
+@functools.cache
+def _connection_class() -> type:
+    """Our txpostgres connection class, built on first use so importing
+    this module does not import psycopg2."""
+    import psycopg2
+    from txpostgres import reconnection, txpostgres
+
+    class Reconnector(reconnection.DeadConnectionDetector):
+        """txpostgres' detector (it marks the connection dead on a
+        connection error, and fails queries at once while it is) with a
+        retry loop that can be stopped and hurried, and that tells its
+        owner of each death and recovery instead of logging."""
+
+        def __init__(self, reactor: Any, owner: Any):
+            super().__init__(reactor=reactor)
+            self.owner = owner
+            self.stopped = False
+            self.last_error = ""
+            self._delays: Any = None
+            self._next: Any = None
+
+        def startReconnecting(self, failure: Failure) -> None:
+            self.last_error = error_line(failure)
+            self.owner._connection_died(self.reconnectable, self.last_error)
+            if not self.stopped:
+                self._delays = self.reconnectionIterator()
+                self._schedule()
+
+        def _schedule(self) -> None:
+            self._next = self.reactor.callLater(next(self._delays), self._attempt)
+
+        def _attempt(self) -> None:
+            self._next = None
+            if not self.stopped:
+                d = maybeDeferred(self.reconnect).addCallbacks(self._reconnected, self._attempt_failed)
+                d.addErrback(self._bug)
+
+        def _bug(self, failure: Failure) -> None:
+            self.owner._log.failure("users: after reconnecting to {store}", failure, store=self.owner.description)
+
+        def _attempt_failed(self, failure: Failure) -> None:
+            self.last_error = error_line(failure)
+            if not self.stopped:
+                self._schedule()
+
+        def _reconnected(self, _: Any) -> None:
+            if self.stopped:  # the store stopped meanwhile
+                self.reconnectable.close()
+                return
+            self.connectionRecovered()
+
+        def connectionRecovered(self) -> None:
+            self.connectionIsDead = False
+            self.owner._connection_recovered(self.reconnectable)
+
+        def retry_now(self) -> None:
+            """Skip the wait before the next attempt."""
+            if self._next is not None and self._next.active():
+                self._delays = self.reconnectionIterator()
+                self._next.reset(0)
+
+        def stop(self) -> None:
+            self.stopped = True
+            if self._next is not None and self._next.active():
+                self._next.cancel()
+            self._next = None
+
+    class Connection(txpostgres.Connection):
+        """A txpostgres connection whose death between queries is a lost
+        connection (and a reconnection), not an exception escaping into
+        the reactor."""
+
+        _closing = False
+
+        def __init__(self, reactor: Any, owner: Any):
+            super().__init__(reactor, None, detector=Reconnector(reactor, owner))
+
+        @property
+        def alive(self) -> bool:
+            """Connected and not known to be dead: fit for a query."""
+            return (
+                not self.detector.connectionIsDead
+                and self._connection is not None
+                and not self._connection.closed
+                and not self._pollingD  # still connecting
+            )
+
+        @property
+        def load(self) -> int:
+            """Queries running or queued on this connection."""
+            return int(self.lock.locked) + len(self.lock.waiting)
+
+        def doRead(self) -> Any:
+            try:
+                return super().doRead()
+            except Exception as e:  # psycopg2's error for a dead socket
+                return e
+
+        def doWrite(self) -> Any:
+            try:
+                return super().doWrite()
+            except Exception as e:
+                return e
+
+        def connectionLost(self, reason: Failure) -> None:
+            super().connectionLost(reason)
+            # A hang-up seen before the read lands here as a clean close,
+            # which txpostgres does not count as death; psycopg2 has closed
+            # the connection by now, so it is one.
+            if (
+                not self._closing
+                and self._connection is not None
+                and self._connection.closed
+                and not self.detector.connectionIsDead
+            ):
+                self.detector.checkForDeadConnection(
+                    Failure(psycopg2.OperationalError(f"connection lost: {reason.getErrorMessage()}"))
+                )
+
+        def close(self) -> None:
+            if self._connection is None:
+                return
+            self._closing = True
+            try:
+                super().close()
+            finally:
+                self._closing = False
+
+    return Connection
 
 
 class PostgresUserStore(SQLUserStore):
@@ -48,41 +189,28 @@ class PostgresUserStore(SQLUserStore):
         self.dsn = dsn
         self.reactor = reactor
         self.pool_size = pool_size
-        self.pool: Any = None
+        self.connections: list[Any] = []
         self._waiting: list[Deferred] | None = None
         self._watchers: list[Callable[[str | None], None]] = []
         self._listener: Any = None
+        self._listen_logged = False
         self._ping: LoopingCall | None = None
+        self._last_error = ""
 
-    def _connection_class(self) -> type:
-        from txpostgres import reconnection, txpostgres
+    def _reactor(self) -> Any:
+        if self.reactor is not None:
+            return self.reactor
+        from twisted.internet import reactor
 
-        store = self
-
-        class Connection(txpostgres.Connection):
-            def __init__(self, reactor: Any = None, cooperator: Any = None):
-                detector = reconnection.DeadConnectionDetector(reactor=reactor)
-                detector.addRecoveryHandler(store._recovered)
-                super().__init__(reactor, cooperator, detector=detector)
-
-        return Connection
+        return reactor
 
     def _start_pool(self) -> None:
-        from txpostgres import txpostgres
-
-        reactor = self.reactor
-        Connection = self._connection_class()
-
-        class Pool(txpostgres.ConnectionPool):
-            connectionFactory = Connection
-
-        if reactor is not None:
-            Pool.reactor = reactor
-        self.pool = Pool(None, self.dsn, min=self.pool_size)
-        self._waiting: list[Deferred] | None = []
+        Connection = _connection_class()
+        self.connections = [Connection(self._reactor(), self) for _ in range(self.pool_size)]
+        self._waiting = []
         attempts = [
-            connection.connect(self.dsn).addErrback(self._connect_failed, connection)
-            for connection in self.pool.connections
+            maybeDeferred(connection.connect, self.dsn).addErrback(self._connect_failed, connection)
+            for connection in self.connections
         ]
         DeferredList(attempts).addCallback(self._first_connect_done)
         if self._watchers:
@@ -92,17 +220,41 @@ class PostgresUserStore(SQLUserStore):
         """Queries asked for before the first connection attempts ended run
         now (and fail as unavailable if the database was not reachable)."""
         waiting, self._waiting = self._waiting, None
+        if self.running:
+            if any(connection.alive for connection in self.connections):
+                self._came_back()
+            else:
+                self._went_away(self._last_error or "not connected")
         for d in waiting or ():
             d.callback(None)
 
     def _connect_failed(self, failure: Failure, connection: Any) -> None:
-        self._log.error(
-            "users: cannot connect to {store}: {error}; retrying", store=self.description, error=failure.getErrorMessage().strip()
-        )
-        connection.detector.checkForDeadConnection(failure)
+        if connection.detector.deathChecker(failure):
+            # Unreachable: reconnect in the background, and report it once.
+            connection.detector.checkForDeadConnection(failure)
+        else:  # a bad DSN, say: retrying would not help
+            self._last_error = error_line(failure)
+            self._log.error("users: cannot connect to {store}: {error}", store=self.description, error=self._last_error)
 
-    def _recovered(self) -> None:
-        self._log.info("users: connected to {store} again", store=self.description)
+    # What the connections report
+
+    def _connection_died(self, connection: Any, error: str) -> None:
+        self._last_error = error
+        if connection is self._listener:
+            self._log.debug("users: the LISTEN connection to {store} is lost: {error}", store=self.description, error=error)
+            return
+        if self._waiting is None and self.running and not any(c.alive for c in self.connections):
+            self._went_away(error)
+
+    def _connection_recovered(self, connection: Any) -> None:
+        if not self.running:
+            return
+        if connection is self._listener:
+            self._listen_again()
+            return
+        self._came_back()
+        for other in self.connections:
+            other.detector.retry_now()
 
     # Change notifications
 
@@ -114,30 +266,36 @@ class PostgresUserStore(SQLUserStore):
             self._start_listening()
 
     def _start_listening(self) -> None:
-        reactor = self.reactor
-        if reactor is None:
-            from twisted.internet import reactor
-        self._listener = self._connection_class()(reactor)
+        reactor = self._reactor()
+        self._listener = _connection_class()(reactor, self)
         self._listener.addNotifyObserver(self._notified)
-        self._listener.detector.addRecoveryHandler(self._listen_again)
-        d = self._listener.connect(self.dsn)
-        d.addCallback(lambda _: self._listen_again())
-        d.addErrback(self._connect_failed, self._listener)
+        d = maybeDeferred(self._listener.connect, self.dsn)
+        d.addCallbacks(lambda _: self._listen_again(), self._connect_failed, errbackArgs=(self._listener,))
         self._ping = LoopingCall(self._ping_listener)
         self._ping.clock = reactor
         self._ping.start(LISTEN_PING_INTERVAL, now=False)
 
-    def _listen_again(self) -> Deferred:
+    def _listen_again(self) -> Deferred | None:
+        if self._listener is None:
+            return None
         d = self._listener.runOperation(f"LISTEN {NOTIFY_CHANNEL}")
 
         def listening(_: Any) -> None:
-            self._log.info("users: {store} tells this server of row changes (LISTEN {channel})", store=self.description, channel=NOTIFY_CHANNEL)
+            # Said once; after a reconnection the outage lines say enough.
+            log = self._log.debug if self._listen_logged else self._log.info
+            self._listen_logged = True
+            log("users: {store} tells this server of row changes (LISTEN {channel})", store=self.description, channel=NOTIFY_CHANNEL)
             self._changed(ALL_USERS)
 
-        return d.addCallbacks(listening, lambda f: None)
+        def failed(failure: Failure) -> None:
+            # The connection's detector, if it died, reconnects and we
+            # come back here.
+            self._log.debug("users: cannot LISTEN on {store}: {error}", store=self.description, error=error_line(failure))
+
+        return d.addCallbacks(listening, failed)
 
     def _ping_listener(self) -> None:
-        if self._listener is not None and not self._listener.detector.connectionIsDead:
+        if self._listener is not None and self._listener.alive:
             self._listener.runOperation("SELECT 1").addErrback(lambda f: None)
 
     def _notified(self, notify: Any) -> None:
@@ -153,27 +311,34 @@ class PostgresUserStore(SQLUserStore):
             self._ping.stop()
         self._ping = None
         listener, self._listener = self._listener, None
-        if self.pool is None:
-            return None
-        pool, self.pool = self.pool, None
-        closing = []
-        for connection in [*pool.connections, *([listener] if listener is not None else [])]:
+        connections, self.connections = self.connections, []
+        for connection in [*connections, *([listener] if listener is not None else [])]:
+            connection.detector.stop()
             try:
-                d = connection.close()
+                connection.close()
             except Exception:
-                continue
-            if isinstance(d, Deferred):
-                closing.append(d)
-        return DeferredList(closing, consumeErrors=True) if closing else None
+                self._log.failure("users: closing a connection to {store}", store=self.description)
+        return None
 
     def _query(self, sql: str, params: tuple = ()) -> Deferred:
         if self._waiting is not None:
             d: Deferred = Deferred()
             self._waiting.append(d)
             return d.addCallback(lambda _: self._query(sql, params))
-        if self.pool is None:
+        if not self.running:
             return fail(StoreUnavailable(f"the user store {self.description} is not running"))
-        return self.pool.runQuery(sql, params or None)
+        live = [connection for connection in self.connections if connection.alive]
+        if not live:
+            return fail(StoreUnavailable(f"{self.description}: {self._last_error or 'not connected'}"))
+        connection = min(live, key=lambda c: c.load)
+        return connection.runQuery(sql, params or None).addErrback(self._dead_while_queued)
+
+    def _dead_while_queued(self, failure: Failure) -> Failure:
+        from txpostgres.reconnection import ConnectionDead
+
+        if failure.check(ConnectionDead):
+            return Failure(StoreUnavailable(f"{self.description}: {self._last_error or 'connection lost'}"))
+        return failure
 
     def _transaction(self, flush: UsageFlush) -> Deferred[bool]:
         # One statement, so one transaction on txpostgres' autocommit

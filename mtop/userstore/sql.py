@@ -1,5 +1,13 @@
 """What the SQL user stores share: which columns to read, row decoding, the
-start-up check and column re-detection.
+start-up check, column re-detection and the outage report.
+
+An outage is logged as one warning when the database stops answering
+(``user store unavailable: STORE: ERROR``) and one line when it answers
+again (``user store reachable again: STORE``), however many queries and
+connections fail in between.  A store learns of it from its queries
+(`_is_outage` picks the failures that mean "cannot reach the database")
+or, when its driver can tell, from its connections (`_went_away`,
+`_came_back`).
 
 A subclass provides `_start_pool`, `_stop_pool`, `_query(sql, params)`
 (a Deferred firing with a list of row tuples) and `_transaction(steps)`
@@ -16,7 +24,7 @@ from typing import Any, Callable, Iterable
 
 from twisted.application.service import Service
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 
@@ -107,6 +115,8 @@ class SQLUserStore(Service):
         self.policy_columns: tuple[str, ...] = ()
         self._columns_known = False
         self._column_check: LoopingCall | None = None
+        #: Whether the database answers: ``None`` until known.
+        self.reachable: bool | None = None
 
     # Subclasses
 
@@ -129,6 +139,44 @@ class SQLUserStore(Service):
         """Whether ``failure`` is the database's (not a bug of ours)."""
         return True
 
+    def _is_outage(self, failure: Failure) -> bool:
+        """Whether a query's ``failure`` means the database cannot be
+        reached (rather than, say, a missing table).  ``False`` for stores
+        whose connections report the outage themselves."""
+        return False
+
+    # Outage report
+
+    def _went_away(self, error: str) -> None:
+        """The database stopped answering: one warning per outage."""
+        if self.reachable is not False:
+            self.reachable = False
+            self._log.warn("users: user store unavailable: {store}: {error}; retrying", store=self.description, error=error)
+
+    def _came_back(self) -> None:
+        """The database answers (again): one line per recovery."""
+        if self.reachable is False:
+            self._log.info("users: user store reachable again: {store}", store=self.description)
+        self.reachable = True
+
+    def _observed(self, d: Deferred) -> Deferred:
+        """``d`` (a query's result), telling the outage report how it
+        went."""
+
+        def answered(result: Any) -> Any:
+            self._came_back()
+            return result
+
+        def failed(failure: Failure) -> Failure:
+            if self._is_outage(failure):
+                self._went_away(error_line(failure))
+            return failure
+
+        return d.addCallbacks(answered, failed)
+
+    def _run_query(self, sql: str, params: tuple = ()) -> Deferred:
+        return self._observed(maybeDeferred(self._query, sql, params))
+
     # Service
 
     def startService(self) -> None:
@@ -148,7 +196,7 @@ class SQLUserStore(Service):
         """Log whether the user table can be read, and which policy columns
         it has (at start-up)."""
         d = self._detect_columns()
-        d.addCallback(lambda _: self._query(self._sql("SELECT COUNT(*) FROM mtop_user")))
+        d.addCallback(lambda _: self._run_query(self._sql("SELECT COUNT(*) FROM mtop_user")))
 
         def ok(rows: list) -> None:
             extra = ", ".join(self.policy_columns) if self.policy_columns else "none (run 'mtopctl db upgrade' for them)"
@@ -160,16 +208,18 @@ class SQLUserStore(Service):
             )
 
         def bad(failure: Failure) -> None:
+            if self.reachable is False:
+                return  # the outage warning said why
             self._log.error(
                 "users: cannot read mtop_user in {store}: {error}; create it with 'mtopctl db init'",
                 store=self.description,
-                error=_first_line(failure),
+                error=error_line(failure),
             )
 
         return d.addCallbacks(ok, bad)
 
     def _detect_columns(self) -> Deferred:
-        d = self._query(COLUMNS_SQL[self.driver])
+        d = self._run_query(COLUMNS_SQL[self.driver])
 
         def found(rows: list) -> None:
             have = {str(row[0]).lower() for row in rows}
@@ -180,7 +230,7 @@ class SQLUserStore(Service):
             self._columns_known = True
 
         def failed(failure: Failure) -> None:
-            self._log.debug("users: cannot list the columns of mtop_user: {error}", error=_first_line(failure))
+            self._log.debug("users: cannot list the columns of mtop_user: {error}", error=error_line(failure))
 
         return d.addCallbacks(found, failed)
 
@@ -213,7 +263,7 @@ class SQLUserStore(Service):
         an earlier attempt (whose answer was lost) had written it."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
-        d = self._transaction(UsageFlush(server_id, seq, usage, self._sql))
+        d = self._observed(maybeDeferred(self._transaction, UsageFlush(server_id, seq, usage, self._sql)))
         return d.addErrback(self._unavailable)
 
     def _select(self, usernames: list[str]) -> Deferred[dict[str, UserRecord]]:
@@ -231,7 +281,7 @@ class SQLUserStore(Service):
         columns = BASE_COLUMNS + self.policy_columns
         marks = ", ".join("?" * len(usernames))
         sql = self._sql(f"SELECT {', '.join(columns)} FROM mtop_user WHERE username IN ({marks})")
-        d = self._query(sql, tuple(usernames))
+        d = self._run_query(sql, tuple(usernames))
 
         def records(rows: list) -> dict[str, UserRecord]:
             found = {}
@@ -259,7 +309,7 @@ class SQLUserStore(Service):
         if self.policy_columns:
             # A column may have been dropped: look again before the next query.
             self._detect_columns()
-        return Failure(StoreUnavailable(f"{self.description}: {_first_line(failure)}"))
+        return Failure(StoreUnavailable(f"{self.description}: {error_line(failure)}"))
 
     def watch(self, on_change: Callable[[str], None]) -> None:
         """Call ``on_change(username)`` when a row changes, if the database
@@ -336,6 +386,12 @@ class AdbapiUserStore(SQLUserStore):
         return self.pool.runInteraction(flush.run_blocking, self.begin)
 
 
-def _first_line(failure: Failure) -> str:
-    text = failure.getErrorMessage().strip()
+def error_line(failure: Failure) -> str:
+    """The first line of ``failure``'s message, for a log line."""
+    args = getattr(failure.value, "args", ())
+    if type(failure.value).__module__.startswith("pymysql") and len(args) == 2 and isinstance(args[1], str):
+        # PyMySQL's (code, message), not its repr
+        text = f"{args[1]} ({args[0]})"
+    else:
+        text = failure.getErrorMessage().strip()
     return text.splitlines()[0] if text else failure.type.__name__
