@@ -71,7 +71,7 @@ def server(tmp_path):
 # Real databases: each test session gets its own throwaway database on the
 # local PostgreSQL and MariaDB servers, dropped at the end.
 
-PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+from helpers import PG_ADMIN_DSN  # noqa: E402
 PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 MYSQL_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=5)
 MYSQL_START = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"

@@ -32,6 +32,11 @@ class EchoAfterEOF(Protocol):
         pass
 
 
+#: The local PostgreSQL's admin database (the test databases are made and
+#: dropped from it).
+PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+
+
 def run_sql(settings, text, params=()):
     """Run one statement on a test database (as any other program would,
     through `mtop.database.connect`); the rows if it returns any."""

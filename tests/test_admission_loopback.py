@@ -231,7 +231,7 @@ def pg_transactions(postgres_dsn):
     admin database, so this connection adds none)."""
     import psycopg2
 
-    from conftest import PG_ADMIN_DSN
+    from helpers import PG_ADMIN_DSN
 
     name = postgres_dsn.rsplit("/", 1)[1].split("?", 1)[0]
     with psycopg2.connect(PG_ADMIN_DSN) as admin, admin.cursor() as cursor:
