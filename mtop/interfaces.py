@@ -1,0 +1,43 @@
+"""The contracts between the pieces, as interfaces a reader can open.
+
+Each is declared by its implementations (``@implementer``) and checked with
+``zope.interface.verify.verifyObject`` in the tests; code asks an object
+what it is through these, never by probing it with ``hasattr``.
+
+`IStreamTransport`
+    What a tunnel end runs on and what `mtop.relay.Relay` splices: a
+    reliable byte stream with flow control, half-close and abort.  TLS over
+    TCP (`mtop.tlstransport.TLSTransport`), a QUIC stream
+    (`mtop.quic.stream.QuicStreamTransport`) and plain TCP
+    (`mtop.streams.TCPStream`, an adapter) provide it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.interfaces import IConsumer, IPushProducer, ITransport
+from zope.interface import Attribute
+
+
+class IStreamTransport(ITransport, IPushProducer, IConsumer):
+    """A connected byte stream a tunnel end runs on.
+
+    Besides `ITransport` (write, loseConnection, getPeer, getHost), it is
+    an `IPushProducer` (pausing it pauses reading) and an `IConsumer` (a
+    producer registered on it is paused while its write buffer is full)."""
+
+    kind = Attribute("What it is: 'tcp', 'tls' (TLS over TCP) or 'quic' (a QUIC stream).")
+
+    tcp = Attribute(
+        "The Twisted TCP connection the stream's bytes travel on, for socket "
+        "options and the relay's direct socket writes: the connection itself for "
+        "plain TCP, the one TLS runs on, None for a QUIC stream."
+    )
+
+    tls = Attribute("The ``OpenSSL.SSL.Connection`` of a TLS stream (ALPN, session), else None.")
+
+    def loseWriteConnection() -> None:
+        """Half-close: no more writes (after what is queued); reading goes
+        on (TCP FIN, TLS ``close_notify``, QUIC FIN)."""
+
+    def abortConnection() -> None:
+        """Close now, dropping what is queued (TCP RST, QUIC reset)."""
