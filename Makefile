@@ -13,7 +13,7 @@ DEMO_WEB ?= 8000
 FUZZ_MINUTES ?= 10
 FUZZ_ATHERIS ?= 0.3
 
-.PHONY: run test fuzz bench venv clean deb deb-test
+.PHONY: run test test-portable fuzz bench venv clean deb deb-test
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,13 @@ venv: $(VENV)/.installed
 test: venv
 	@bash tests/services.sh
 	$(PY) -m pytest -q -ra
+
+# The suite again on the portable data path: public pyOpenSSL and Twisted
+# APIs only, as when the fast path (mtop/fastpath.py, private internals) is
+# switched off or a library upgrade lacks a piece of it.
+test-portable: venv
+	@bash tests/services.sh
+	MTOP_FASTPATH=off $(PY) -m pytest -q -ra
 
 # The long fuzz run of every parser (tests/fuzz/run.py); not part of make test,
 # which runs the same properties with few examples.

@@ -6,7 +6,7 @@ nothing for a port forward), then calls `open_tunnel`; from then on:
 
 * the application is paused while the tunnel opens; bytes it already sent
   are kept and go through once the tunnel is open, and an EOF is passed on;
-* `tunnel_ready` (the subclass answers its client) then `splice` hands both
+* `tunnel_ready` (the subclass answers its client) then `splice_tunnel` hands both
   connections to the shared `mtop.relay.Relay`: flow control, half-close and
   the idle timeout are the server's own code;
 * `tunnel_failed` answers with the subclass's error reply;
@@ -22,19 +22,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from climber.tunnel import Tunnel, TunnelError, TunnelOpener
+from climber.tunnel import ServerTunnel, TunnelError, TunnelOpener
 from mtop import wire
 from mtop.logs import logger
-from mtop.relay import LINGER_SECONDS, Relay, no_delay
-
-#: Bytes kept from an application while its tunnel opens.  It is paused, so
-#: this is what one read can bring; the cap is a safety net.
-MAX_EARLY_DATA = 1 << 20
+from mtop.relay import Relay, no_delay
+from mtop.tunnelend import TunnelEnd
 
 
 @dataclass
@@ -58,82 +53,47 @@ class Climber:
                 connection.transport.abortConnection()
 
 
-@implementer(IHalfCloseableProtocol)
-class LocalConnection(Protocol):
-    """One application connection that becomes (at most) one tunnel."""
+class LocalConnection(TunnelEnd):
+    """One application connection that becomes (at most) one tunnel: the
+    front end's handshake, then the tunnel opening; the rest of its life is
+    `mtop.tunnelend.TunnelEnd`'s."""
 
     _log = logger()
     kind = "local"
     #: Seconds to finish the front end's handshake; None for no deadline.
     needs_handshake = True
+    PENDING_STATES = frozenset({"opening"})
 
     def __init__(self, climber: Climber, timeout: float):
         self.climber = climber
+        self.clock = climber.clock
+        self.idle_timeout = climber.idle_timeout
         self.timeout = timeout
-        self.state = "handshake"
         self.target: str | None = None
         self.server: str | None = None
-        self.relay: Relay | None = None
-        self.outcome: str | None = None
-        self.detail: str | None = None
-        self._early = b""
-        self._client_eof = False
-        self._opening: Any = None
-        self._deadline: Any = None
-        self._logged = False
+        self._tunnel: ServerTunnel | None = None
 
     # IProtocol
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self.climber.connections.add(self)
-        self.started = self.climber.clock.seconds()
+        self.started = self.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())
         if self.needs_handshake:
-            self._deadline = self.climber.clock.callLater(self.climber.handshake_timeout, self._handshake_expired)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.state == "relay":
-            self.relay.client_data(data)
-        elif self.state == "opening":
-            self._keep_early(data)
-        elif self.state == "handshake":
-            self.handshake_data(data)
-
-    def readConnectionLost(self) -> None:
-        if self.state == "relay":
-            self.relay.client_eof()
-        elif self.state == "opening":
-            self._client_eof = True
-        else:
-            self.transport.loseConnection()
-
-    def writeConnectionLost(self) -> None:
-        pass
+            self.start_deadline(self.climber.handshake_timeout, self._handshake_expired)
 
     def connectionLost(self, reason: Failure = None) -> None:
         self.climber.connections.discard(self)
-        self._cancel_deadline()
-        if self.state == "relay":
-            self.relay.client_lost()
-            return
-        if self._opening is not None:
-            opening, self._opening = self._opening, None
-            opening.cancel()
-            self.outcome = self.outcome or "client-closed"
-        self.state = "closed"
-        if self.target is not None:
-            self._log_outcome(0, 0)
+        if self.state == "opening" and self.outcome is None:
+            self.outcome = "client-closed"
+        super().connectionLost(reason)
 
     # For subclasses
 
-    def handshake_data(self, data: bytes) -> None:
-        """Bytes of the front end's own handshake."""
-        raise NotImplementedError
-
-    def tunnel_ready(self, tunnel: Tunnel) -> None:
-        """Answer the application, then call `splice`."""
-        self.splice(tunnel)
+    def tunnel_ready(self, tunnel: ServerTunnel) -> None:
+        """Answer the application, then call `splice_tunnel`."""
+        self.splice_tunnel(tunnel)
 
     def tunnel_failed(self, error: TunnelError) -> None:
         """Answer the application with an error and close."""
@@ -142,57 +102,29 @@ class LocalConnection(Protocol):
     def open_tunnel(self, host: str, port: int, early: bytes = b"") -> None:
         """Pause the application and open a tunnel to ``host:port``;
         ``early`` is what it sent after its request."""
-        self._cancel_deadline()
-        self.state = "opening"
+        self.cancel_deadline()
         self.target = wire.format_hostport(host, port)
-        self.transport.pauseProducing()
-        self._keep_early(early)
-        self._opening = self.climber.opener.open(host, port, self.timeout)
-        self._opening.addCallbacks(self._opened, self._open_failed)
+        opening = self.wait_for("opening", self.climber.opener.open(host, port, self.timeout))
+        self.keep_early(early)
+        opening.addCallbacks(self._opened, self._open_failed)
 
-    def splice(self, tunnel: Tunnel) -> None:
+    def splice_tunnel(self, tunnel: ServerTunnel) -> None:
         """Relay between the application and ``tunnel`` until both end."""
-        self.state = "relay"
-        relay = Relay(self.climber.clock, self.transport, tunnel.transport, self.climber.idle_timeout, self._relay_finished)
-        self.relay = relay
+        self._tunnel = tunnel
+        self.splice(tunnel.transport)
+
+    def relay_created(self, relay: Relay) -> None:
+        tunnel, self._tunnel = self._tunnel, None
         tunnel.attach(relay.target_data, relay.target_eof, relay.target_lost)
-        if self._early:
-            early, self._early = self._early, b""
-            relay.client_data(early)
-        relay.start()
-        if self._client_eof:
-            relay.client_eof()
-        else:
-            self.transport.resumeProducing()
-
-    def close_after(self, data: bytes) -> None:
-        """Send ``data`` (an error reply) and close.
-
-        Closing with unread input makes the kernel send a reset, which can
-        destroy the reply before the application reads it; so our side is
-        shut, what still arrives is read and dropped, and the connection
-        closes on the application's EOF or after `LINGER_SECONDS`."""
-        self.state = "closed"
-        self._cancel_deadline()
-        if data:
-            self.transport.write(data)
-        self.transport.loseWriteConnection()
-        self.transport.resumeProducing()
-        self._deadline = self.climber.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
 
     # Internals
 
-    def _keep_early(self, data: bytes) -> None:
-        if not data:
-            return
-        if len(self._early) + len(data) > MAX_EARLY_DATA:
-            self.outcome, self.detail = "client-error", "too much data before the tunnel opened"
-            self.transport.abortConnection()
-            return
-        self._early += data
+    def early_overflow(self) -> None:
+        self.outcome, self.detail = "client-error", "too much data before the tunnel opened"
+        self.transport.abortConnection()
 
-    def _opened(self, tunnel: Tunnel) -> None:
-        self._opening = None
+    def _opened(self, tunnel: ServerTunnel) -> None:
+        self.pending_done()
         self.server = tunnel.server.name
         if self.state != "opening":
             tunnel.transport.abortConnection()
@@ -200,7 +132,7 @@ class LocalConnection(Protocol):
         self.tunnel_ready(tunnel)
 
     def _open_failed(self, failure: Failure) -> None:
-        self._opening = None
+        self.pending_done()
         if self.state != "opening":
             return
         error = failure.value if failure.check(TunnelError) else TunnelError("unreachable", failure.getErrorMessage())
@@ -208,15 +140,12 @@ class LocalConnection(Protocol):
         self.detail = error.message
         self.tunnel_failed(error)
 
-    def _relay_finished(self, relay: Relay) -> None:
+    def lost_before_relay(self, reason: Failure | None) -> None:
         self.state = "closed"
-        self.outcome = relay.outcome
-        self._log_outcome(relay.bytes_up, relay.bytes_down)
+        if self.target is not None:  # only connections that asked for a tunnel
+            self.finish(0, 0)
 
-    def _log_outcome(self, bytes_up: int, bytes_down: int) -> None:
-        if self._logged:
-            return
-        self._logged = True
+    def report_outcome(self, bytes_up: int, bytes_down: int) -> None:
         climber = self.climber
         climber.outcomes[(self.kind, self.server or "", self.outcome or "closed")] += 1
         if self.server is not None and (bytes_up or bytes_down):
@@ -234,21 +163,15 @@ class LocalConnection(Protocol):
             server=self.server,
             bytes_up=bytes_up,
             bytes_down=bytes_down,
-            duration=self.climber.clock.seconds() - self.started,
+            duration=self.clock.seconds() - self.started,
             detail=self.detail,
             detail_text=f" ({self.detail})" if self.detail else "",
             tunnel_event=True,
         )
 
     def _handshake_expired(self) -> None:
-        self._deadline = None
         if self.state == "handshake":
             self.transport.abortConnection()
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
 
 
 class LocalFactory(Factory):

@@ -28,7 +28,7 @@ from twisted.python.failure import Failure
 
 from climber import http_codec as http
 from climber.frontend import Climber, LocalConnection
-from climber.tunnel import Tunnel, TunnelError
+from climber.tunnel import ServerTunnel, TunnelError
 from mtop.relay import IdleWatch
 
 STATUS_FOR_ERROR = {"timeout": 504}
@@ -56,7 +56,7 @@ class HTTPProxyConnection(LocalConnection):
         self._response_body: Any = None
         self._response_started = False
         self._keep_alive = False
-        self._tunnel: Tunnel | None = None
+        self._tunnel: ServerTunnel | None = None
         self._idle: IdleWatch | None = None
         self._up = 0
         self._down = 0
@@ -130,10 +130,10 @@ class HTTPProxyConnection(LocalConnection):
 
     # Tunnel open
 
-    def tunnel_ready(self, tunnel: Tunnel) -> None:
+    def tunnel_ready(self, tunnel: ServerTunnel) -> None:
         if self._request is None:  # CONNECT
             self.transport.write(CONNECT_ESTABLISHED)
-            self.splice(tunnel)
+            self.splice_tunnel(tunnel)
             return
         self.state = "forwarding"
         self._tunnel = tunnel
@@ -204,7 +204,7 @@ class HTTPProxyConnection(LocalConnection):
             self.outcome = self.outcome or "client-closed"
             self._close_tunnel(abort=True)
             self.state = "closed"
-            self._log_outcome(self._up, self._down)
+            self.finish(self._up, self._down)
         super().connectionLost(reason)
 
     # Response, origin to client
@@ -286,7 +286,7 @@ class HTTPProxyConnection(LocalConnection):
         """The response is complete: next request, or close."""
         self._close_tunnel(abort=False)
         self.outcome = "done"
-        self._log_outcome(self._up, self._down)
+        self.finish(self._up, self._down)
         uploading = not self._request_body.done
         keep = self._keep_alive and not uploading and not self._client_eof
         self._request = None
@@ -298,9 +298,9 @@ class HTTPProxyConnection(LocalConnection):
         # Ready for the next request on this connection.
         self.state = "handshake"
         self.target = self.server = self.outcome = self.detail = None
-        self._logged = False
+        self._reported = False
         self.started = self.climber.clock.seconds()
-        self._deadline = self.climber.clock.callLater(self.climber.handshake_timeout, self._handshake_expired)
+        self.start_deadline(self.climber.handshake_timeout, self._handshake_expired)
         self.transport.resumeProducing()
         if self._buffer:
             pending, self._buffer = self._buffer, b""
@@ -318,7 +318,7 @@ class HTTPProxyConnection(LocalConnection):
             return
         self.outcome, self.detail = outcome, detail
         self._close_tunnel(abort=True)
-        self._log_outcome(self._up, self._down)
+        self.finish(self._up, self._down)
         if self._response_started:
             self._close(self._request_body is not None and not self._request_body.done)
         else:

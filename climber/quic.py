@@ -2,7 +2,7 @@
 
 `QuicConnector` gives `climber.tunnel.TunnelOpener` what `ServerConnector`
 gives it for TLS: ``connect(reactor, protocol, timeout)`` connects a
-`climber.tunnel.Tunnel` to the server, here over a new stream of a pooled
+`climber.tunnel.ServerTunnel` to the server, here over a new stream of a pooled
 QUIC connection (see `mtop.quic.client`).
 """
 

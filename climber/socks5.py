@@ -25,7 +25,7 @@ import hmac
 
 from climber import socks5_codec as codec
 from climber.frontend import Climber, LocalConnection
-from climber.tunnel import Tunnel, TunnelError
+from climber.tunnel import ServerTunnel, TunnelError
 
 REPLY_FOR_ERROR = {
     "auth": codec.REP_NOT_ALLOWED,
@@ -98,9 +98,9 @@ class Socks5Connection(LocalConnection):
         self.open_tunnel(request.host, request.port, early)
         return False
 
-    def tunnel_ready(self, tunnel: Tunnel) -> None:
+    def tunnel_ready(self, tunnel: ServerTunnel) -> None:
         self.transport.write(codec.encode_reply(codec.REP_SUCCEEDED))
-        self.splice(tunnel)
+        self.splice_tunnel(tunnel)
 
     def tunnel_failed(self, error: TunnelError) -> None:
         self.close_after(codec.encode_reply(REPLY_FOR_ERROR.get(error.kind, codec.REP_GENERAL_FAILURE)))

@@ -1,4 +1,8 @@
-"""``twistd climber``: command-line options and the service tree."""
+"""``twistd climber``: command-line options and the service tree.
+
+The root is a `mtop.startup.TapService`: a proxy, forward or metrics
+listener that cannot listen ends the process with exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -141,8 +145,11 @@ class _Lifecycle(Service):
         self.climber.opener.close()
 
 
-def makeService(options: Options) -> MultiService:
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """climber's service tree for ``options`` (on ``reactor``, the
+    installed one by default)."""
+    if reactor is None:
+        from twisted.internet import reactor
 
     from climber.forward import ForwardConnection
     from climber.frontend import Climber, LocalFactory
@@ -150,16 +157,18 @@ def makeService(options: Options) -> MultiService:
     from climber.pool import ServerPool
     from climber.socks5 import Socks5Connection
     from climber.tunnel import TunnelOpener
-    from mtop.listen import ListenerService, server_endpoint
+    from mtop import fastpath
+    from mtop.listening import ListeningService, listening_endpoint
     from mtop.logs import set_level
     from mtop.memory import MemoryTrimmer
-    from mtop.tap import _StartupNotes
+    from mtop.startup import StartupNotes, TapService, daemonizing
     from mtop.wire import format_hostport
 
     config = options.config_data
     set_level(config.log.level)
-    root = MultiService()
-    _StartupNotes(config).setServiceParent(root)
+    root = TapService(daemon=daemonizing(options))
+    StartupNotes(config).setServiceParent(root)
+    fastpath.log_data_path_at_start(root)
 
     pool = ServerPool(config.usable_servers, config.strategy, reactor)
     climber = Climber(TunnelOpener(reactor, pool, config.idle_timeout), reactor, config.idle_timeout, config.handshake_timeout)
@@ -175,11 +184,11 @@ def makeService(options: Options) -> MultiService:
         factory = LocalFactory(
             protocol, climber, timeout=listener.timeout, username=listener.username, password=listener.password
         )
-        ListenerService(server_endpoint(reactor, listener.listen), factory, label).setServiceParent(root)
+        ListeningService(listening_endpoint(reactor, listener.listen), factory, label, listener.listen).setServiceParent(root)
     for forward in config.forwards:
         factory = LocalFactory(ForwardConnection, climber, timeout=forward.timeout, host=forward.host, port=forward.port)
         label = f"forward to {format_hostport(forward.host, forward.port)}"
-        ListenerService(server_endpoint(reactor, forward.listen), factory, label).setServiceParent(root)
+        ListeningService(listening_endpoint(reactor, forward.listen), factory, label, forward.listen).setServiceParent(root)
     if config.metrics.listen is not None:
         from climber.metrics import climber_registry
         from mtop.metrics import metrics_service

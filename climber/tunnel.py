@@ -1,12 +1,19 @@
 """Opening MTop tunnels: TLS to a server, the auth message, the reply.
 
 `TunnelOpener.open` tries the pool's candidates in order until one server
-answers ``01 00``; what the caller gets is a `Tunnel`, an open byte stream
-to the target.  A server that cannot be reached or fails the TLS handshake
-is reported to the pool (marked down) and the next one is tried; one that
-closes after the handshake without a reply (the original server's answer to
-a wrong login or an unreachable target) is tried on the next server too; an
-explicit refusal (``01 02``, ``01 03``) is final.
+answers ``01 00``; what the caller gets is a `ServerTunnel`, an open byte
+stream to the target.  A server that cannot be reached, fails the TLS
+handshake or does not answer within the timeout is reported to the pool
+(marked down) and the next one is tried; one that closes after the
+handshake without a reply (the original server's answer to a wrong login or
+an unreachable target) is tried on the next server too; an explicit refusal
+(``01 02``, ``01 03``) is final.
+
+The opener is a coroutine (`TunnelOpener._open`, one `_attempt` per server)
+run by `Deferred.fromCoroutine`; each attempt's timeout is
+`Deferred.addTimeout`.  Cancelling what `open` returned cancels the wait
+under way (the TCP connect, the QUIC stream's connection, or the reply, whose
+connection is aborted) and reports nothing about the server.
 
 Unless a server entry sets ``pipelining``, nothing but the auth message is
 sent before the reply: the original server rejects clients that send early.
@@ -23,13 +30,14 @@ import time
 from typing import Any, Callable
 
 from OpenSSL import SSL
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import CancelledError, Deferred, fail
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import DNSLookupError
+from twisted.internet.error import ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
+from twisted.python.reflect import safe_str
 from zope.interface import implementer
 
 from climber.config import ServerEntry
@@ -68,12 +76,17 @@ _FINAL_KINDS = ("auth", "target", "protocol")
 
 
 @implementer(IHalfCloseableProtocol, IHandshakeListener)
-class Tunnel(Protocol):
-    """One MTop connection, from the auth message on.
+class ServerTunnel(Protocol):
+    """climber's end of one tunnel through an MTop server: the protocol of
+    one TLS connection or QUIC stream to the server, from the auth message
+    on (`IHalfCloseableProtocol`, `IHandshakeListener`).
 
-    Once open, the owner calls `attach` with callbacks for data, end of input
-    and loss; ``transport`` is the TLS transport to write to (it is also a
-    push producer and a consumer, for flow control).
+    ``opened`` fires with it once the server has answered ``01 00`` (with
+    ``pipelining``, once the TLS handshake is done), or fails with
+    `TunnelError`; cancelling it aborts the connection.  Once open, the
+    owner calls `attach` with callbacks for data, end of input and loss;
+    ``transport`` is the transport to write to (it is also a push producer
+    and a consumer, for flow control).
     """
 
     _log = logger()
@@ -84,7 +97,7 @@ class Tunnel(Protocol):
         self._pipelining = pipelining
         self._started = started
         self._save_session = save_session
-        self.opened: Deferred[Tunnel] = Deferred()
+        self.opened: Deferred[ServerTunnel] = Deferred(self._abandon)
         self.handshake_time: float | None = None
         self._buffer = b""
         self._replied = False
@@ -118,7 +131,7 @@ class Tunnel(Protocol):
 
     def handshakeCompleted(self) -> None:
         self.handshake_time = time.monotonic() - self._started
-        self.resumed = session_reused(getattr(self.transport, "getHandle", lambda: None)())
+        self.resumed = session_reused(self.transport.tls)
         if self._pipelining:
             self._fire()
 
@@ -149,7 +162,7 @@ class Tunnel(Protocol):
         self._replied = True
         self._buffer = self._buffer[wire.REPLY_LENGTH :]
         try:
-            self._save_session(self.transport.getHandle().get_session())
+            self._save_session(self.transport.tls.get_session())
         except Exception:  # no session to keep; resumption is an optimisation
             pass
         if not self._pipelining:
@@ -195,6 +208,16 @@ class Tunnel(Protocol):
     def _fire(self) -> None:
         if not self.opened.called:
             self.opened.callback(self)
+
+    def _abandon(self, opened: Deferred) -> None:
+        """Canceller of ``opened``: the opener gave up (its timeout, or its
+        caller left)."""
+        # Fail it before aborting: a transport that loses the connection at
+        # once would otherwise fail it with "refused" (in connectionLost),
+        # and the opener would move on to the next server.
+        opened.errback(CancelledError())
+        if self.transport is not None:
+            self.transport.abortConnection()
 
 
 def _ssl_reason(error: Exception) -> str:
@@ -285,7 +308,13 @@ def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:
 
 
 class TunnelOpener:
-    """Opens tunnels through the pool's servers, retrying on the next."""
+    """Opens tunnels through the pool's servers, one server after another.
+
+    `open` tries the pool's candidates in order (`_open`); each try is an
+    `_attempt`: connect (TLS, or a stream of a QUIC connection), send the
+    auth message and wait for the reply, all within the timeout, then tell
+    the pool how the server did.
+    """
 
     _log = logger()
 
@@ -299,130 +328,91 @@ class TunnelOpener:
         for connector in self.connectors.values():
             connector.close()
 
-    def open(self, host: str, port: int, timeout: float) -> Deferred:
-        """A Deferred firing with an open `Tunnel` to ``host:port``, or
-        failing with `TunnelError`.  Cancelling it abandons the attempt."""
+    def open(self, host: str, port: int, timeout: float) -> Deferred[ServerTunnel]:
+        """A Deferred firing with an open `ServerTunnel` to ``host:port``, or
+        failing with `TunnelError`.  ``timeout`` bounds each server's try.
+
+        Cancelling it cancels the try under way (the TCP connect, the wait
+        for a QUIC stream, or the wait for the reply, whose connection is
+        aborted), tries no other server and reports nothing to the pool."""
         request = wire.AuthRequest("-", "", host, port, wire.address_type_for(host))
         try:
             wire.encode_auth(request)  # a name over 255 bytes cannot be carried
         except ValueError as e:
             return fail(TunnelError("target", f"{wire.format_hostport(host, port)} cannot be sent: {e}"))
-        candidates = self.pool.candidates()
-        current: list[Deferred | None] = [None]
+        # The coroutine runs up to its first wait now: the pool chooses (and
+        # a round-robin turn is taken) before `open` returns.
+        return Deferred.fromCoroutine(self._open(request, timeout))
+
+    async def _open(self, request: wire.AuthRequest, timeout: float) -> ServerTunnel:
+        """The tunnel through the first candidate that opens one; otherwise
+        the first final `TunnelError`, or one that sums up every try."""
         errors: list[TunnelError] = []
-        cancelled = False
-
-        def cancel(d: Deferred) -> None:
-            nonlocal cancelled
-            cancelled = True
-            attempt = current[0]
-            if attempt is not None:
-                attempt.cancel()
-
-        result: Deferred = Deferred(cancel)
-
-        def next_server() -> None:
-            if result.called:
-                return
-            if not candidates:
-                result.errback(Failure(_summarise(errors, host, port)))
-                return
-            server = candidates.pop(0)
-            attempt = self._attempt(server, request, timeout)
-            current[0] = attempt
-            attempt.addCallbacks(opened, failed, errbackArgs=(server,))
-
-        def opened(tunnel: Tunnel) -> None:
-            current[0] = None
-            if cancelled or result.called:
-                tunnel.transport.abortConnection()
-                return
-            result.callback(tunnel)
-
-        def failed(failure: Failure, server: ServerState) -> None:
-            current[0] = None
-            if cancelled or result.called:
-                return
-            error = failure.value if failure.check(TunnelError) else TunnelError("unreachable", failure.getErrorMessage(), server.name)
-            errors.append(error)
-            self._log.debug("tunnel to {target} via {server} failed: {error}", target=wire.format_hostport(host, port), server=server.name, error=error.message)
-            if error.kind in _FINAL_KINDS:
-                result.errback(Failure(error))
-                return
-            if candidates:
+        for tried, server in enumerate(self.pool.candidates()):
+            if tried:
                 self.pool.failovers += 1
-            next_server()
+            try:
+                return await self._attempt(server, request, timeout)
+            except TunnelError as error:
+                errors.append(error)
+                self._log.debug(
+                    "tunnel to {target} via {server} failed: {error}",
+                    target=wire.format_hostport(request.host, request.port),
+                    server=server.name,
+                    error=error.message,
+                )
+                if error.kind in _FINAL_KINDS:
+                    raise
+        raise _summarise(errors, request.host, request.port)
 
-        next_server()
-        return result
-
-    def _attempt(self, server: ServerState, request: wire.AuthRequest, timeout: float) -> Deferred:
-        """One try through ``server``: fires with the `Tunnel` once it is
-        open, or fails with `TunnelError`; reports health to the pool."""
+    async def _attempt(self, server: ServerState, request: wire.AuthRequest, timeout: float) -> ServerTunnel:
+        """One try through ``server``: the open `ServerTunnel`, or
+        `TunnelError`; reports the server's health to the pool either way
+        (but not when cancelled)."""
         entry = server.entry
         connector = self.connectors[id(server)]
         auth = wire.encode_auth(
             wire.AuthRequest(entry.username, entry.password, request.host, request.port, request.address_type)
         )
-        tunnel = Tunnel(server, auth, entry.pipelining, time.monotonic(), connector.save_session)
-        connecting = connector.connect(self.reactor, tunnel, timeout)
-        timed_out = False
+        tunnel = ServerTunnel(server, auth, entry.pipelining, time.monotonic(), connector.save_session)
 
-        def stop() -> None:
-            if not connecting.called:
-                connecting.cancel()
-            elif tunnel.transport is not None:
-                tunnel.transport.abortConnection()
+        def too_late(result: Any, seconds: float) -> Failure:
+            # However the cancelled wait ended, the server did not answer.
+            return Failure(TunnelError("timeout", f"no answer within {seconds:g}s", server.name))
 
-        def cancel(d: Deferred) -> None:
-            if timer.active():
-                timer.cancel()
-            stop()
-
-        def expire() -> None:
-            nonlocal timed_out
-            timed_out = True
-            stop()
-
-        attempt: Deferred = Deferred(cancel)
-        timer = self.reactor.callLater(timeout, expire)
-
-        def finish(error: TunnelError | None) -> None:
-            if timer.active():
-                timer.cancel()
-            if attempt.called:
-                return
-            if error is None:
-                self.pool.report_success(server, tunnel.handshake_time)
-                server.opened += 1
-                attempt.callback(tunnel)
-                return
-            if timed_out:
-                error = TunnelError("timeout", f"no answer within {timeout:g}s", server.name)
+        answered = Deferred.fromCoroutine(self._reach(connector, tunnel, timeout))
+        answered.addTimeout(timeout, self.reactor, onTimeoutCancel=too_late)
+        try:
+            await answered
+        except TunnelError as error:
             if error.kind in ("unreachable", "timeout"):
                 self.pool.report_failure(server, error.reason)
             elif tunnel.handshake_time is not None:
+                # It closed or refused after a handshake: it is up.
                 self.pool.report_success(server, tunnel.handshake_time)
-            attempt.errback(Failure(error))
+            raise
+        self.pool.report_success(server, tunnel.handshake_time)
+        server.opened += 1
+        return tunnel
 
-        def connect_failed(failure: Failure) -> None:
-            if failure.check(DNSLookupError):
-                reason = f"cannot resolve {entry.host}"
-            else:
-                reason = failure.getErrorMessage()
-            finish(TunnelError("unreachable", reason, server.name))
+    async def _reach(self, connector: Any, tunnel: ServerTunnel, timeout: float) -> ServerTunnel:
+        """Connect ``tunnel`` to its server and wait until it is open.
 
-        def tunnel_done(result: Any) -> None:
-            if isinstance(result, Failure):
-                finish(result.value if result.check(TunnelError) else TunnelError("unreachable", result.getErrorMessage(), server.name))
-            elif attempt.called:  # cancelled or timed out just now
-                result.transport.abortConnection()
-            else:
-                finish(None)
-
-        connecting.addErrback(connect_failed)
-        tunnel.opened.addBoth(tunnel_done)
-        return attempt
+        Fails with `TunnelError`, or with `CancelledError` when cancelled
+        (whichever connector is under way), so that a cancelled try is
+        never taken for an unreachable server."""
+        server = tunnel.server
+        try:
+            await connector.connect(self.reactor, tunnel, timeout)
+        except CancelledError:
+            raise
+        except ConnectingCancelledError:  # an endpoint's word for it
+            raise CancelledError() from None
+        except DNSLookupError:
+            raise TunnelError("unreachable", f"cannot resolve {server.entry.host}", server.name) from None
+        except Exception as e:
+            raise TunnelError("unreachable", safe_str(e), server.name) from None
+        return await tunnel.opened
 
 
 def _summarise(errors: list[TunnelError], host: str, port: int) -> TunnelError:

@@ -1,6 +1,7 @@
 """Authentication: one interface over pluggable user stores.
 
-`Authenticator.login(username, password)` fires with the user's
+`Authenticator.login(username, password)` reads the user's row through the
+store's `mtop.userstore.IUserStore` (``lookup``) and fires with the user's
 `UserRecord` (its policy: limits, quota, counters; the password hash
 blanked) or ``None``; `Authenticator.authenticate` fires ``True`` or
 ``False``.  It
@@ -40,10 +41,12 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mtop import passwords
+from mtop.interfaces import ISettingsConsumer
 from mtop.logs import logger
-from mtop.userstore import StoreUnavailable, UserRecord, UserStore
+from mtop.userstore import IUserStore, StoreUnavailable, UserRecord
 
 MAX_CACHE_ENTRIES = 100_000
 
@@ -77,12 +80,13 @@ class _Verified:
     stored: bytes = b""
 
 
+@implementer(ISettingsConsumer)
 class Authenticator:
     _log = logger()
 
     def __init__(
         self,
-        store: UserStore,
+        store: IUserStore,
         clock: IReactorTime,
         run_in_thread: Callable[..., Deferred],
         cache_ttl: float = 5.0,
@@ -112,6 +116,15 @@ class Authenticator:
     def _stored_token(self, record: UserRecord) -> bytes:
         message = record.salt.encode("utf-8") + b"\0" + record.password.encode("utf-8")
         return hmac.new(self._key, message, hashlib.sha256).digest()
+
+    def apply_settings(self, settings: Any) -> None:
+        """`ISettingsConsumer`: the cache, timeout and outage grace of
+        ``settings.auth`` from now on; what was verified under the old
+        settings is forgotten."""
+        self.cache_ttl = settings.auth.cache_ttl
+        self.query_timeout = settings.auth.query_timeout
+        self.outage_grace = settings.auth.outage_grace
+        self.forget()
 
     def forget(self, username: str | None = None) -> None:
         """Drop cached verifications (of one user, or all)."""

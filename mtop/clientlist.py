@@ -37,7 +37,9 @@ from typing import Any, Callable, Iterable
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
+from zope.interface import implementer
 
+from mtop.interfaces import ISettingsConsumer
 from mtop.logs import logger
 from mtop.redact import shown
 
@@ -365,6 +367,7 @@ class ClientLists:
         return f"<ClientLists allow={self.allow_count} deny={self.deny_count} files={len(self.files)}>"
 
 
+@implementer(ISettingsConsumer)
 class ClientListWatcher(Service):
     """Reloads the client lists when a list file changes.
 
@@ -400,6 +403,10 @@ class ClientListWatcher(Service):
         self.lists = lists
         self.paths = list_files(tuple(clients.allow) + tuple(clients.deny))
         self._seen: dict[str, Signature | None] = dict(lists.files)
+
+    def apply_settings(self, settings: Any) -> None:
+        """`ISettingsConsumer`: watch the entries of a (reloaded) config."""
+        self.use(settings.clients, settings.client_lists)
 
     def startService(self) -> None:
         super().startService()

@@ -56,6 +56,9 @@ DEFAULT_QUIC_PACKET_SIZE = 1350
 
 @dataclass(frozen=True)
 class ServerConfig:
+    """The ``server:`` section as loaded (what the tunnels take from it at
+    run time is `mtop.server.TunnelSettings`)."""
+
     type: str = "tls"
     listen: ListenAddress = ListenAddress(None, 443)
     crt: str = ""

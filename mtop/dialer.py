@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtop.acl import DestinationACL, parse_address
+from mtop.interfaces import ISettingsConsumer
 
 
 class DestinationRefused(Exception):
@@ -87,14 +88,21 @@ class _ReactorWithResolver:
         return getattr(self._reactor, name)
 
 
+@implementer(ISettingsConsumer)
 class Dialer:
     """Connects tunnels to their targets.  ``acl`` defaults to the built-in
-    one (no loopback, private, link-local... targets)."""
+    one (no loopback, private, link-local... targets); the configuration's
+    replaces it (`ISettingsConsumer`)."""
 
     def __init__(self, reactor: Any, connect_timeout: float = 10.0, acl: DestinationACL | None = None):
         self.reactor = reactor
         self.connect_timeout = connect_timeout
         self.acl = acl if acl is not None else DestinationACL()
+
+    def apply_settings(self, settings: Any) -> None:
+        """`ISettingsConsumer`: the ACL and connect timeout of new tunnels."""
+        self.acl = settings.acl
+        self.connect_timeout = settings.connect_timeout
 
     def connect(self, host: str, port: int, factory: Any) -> Deferred:
         why = self.acl.refusal(host, port)

@@ -22,8 +22,10 @@ class IStreamTransport(ITransport, IPushProducer, IConsumer):
     """A connected byte stream a tunnel end runs on.
 
     Besides `ITransport` (write, loseConnection, getPeer, getHost), it is
-    an `IPushProducer` (pausing it pauses reading) and an `IConsumer` (a
-    producer registered on it is paused while its write buffer is full)."""
+    an `IPushProducer` (pausing it pauses reading; pausing or resuming after
+    it closed does nothing) and an `IConsumer` (a producer registered on it
+    is paused while its write buffer is full; ``unregisterProducer`` with
+    none registered does nothing, as Twisted's TCP transports allow)."""
 
     kind = Attribute("What it is: 'tcp', 'tls' (TLS over TCP) or 'quic' (a QUIC stream).")
 
@@ -41,3 +43,22 @@ class IStreamTransport(ITransport, IPushProducer, IConsumer):
 
     def abortConnection() -> None:
         """Close now, dropping what is queued (TCP RST, QUIC reset)."""
+
+
+from zope.interface import Interface  # noqa: E402  (appended with the interface below)
+
+
+class ISettingsConsumer(Interface):
+    """A long-lived object that takes its settings from the configuration.
+
+    `mtop.settings.runtime_settings` builds one `mtop.settings.RuntimeSettings`
+    per configuration; ``makeService`` hands it to every consumer once, and
+    `mtop.reload.ConfigReloader` hands each reloaded one to the same
+    consumers.  The tunnel factory (its limits, throttle and login gate
+    included), the dialer, the authenticator, the client list watcher, the
+    server's listeners (their certificates) and the log level are consumers.
+    What a running process cannot take on is `mtop.settings.NEEDS_RESTART`."""
+
+    def apply_settings(settings: "mtop.settings.RuntimeSettings") -> None:  # noqa: F821
+        """Use ``settings`` from now on: for new connections and logins
+        (what is open goes on as it is).  Takes the part it needs."""

@@ -1,20 +1,49 @@
 """The server's listeners, from ``listeners:`` (or the ``server:`` block):
 TLS on TCP and QUIC on UDP, possibly both on the same port number.
 
-`prepare_listeners` runs in ``postOptions`` (it loads certificates and
-checks the reactor, so problems are usage errors before anything starts);
-`listener_services` builds the services in ``makeService``.
+`prepare_listeners` loads what each listener needs from the config (its
+certificate, as a TLS context or a QUIC configuration) and checks the
+reactor; it runs for every config read (`mtop.settings.runtime_settings`:
+at start, in ``postOptions``, so problems are usage errors before anything
+starts, and on each reload).  `listener_services` builds the services in
+``makeService``: `TLSListener` here and `mtop.quic.server.QuicListenerService`
+(with aioquic, which only QUIC needs), each a settings consumer
+(`mtop.interfaces.ISettingsConsumer`) that takes its renewed certificate
+from each reloaded config.
+
+QUIC has an idle timeout of its own (a connection without packets is
+closed), derived from the tunnels' one: `quic_idle_timeout`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
-from mtop.config import Config, ConfigError, ListenerConfig
+from zope.interface import implementer
+
+from mtop.config import Config, ConfigError, ListenAddress, ListenerConfig, ServerConfig
+from mtop.interfaces import ISettingsConsumer
+from mtop.listening import ListeningService, listening_endpoint
+
+if TYPE_CHECKING:
+    from mtop.settings import RuntimeSettings
 
 #: What to run when QUIC is configured but the reactor cannot host it.
 QUIC_COMMAND = "twistd -r asyncio mtop --config FILE"
+
+#: The QUIC idle timeout when tunnels never idle out (``idle_timeout: 0``):
+#: a connection (not a tunnel) with no packets for this long is closed.
+QUIC_LONGEST_IDLE = 3600.0
+
+
+def quic_idle_timeout(server: ServerConfig) -> float:
+    """Seconds a QUIC connection may go without packets before it is closed
+    (QUIC's ``max_idle_timeout``): the tunnels' ``server.idle_timeout``, or
+    `QUIC_LONGEST_IDLE` when tunnels never idle out (0)."""
+    return server.idle_timeout if server.idle_timeout > 0 else QUIC_LONGEST_IDLE
 
 
 @dataclass(frozen=True)
@@ -47,7 +76,7 @@ def prepare_listeners(config: Config, reactor: Any = None) -> list[PreparedListe
 
             try:
                 security = server_configuration(
-                    listener.crt, listener.key, listener.proto, server.idle_timeout, server.quic_packet_size
+                    listener.crt, listener.key, listener.proto, quic_idle_timeout(server), server.quic_packet_size
                 )
             except QuicConfigError as e:
                 raise ConfigError(str(e)) from None
@@ -66,21 +95,17 @@ def _name(config: Config, listener: ListenerConfig) -> str:
 
 
 def listener_services(
-    prepared: list[PreparedListener],
+    prepared: tuple[PreparedListener, ...] | list[PreparedListener],
     factory: Any,
     reactor: Any,
     handshake_timeout: float,
     worker_ports: dict[int, int] | None = None,
 ) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
-    tunnel protocols.  Each has ``listener`` (its `ListenerConfig`) and
-    ``use_security(security)``, which makes new connections use a reloaded
-    certificate (open ones keep theirs).  In a worker (``worker_ports``:
+    tunnel protocols; each has ``listener`` (its `ListenerConfig`) and
+    ``index`` (its place in the config).  In a worker (``worker_ports``:
     listener index -> port), listeners bind with ``SO_REUSEPORT``."""
-    from mtop.listen import ListenerService, server_endpoint
-    from mtop.tlstransport import server_tls_factory
-
-    services = []
+    services: list[Any] = []
     for index, item in enumerate(prepared):
         listener = item.config
         port = listener.listen.port if worker_ports is None else worker_ports.get(index, listener.listen.port)
@@ -88,38 +113,66 @@ def listener_services(
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
             protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout)
-            service = QuicListenerService(reactor, protocol, listener.listen.host, port, reuse_port=worker_ports is not None)
-            service.use_security = lambda security, protocol=protocol: setattr(protocol, "configuration", security)
+            services.append(QuicListenerService(reactor, protocol, listener, index, port, reuse_port=worker_ports is not None))
+            continue
+        if worker_ports is None:
+            endpoint = listening_endpoint(reactor, listener.listen)
         else:
-            holder = _Security(item.security)
-            tls_factory = server_tls_factory(factory, holder.get, reactor)
-            note = ""
-            if listener.proxy_protocol:
-                from mtop.proxyproto import ProxyHeaderFactory
+            from mtop.workers import ReusePortEndpoint
 
-                tls_factory = ProxyHeaderFactory(tls_factory, reactor, handshake_timeout, factory.counters)
-                note = " (PROXY protocol header required)"
-            if worker_ports is None:
-                endpoint = server_endpoint(reactor, listener.listen)
-            else:
-                from mtop.workers import ReusePortEndpoint
-
-                endpoint = ReusePortEndpoint(reactor, listener.listen, port)
-            service = ListenerService(endpoint, tls_factory, "MTop TLS", note)
-            service.use_security = holder.set
-        service.listener = listener
-        services.append(service)
+            endpoint = ReusePortEndpoint(reactor, listener.listen, port)
+        address = ListenAddress(listener.listen.host, port)
+        serving = partial(_tls_serving, factory, reactor, handshake_timeout, listener.proxy_protocol)
+        services.append(TLSListener(listener, index, endpoint, address, item.security, serving))
     return services
 
 
-class _Security:
-    """The TLS context new connections of a listener get."""
+def _tls_serving(factory: Any, reactor: Any, handshake_timeout: float, proxy_protocol: bool, current: Callable[[], Any]) -> Any:
+    """The protocol factory of a TLS listener: ``factory``'s tunnels over
+    TLS with the context ``current()`` returns, behind a PROXY protocol
+    header if the listener wants one."""
+    from mtop.tlstransport import server_tls_factory
 
-    def __init__(self, security: Any):
+    serving = server_tls_factory(factory, current, reactor)
+    if proxy_protocol:
+        from mtop.proxyproto import ProxyHeaderFactory
+
+        serving = ProxyHeaderFactory(serving, reactor, handshake_timeout, factory.counters)
+    return serving
+
+
+@implementer(ISettingsConsumer)
+class TLSListener(ListeningService):
+    """A TLS listener of the config (an `IService`): serves the tunnel
+    factory over TLS (behind a PROXY protocol header if configured) on
+    its address.  New connections get the TLS context of the latest
+    settings (`apply_settings`); open ones keep theirs."""
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        index: int,
+        endpoint: Any,
+        address: ListenAddress,
+        security: Any,
+        serving: Callable[[Callable[[], Any]], Any],
+    ):
+        """``listener``: its config (number ``index`` in the config);
+        ``address``: what ``endpoint`` listens on (a worker's port may
+        differ from the config's); ``serving(current)``: the protocol
+        factory serving connections with the TLS context ``current()``
+        returns."""
+        self.listener = listener
+        self.index = index
         self.security = security
+        note = " (PROXY protocol header required)" if listener.proxy_protocol else ""
+        super().__init__(endpoint, serving(self.current_security), "MTop TLS", address, note)
 
-    def get(self) -> Any:
+    def current_security(self) -> Any:
+        """The TLS context a new connection gets."""
         return self.security
 
-    def set(self, security: Any) -> None:
-        self.security = security
+    def apply_settings(self, settings: RuntimeSettings) -> None:
+        security = settings.listener_security(self.listener, self.index)
+        if security is not None:
+            self.security = security

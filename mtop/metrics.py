@@ -186,16 +186,18 @@ def server_registry(factory: Any, quic_protocols: list[Any] = (), per_user: bool
 
 
 def metrics_service(reactor: Any, listen: ListenAddress, registry: CollectorRegistry) -> Service:
-    """A listening service serving ``registry`` at ``http://LISTEN/metrics``."""
+    """A listening service serving ``registry`` at ``http://LISTEN/metrics``
+    (a `mtop.listening.ListeningService`: if it cannot listen, it says so
+    and raises `mtop.listening.ListenFailed` from its start)."""
     from prometheus_client.twisted import MetricsResource
     from twisted.web.resource import Resource
     from twisted.web.server import Site
 
-    from mtop.listen import ListenerService, server_endpoint
+    from mtop.listening import ListeningService, listening_endpoint
 
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # scrapes are not worth a log line each
-    return ListenerService(server_endpoint(reactor, listen), site, "Prometheus metrics", " (path /metrics)")
+    return ListeningService(listening_endpoint(reactor, listen), site, "Prometheus metrics", listen, " (path /metrics)")

@@ -34,9 +34,11 @@ from __future__ import annotations
 
 from typing import Any, Callable, Protocol
 
-from twisted.internet import tcp as tcp_module
-from twisted.internet.abstract import FileDescriptor
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime, ITCPTransport
+from zope.interface import implementer
+
+from mtop import fastpath
+from mtop.interfaces import IStreamTransport
 
 #: What a tunnel's TCP connections read at once, and how much each may hold
 #: for writing before it pauses its producer.  Twisted's 64 KiB default
@@ -52,85 +54,65 @@ TUNNEL_BUFFER_SIZE = 1 << 18
 LINGER_SECONDS = 2.0
 
 
-def large_buffers(transport: Any, size: int = TUNNEL_BUFFER_SIZE) -> None:
-    """Give the TCP connection under ``transport`` (itself, or the one a
-    `mtop.tlstransport.TLSTransport` runs on) ``size`` byte reads, write
-    buffer and sends.  Other transports (QUIC streams) are left alone."""
-    tcp = getattr(transport, "tcp_transport", transport)
-    if isinstance(tcp, FileDescriptor):
-        tcp.bufferSize = size
-        tcp.SEND_LIMIT = size
+def _tcp_under(transport: Any) -> Any:
+    """The Twisted TCP connection ``transport`` runs on, or None (a QUIC
+    stream).  A Twisted transport that is not an `IStreamTransport` yet is
+    taken for plain TCP (callers pass streams, `mtop.streams.TCPStream`
+    for plain TCP; this keeps a raw transport working meanwhile)."""
+    if IStreamTransport.providedBy(transport):
+        return transport.tcp
+    return transport
 
 
-def writer_for(transport: Any) -> Callable[[bytes], None]:
-    """``transport.write``, or for a Twisted TCP connection a write that
-    first offers the data straight to the socket when nothing is queued.
-
-    Twisted's ``write`` only queues: the bytes go out on the next turn of
-    the loop, after registering the socket for writability (two ``epoll_ctl``
-    calls and an asyncio handle on ``-r asyncio``) and joining the queue.  On
-    a busy tunnel the socket nearly always takes everything at once, so
-    this sends it now and queues only what the socket refused (the
-    ordinary path, flow control included)."""
-    tcp = getattr(transport, "tcp_transport", transport)
-    if not isinstance(tcp, tcp_module.Connection) or getattr(tcp, "TLS", False):
-        return transport.write
-    if tcp is not transport:
-        return transport.write  # a TLS transport: its own flush uses this
-
-    def write(data: Any) -> None:
-        if tcp.dataBuffer or tcp._tempDataBuffer or not tcp.connected or tcp.disconnecting or tcp._writeDisconnecting:
-            tcp.write(data if type(data) is bytes else bytes(data))
-            return
-        try:
-            sent = tcp.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0  # Twisted's path sends it when the socket takes more
-        except OSError:
-            # The peer is gone (reset, broken pipe).  What it sent before
-            # may still wait unread (an early answer to an upload): that is
-            # delivered first.  This send consumed the socket's error: the
-            # next read would see a clean EOF, a half-close that never
-            # happened.  So the connection ends now, as lost, the way
-            # Twisted's own write path would have ended it.
-            _deliver_unread(tcp)
-            tcp.abortConnection()
-            return
-        if sent < len(data):
-            tcp.write(data if not sent and type(data) is bytes else bytes(memoryview(data)[sent:]))
-
-    # Any buffer will do, valid only during the call: what is queued is copied.
-    write.takes_buffers = True  # type: ignore[attr-defined]
-    return write
+def large_buffers(transport: IStreamTransport, size: int = TUNNEL_BUFFER_SIZE) -> None:
+    """Give the TCP connection under ``transport`` (``transport.tcp``: the
+    connection of plain TCP, the one TLS runs on) ``size`` byte reads,
+    write buffer and sends.  QUIC streams are left alone, and so is
+    everything on the portable data path (no fast path: Twisted's own
+    sizes; see `mtop.fastpath`)."""
+    fast = fastpath.active
+    if fast is None:
+        return
+    tcp = _tcp_under(transport)
+    if tcp is not None:
+        fast.tune_buffers(tcp, size)
 
 
-def _deliver_unread(tcp: Any) -> None:
-    """Hand ``tcp``'s protocol what its socket still holds to read (at
-    most a few socket buffers' worth), up to the end of input.  Linux keeps
-    what arrived before a reset readable."""
-    if getattr(tcp, "_delivering_unread", False):
-        return  # the protocol wrote again while this ran
-    tcp._delivering_unread = True
-    for _ in range(64):
-        try:
-            data = tcp.socket.recv(tcp.bufferSize)
-        except OSError:
-            return
-        if not data or tcp.protocol is None:
-            return
-        tcp.protocol.dataReceived(data)
+def writer_for(transport: IStreamTransport) -> Callable[[bytes], None]:
+    """A ``write`` for the relay: ``transport.write``, or for plain TCP with
+    the fast path a write that first offers the data straight to the
+    socket when nothing is queued (`mtop.fastpath.FastPath.socket_writer`:
+    Twisted's own ``write`` only queues, for the next turn of the loop)."""
+    fast = fastpath.active
+    if fast is not None:
+        if not IStreamTransport.providedBy(transport):
+            direct = fast.socket_writer(transport)  # a raw Twisted transport
+        elif transport.kind == "tcp":
+            direct = fast.socket_writer(transport.tcp)
+        else:
+            direct = None  # TLS encrypts first; QUIC has no TCP
+        if direct is not None:
+            return direct
+    return transport.write
 
 
-def no_delay(transport: Any) -> None:
+def no_delay(transport: IStreamTransport) -> None:
     """Turn Nagle's algorithm off, as Go does for every TCP connection: a
     relay's small writes (replies, interactive traffic) must not wait for
-    the peer's delayed ACK (about 40 ms)."""
-    setter = getattr(transport, "setTcpNoDelay", None)
-    if setter is not None:
-        try:
-            setter(True)
-        except OSError:
-            pass
+    the peer's delayed ACK (about 40 ms).  On the TCP connection under
+    ``transport`` (none for a QUIC stream)."""
+    if IStreamTransport.providedBy(transport):
+        tcp = transport.tcp
+    elif ITCPTransport.providedBy(transport):
+        tcp = transport  # a raw Twisted TCP transport
+    else:
+        return
+    if tcp is None:
+        return
+    try:
+        tcp.setTcpNoDelay(True)
+    except OSError:
+        pass
 
 
 class IdleWatch:
@@ -168,6 +150,7 @@ class IdleWatch:
         self._call = None
 
 
+@implementer(IPushProducer)
 class Valve:
     """A push producer standing in front of a transport: the transport is
     paused while any reason holds ("flow" from the consumer it is
@@ -220,7 +203,9 @@ class Meter(Protocol):
 
 
 class Relay:
-    """Both directions of one tunnel.  "Up" is client to target.
+    """Both directions of one tunnel.  "Up" is client to target; both
+    sides are `mtop.interfaces.IStreamTransport`s (a Twisted TCP transport
+    goes through `mtop.streams.TCPStream`).
 
     ``client_valve`` and ``target_valve`` pause reading from each side;
     ``meter``, when set, is told of every chunk."""
@@ -240,8 +225,8 @@ class Relay:
     def __init__(
         self,
         clock: IReactorTime,
-        client: Any,
-        target: Any,
+        client: IStreamTransport,
+        target: IStreamTransport,
         idle_timeout: float = 0.0,
         on_finished: Callable[["Relay"], None] | None = None,
     ):

@@ -1,14 +1,21 @@
 """Reloading ``mtop.yaml`` on SIGHUP without dropping open tunnels.
 
-What a reload changes, for new connections and logins (open tunnels go on
-as they are): the login cache is emptied (and ``db.cache_ttl``,
-``query_timeout``, ``outage_grace`` apply), the destination ACL, the
-client allow and block lists (their files re-read), the limits and the throttle's settings, the ``server:`` settings (timeouts,
-``reply_errors``, ``auth_failure_delay``, ``fallback``), ``log.level``, and
-every listener's certificate and key (re-read from their files, so renewed
-certificates are picked up).  Listen addresses, listener types and the
-database need a restart: a reload that changes them applies the rest and
-says so.
+A reload builds the new config's `mtop.settings.RuntimeSettings` with the
+same function start-up uses and hands them to the same consumers
+(`mtop.interfaces.ISettingsConsumer`).  What that changes, for new
+connections and logins (open tunnels go on as they are): the login cache is
+emptied (and ``db.cache_ttl``, ``query_timeout``, ``outage_grace`` apply),
+the destination ACL, the client allow and block lists (their files
+re-read), the limits and the throttle's settings, the ``server:`` settings
+(timeouts, ``reply_errors``, ``auth_failure_delay``, ``fallback``),
+``log.level``, and every listener's certificate and key (re-read from
+their files, so renewed certificates are picked up).
+
+What a running process cannot change (`mtop.settings.NEEDS_RESTART`:
+listen addresses, listener types, the database, metrics, workers) is
+compared with what runs, the config the process started with: a reload
+that changes it applies the rest and says what needs a restart, and once
+the file says again what runs, the next reload no longer does.
 
 The new file is validated first, certificates included; a file that fails
 is rejected with one log line and the running configuration stays.
@@ -17,33 +24,37 @@ is rejected with one log line and the running configuration stays.
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.application.service import Service
 
 from mtop.config import Config, ConfigError, load_config
-from mtop.logs import logger, set_level
+from mtop.interfaces import ISettingsConsumer
+from mtop.logs import logger
+from mtop.settings import deliver_settings, restart_needed, runtime_settings
+from mtop.startup import log_config_warnings
 from mtop.tls import TLSConfigError
 
 
 class ConfigReloader(Service):
     """Applies a re-read config to the running objects; `reload` is what
-    SIGHUP calls."""
+    SIGHUP calls.  An `IService` (it holds the SIGHUP handler while
+    running)."""
 
     _log = logger()
     _previous_handler: Any = None
 
-    def __init__(
-        self, config: Config, reactor: Any, factory: Any, authenticator: Any, listeners: list[Any], client_lists: Any = None
-    ):
-        """``client_lists``: the `mtop.clientlist.ClientListWatcher` that
-        keeps ``factory.client_lists`` up to date with its files."""
+    def __init__(self, config: Config, reactor: Any, consumers: Sequence[ISettingsConsumer]):
+        """``config``: the one the process started with (what runs);
+        ``consumers``: what ``makeService`` delivered its settings to, in
+        the same order."""
+        #: What runs: compared with each new config for what needs a restart.
+        self.running_config = config
+        #: The config last applied (its path is the file read again).
         self.config = config
         self.reactor = reactor
-        self.factory = factory
-        self.authenticator = authenticator
-        self.listeners = listeners
-        self.client_lists = client_lists
+        self.consumers = list(consumers)
 
     def startService(self) -> None:
         super().startService()
@@ -65,60 +76,19 @@ class ConfigReloader(Service):
     def reload(self) -> bool:
         """Read the config file again and apply it; ``False`` (and nothing
         changed) when it is not valid."""
-        from mtop.clientlist import ClientListError, ClientLists
-        from mtop.listeners import prepare_listeners
+        from mtop.clientlist import ClientListError
 
         path = self.config.path
         try:
             config = load_config(path)
-            prepared = prepare_listeners(config, self.reactor)
-            lists = ClientLists.from_config(config.clients)
+            settings = runtime_settings(config, self.reactor)
         except (ConfigError, TLSConfigError, ClientListError) as e:
             self._log.error("config reload rejected, the running configuration stays: {path}: {error}", path=path, error=e)
             return False
-        self._apply(config, prepared)
-        self.factory.client_lists = lists
-        if self.client_lists is not None:
-            self.client_lists.use(config.clients, lists)
+        deliver_settings(settings, self.consumers)
         self.config = config
-        return True
-
-    def _apply(self, config: Config, prepared: list[Any]) -> None:
-        from mtop.acl import destination_acl
-        from mtop.limits import limit_settings
-        from mtop.server import ServerSettings
-        from mtop.tap import log_config_warnings
-
-        old = self.config
-        set_level(config.log.level)
         log_config_warnings(self._log, config)
-        factory = self.factory
-        factory.dialer.acl = destination_acl(config)
-        factory.dialer.connect_timeout = config.server.connect_timeout
-        factory.limits.settings = limit_settings(config.limits)
-        factory.throttle.settings = config.auth_throttle
-        factory.login_gate.limit = config.auth_throttle.max_in_flight
-        factory.settings = ServerSettings.from_config(config.server)
-        auth = self.authenticator
-        auth.cache_ttl = config.db.cache_ttl
-        auth.query_timeout = config.db.query_timeout
-        auth.outage_grace = config.db.outage_grace
-        auth.forget()
-        restart = []
-        if _shape(old) != _shape(config):
-            restart.append("listeners")
-        else:
-            for service, item in zip(self.listeners, prepared):
-                service.use_security(item.security)
-        if (old.db.driverName, old.db.dsn, old.db.recheck_interval, old.db.flush_interval) != (
-            config.db.driverName,
-            config.db.dsn,
-            config.db.recheck_interval,
-            config.db.flush_interval,
-        ):
-            restart.append("db")
-        if old.metrics != config.metrics:
-            restart.append("metrics")
+        restart = restart_needed(self.running_config, config)
         if restart:
             self._log.warn(
                 "config reloaded from {path}, but changes to {sections} need a restart",
@@ -127,8 +97,4 @@ class ConfigReloader(Service):
             )
         else:
             self._log.info("config reloaded from {path}", path=config.path)
-
-
-def _shape(config: Config) -> list[tuple]:
-    """What listening depends on (certificates aside)."""
-    return [(item.type, item.listen, item.proxy_protocol) for item in config.listeners]
+        return True

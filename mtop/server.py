@@ -45,24 +45,23 @@ from mtop import wire
 from mtop.auth import Authenticator
 from mtop.clientlist import ClientLists
 from mtop.dialer import DestinationRefused, Dialer
+from mtop.interfaces import ISettingsConsumer
 from mtop.limits import AuthThrottle, ConnectionLimits, LoginGate, client_key, peer_host
 from mtop.logs import logger
-from mtop.relay import LINGER_SECONDS, Relay, no_delay
+from mtop.relay import Relay, no_delay
 from mtop.stats import Counters
+from mtop.tunnelend import TunnelEnd
 from mtop.tls import FALLBACK_ALPN
 from mtop.userstore import StoreUnavailable, UserRecord
-
-#: Bytes accepted from the client between its auth message and our reply.
-#: The client is paused during that time, so only what one read delivered
-#: can arrive; this is a safety net, not a working limit.
-MAX_EARLY_DATA = 1 << 20
 
 #: Refusals by limits and bans are logged at most this often.
 REFUSAL_WARNING_INTERVAL = 60.0
 
 
 @dataclass(frozen=True)
-class ServerSettings:
+class TunnelSettings:
+    """What the tunnel factory's connections take from ``server:``."""
+
     reply_errors: bool = False
     handshake_timeout: float = 10.0
     idle_timeout: float = 300.0
@@ -73,7 +72,7 @@ class ServerSettings:
     fallback: tuple[str, int] | None = None
 
     @classmethod
-    def from_config(cls, server: Any) -> "ServerSettings":
+    def from_config(cls, server: Any) -> "TunnelSettings":
         """The settings of a ``server:`` section (`mtop.config.ServerConfig`)."""
         return cls(
             reply_errors=server.reply_errors,
@@ -131,22 +130,21 @@ class _TargetFactory(Factory):
         return TargetProtocol(self.tunnel)
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
-class TunnelProtocol(Protocol):
-    """One client connection: handshake, auth, connect, relay."""
+@implementer(IHandshakeListener)
+class TunnelProtocol(TunnelEnd):
+    """One client connection (a TLS connection or a QUIC stream): the MTop
+    handshake, auth, connect; the rest of its life is `TunnelEnd`'s."""
 
     _log = logger()
 
-    state = "handshake"
+    PENDING_STATES = frozenset({"auth", "connecting", "fallback"})
     request: wire.AuthRequest | None = None
-    relay: Relay | None = None
-    outcome: str | None = None
-    detail: str | None = None
-    _client_eof = False
     _admitted = False
     _login_slot = False
     _fallback_reason: str | None = None
     _dialled = 0.0
+    #: The target connection between its connect and the splice.
+    _target: TargetProtocol | None = None
     #: The QUIC connection this tunnel is a stream of (told when the
     #: tunnel's auth message arrives, when it logs in, when it ends).
     parent: Any = None
@@ -155,9 +153,8 @@ class TunnelProtocol(Protocol):
         self.factory = factory
         self.clock = factory.clock
         self.client_key = client_key
+        #: The auth message so far.
         self._buffer = b""
-        self._deadline = None
-        self._pending = None  # the Deferred of the auth or connect step
         self.started = 0.0
         self._auth_started = 0.0
 
@@ -169,65 +166,41 @@ class TunnelProtocol(Protocol):
         self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)
         self.factory.limits.opened(self)
-        self._deadline = self.clock.callLater(self.factory.settings.handshake_timeout, self._handshake_expired)
+        self.start_deadline(self.factory.settings.handshake_timeout, self._handshake_expired)
+
+    @property
+    def idle_timeout(self) -> float:  # type: ignore[override]
+        return self.factory.settings.idle_timeout
 
     def handshakeCompleted(self) -> None:
         """`IHandshakeListener`: the TLS handshake is done.  A client that
         negotiated another application protocol (the fallback's) goes to
         the fallback at once."""
-        handle = getattr(self.transport, "getHandle", None)
-        if self.state == "handshake" and handle is not None and handle().get_app_data() == FALLBACK_ALPN:
-            protocol = self.transport.negotiatedProtocol or b""
+        tls = self.transport.tls
+        if self.state == "handshake" and tls is not None and tls.get_app_data() == FALLBACK_ALPN:
+            protocol = tls.get_alpn_proto_negotiated() or b""
             self._to_fallback(f"ALPN {protocol.decode('ascii', 'replace')}", b"")
 
-    def dataReceived(self, data: bytes) -> None:
-        state = self.state
-        if state == "relay":
-            self.relay.client_data(data)
-        elif state == "handshake":
-            self._handshake_data(data)
-        elif state in ("auth", "connecting", "fallback"):
-            self._buffer += data
-            if len(self._buffer) > MAX_EARLY_DATA:
-                self._fail("early-data-overflow", None)
+    def handshake_eof(self) -> None:
+        self._fail("truncated" if self._buffer else "no-request", None)
 
-    def readConnectionLost(self) -> None:
-        if self.state == "relay":
-            self.relay.client_eof()
-        elif self.state == "handshake":
-            self._fail("truncated" if self._buffer else "no-request", None)
-        elif self.state == "failing":
-            self.transport.loseConnection()
-        else:
-            self._client_eof = True  # handed on once the target is connected
-
-    def writeConnectionLost(self) -> None:
-        pass
-
-    def connectionLost(self, reason: Failure = None) -> None:
-        self._cancel_deadline()
-        if self.state == "relay":
-            self.relay.client_lost()
+    def lost_before_relay(self, reason: Failure | None) -> None:
+        if self.state == "closed":
             return
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            pending.cancel()
-        if self.state != "closed":
-            self.state = "closed"
-            if self.outcome is None:
-                if reason is not None and reason.check(SSL.Error):
-                    self.outcome, self.detail = "tls-error", reason.getErrorMessage()
-                else:
-                    self.outcome = "client-closed"
-            self._finish(0, 0)
+        if self.outcome is None and reason is not None and reason.check(SSL.Error):
+            self.outcome, self.detail = "tls-error", reason.getErrorMessage()
+        super().lost_before_relay(reason)
+
+    def early_overflow(self) -> None:
+        self._fail("early-data-overflow", None)
 
     # Handshake
 
-    def _handshake_data(self, data: bytes) -> None:
+    def handshake_data(self, data: bytes) -> None:
         if self.clock.seconds() - self.started >= self.factory.settings.handshake_timeout:
             # Past the deadline (a busy reactor has not run the timer yet):
             # a late auth message is not looked at.
-            self._cancel_deadline()
+            self.cancel_deadline()
             self._handshake_expired()
             return
         buf = self._buffer + data if self._buffer else data
@@ -243,24 +216,23 @@ class TunnelProtocol(Protocol):
         if parsed is None:
             self._buffer = buf
             return
-        self._cancel_deadline()
+        self.cancel_deadline()
         self.factory.timings.handshake(self.clock.seconds() - self.started)
         self.request = parsed.request
         self._auth_bytes = buf[: parsed.consumed]
-        self._buffer = buf[parsed.consumed :]
-        # Nothing more is read from the client until the target is there.
-        self.transport.pauseProducing()
-        self.state = "auth"
+        self._buffer = b""
         self._auth_started = self.clock.seconds()
-        if self.parent is not None:
-            self.parent.tunnel_request(self)
         # At most a few logins per address are in flight; the others wait
         # here, and are refused without a lookup once the address is banned.
-        self._pending = self.factory.login_gate.turn(self.client_key)
+        # Nothing more is read from the client until the target is there.
+        self.wait_for("auth", self.factory.login_gate.turn(self.client_key))
+        self.keep_early(buf[parsed.consumed :])
+        if self.parent is not None:
+            self.parent.tunnel_request(self)
         self._pending.addCallbacks(self._login_turn, lambda f: None)
 
     def _login_turn(self, _: None) -> None:
-        self._pending = None
+        self.pending_done()
         self._login_slot = True
         if self.state != "auth":
             self._release_login_slot()
@@ -272,8 +244,8 @@ class TunnelProtocol(Protocol):
             self.factory.counters.inc("refused.banned")
             self._fail("throttled", None)
             return
-        self._pending = self.factory.authenticator.login(self.request.username, self.request.password, self.client_key)
-        self._pending.addCallbacks(self._auth_result, self._auth_error)
+        login = self.factory.authenticator.login(self.request.username, self.request.password, self.client_key)
+        self.wait_for("auth", login).addCallbacks(self._auth_result, self._auth_error)
 
     def _release_login_slot(self) -> None:
         if self._login_slot:
@@ -281,7 +253,6 @@ class TunnelProtocol(Protocol):
             self.factory.login_gate.done(self.client_key)
 
     def _handshake_expired(self) -> None:
-        self._deadline = None
         self.outcome = "handshake-timeout"
         self.transport.abortConnection()
 
@@ -290,7 +261,7 @@ class TunnelProtocol(Protocol):
         goes to a client from an address holding fewer."""
         if self.state == "closed":
             return
-        self._cancel_deadline()
+        self.cancel_deadline()
         self.outcome = "evicted"
         self.transport.abortConnection()
 
@@ -302,14 +273,9 @@ class TunnelProtocol(Protocol):
         elif self.state == "failing":
             self.transport.abortConnection()
         elif self.state != "closed":
-            self._cancel_deadline()
+            self.cancel_deadline()
             self.outcome = "shutdown"
             self.transport.abortConnection()
-
-    def _cancel_deadline(self) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
-        self._deadline = None
 
     # Auth and connect
 
@@ -317,7 +283,7 @@ class TunnelProtocol(Protocol):
         self.factory.limits.logged_in(self)
 
     def _auth_result(self, record: UserRecord | None) -> None:
-        self._pending = None
+        self.pending_done()
         if self.state != "auth":
             self._release_login_slot()
             return
@@ -339,10 +305,9 @@ class TunnelProtocol(Protocol):
                 self._fail("user-limit", wire.STATUS_AUTH_FAILURE, refusal)
                 return
             self._admitted = True
-        self.state = "connecting"
         self._dialled = self.clock.seconds()
-        self._pending = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
-        self._pending.addErrback(self._connect_error)
+        dialling = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
+        self.wait_for("connecting", dialling).addErrback(self._connect_error)
 
     def _auth_failed(self) -> None:
         """A wrong password or unknown user: count it against the address,
@@ -359,13 +324,13 @@ class TunnelProtocol(Protocol):
             )
         wait = self._auth_started + factory.settings.auth_failure_delay - self.clock.seconds()
         if wait > 0:
-            self._pending = deferLater(self.clock, wait, lambda: None)
+            self.wait_for("auth", deferLater(self.clock, wait, lambda: None))
             self._pending.addCallbacks(lambda _: self._answer_auth_failure(), lambda f: None)
         else:
             self._answer_auth_failure()
 
     def _answer_auth_failure(self) -> None:
-        self._pending = None
+        self.pending_done()
         if self.state != "auth":
             return
         if self._fallback_allowed():
@@ -376,7 +341,7 @@ class TunnelProtocol(Protocol):
             self._fail("auth-failed", wire.STATUS_AUTH_FAILURE)
 
     def _auth_error(self, failure: Failure) -> None:
-        self._pending = None
+        self.pending_done()
         self._release_login_slot()
         if failure.check(CancelledError) or self.state != "auth":
             return
@@ -390,7 +355,7 @@ class TunnelProtocol(Protocol):
         self._fail("auth-unavailable", wire.STATUS_AUTH_FAILURE)
 
     def _connect_error(self, failure: Failure) -> None:
-        self._pending = None
+        self.pending_done()
         if self.state != "connecting":
             return  # the client left and the attempt was cancelled
         if failure.check(DestinationRefused):
@@ -409,26 +374,24 @@ class TunnelProtocol(Protocol):
     def _fallback_allowed(self) -> bool:
         """A fallback is configured and this is a TLS connection (a QUIC
         stream cannot look like a web site)."""
-        return self.factory.settings.fallback is not None and hasattr(self.transport, "getHandle")
+        return self.factory.settings.fallback is not None and self.transport.kind == "tls"
 
     def _to_fallback(self, reason: str, data: bytes, user: bool = False) -> None:
         """Splice this client to the fallback server, ``data`` (what it has
         sent so far) first."""
-        self._cancel_deadline()
+        self.cancel_deadline()
         self._handshake_over()
         if not user:
             self.request = None
         self.factory.counters.inc("fallback")
         self._fallback_reason = reason
-        self._buffer = data + self._buffer
-        self.transport.pauseProducing()
-        self.state = "fallback"
+        self._early = data + self._early
         host, port = self.factory.settings.fallback
-        self._pending = self.factory.dialer.connect_unchecked(host, port, _TargetFactory(self))
-        self._pending.addErrback(self._fallback_error)
+        dialling = self.factory.dialer.connect_unchecked(host, port, _TargetFactory(self))
+        self.wait_for("fallback", dialling).addErrback(self._fallback_error)
 
     def _fallback_error(self, failure: Failure) -> None:
-        self._pending = None
+        self.pending_done()
         if self.state != "fallback":
             return
         self.factory.counters.inc("fallback.failed")
@@ -437,34 +400,22 @@ class TunnelProtocol(Protocol):
 
     def target_connected(self, target: TargetProtocol) -> None:
         """The target accepted: reply, hand over early data, start relaying."""
-        self._pending = None
+        self.pending_done()
         if self.state not in ("connecting", "fallback"):
             target.transport.abortConnection()
             return
-        fallback = self.state == "fallback"
-        if not fallback:
+        if self.state == "connecting":
             self.factory.timings.connect(self.clock.seconds() - self._dialled)
-        self.state = "relay"
-        relay = Relay(
-            self.clock,
-            self.transport,
-            target.transport,
-            self.factory.settings.idle_timeout,
-            self._relay_finished,
-        )
-        self.relay = target.relay = relay
+        self._target = target
+        self.splice(target.transport)
+
+    def relay_created(self, relay: Relay) -> None:
+        target, self._target = self._target, None
+        target.relay = relay
         if self._admitted:
             self.factory.sessions.relay_started(self, self.request.username)
-        if not fallback:
+        if self._fallback_reason is None:
             self.transport.write(wire.REPLY_SUCCESS)
-        if self._buffer:
-            relay.client_data(self._buffer)
-            self._buffer = b""
-        relay.start()
-        if self._client_eof:
-            relay.client_eof()
-        else:
-            self.transport.resumeProducing()
 
     def revoke(self, outcome: str, detail: str) -> None:
         """Close now: the user may no longer tunnel (called by
@@ -475,14 +426,12 @@ class TunnelProtocol(Protocol):
         elif self.state in ("auth", "connecting"):
             self._fail(outcome, None, detail)
 
-    def _relay_finished(self, relay: Relay) -> None:
-        self.state = "closed"
+    def relay_finished(self, relay: Relay) -> None:
         if self._fallback_reason is not None:
             self.outcome = "fallback"
             self.detail = f"{self._fallback_reason}; {relay.outcome}"
         else:
             self.outcome = relay.outcome
-        self._finish(relay.bytes_up, relay.bytes_down)
 
     # Failure and the outcome event
 
@@ -491,19 +440,14 @@ class TunnelProtocol(Protocol):
         self.detail = detail
         if self.state == "closed":
             return
-        self.state = "failing"
-        self._cancel_deadline()
         if status is not None and self.factory.settings.reply_errors:
-            # Closing with unread input makes the kernel send RST, which can
-            # destroy the reply before the client reads it: shut our side,
-            # drain what the client still sends, close on its EOF or soon.
-            self.transport.write(wire.encode_reply(status))
-            self.transport.loseWriteConnection()
-            self._deadline = self.clock.callLater(LINGER_SECONDS, self.transport.abortConnection)
+            self.close_after(wire.encode_reply(status))
         else:
+            self.state = "failing"
+            self.cancel_deadline()
             self.transport.loseConnection()
 
-    def _finish(self, bytes_up: int, bytes_down: int) -> None:
+    def report_outcome(self, bytes_up: int, bytes_down: int) -> None:
         factory = self.factory
         factory.tunnels.discard(self)
         counters = factory.counters
@@ -538,8 +482,11 @@ class TunnelProtocol(Protocol):
         )
 
 
+@implementer(ISettingsConsumer)
 class TunnelFactory(Factory):
-    """Builds `TunnelProtocol`s; holds what they share."""
+    """Builds `TunnelProtocol`s; holds what they share.  Takes its
+    settings, and those of its limits, throttle and login gate, from the
+    configuration (`ISettingsConsumer`)."""
 
     _log = logger()
     noisy = False
@@ -549,7 +496,7 @@ class TunnelFactory(Factory):
         authenticator: Authenticator,
         dialer: Dialer,
         clock: Any,
-        settings: ServerSettings = ServerSettings(),
+        settings: TunnelSettings = TunnelSettings(),
         sessions: Any = None,
         limits: ConnectionLimits | None = None,
         throttle: AuthThrottle | None = None,
@@ -574,6 +521,15 @@ class TunnelFactory(Factory):
         self.user_bytes: dict[str, list[int]] | None = None
         self._refused: dict[str, int] = {}
         self._refusal_warned = float("-inf")
+
+    def apply_settings(self, settings: Any) -> None:
+        """`ISettingsConsumer`: new connections get ``settings``'s tunnel
+        settings, limits, login throttle and client lists."""
+        self.settings = settings.tunnel
+        self.limits.settings = settings.limits
+        self.throttle.settings = settings.throttle
+        self.login_gate.limit = settings.throttle.max_in_flight
+        self.client_lists = settings.client_lists
 
     def buildProtocol(self, addr: Any) -> TunnelProtocol | None:
         """A protocol for a new connection (TLS or QUIC stream) from

@@ -2,7 +2,11 @@
 accounting written back to the user table.
 
 `UserSessions` is the service between the server protocol and the user
-store (its child service):
+store.  It reads rows through `mtop.userstore.IUserStore` (every store), and
+uses what else the store declares: traffic accounting if it is an
+`mtop.userstore.IUsageSink`, change notifications if it is an
+`mtop.userstore.IUserChangeFeed`, and the store becomes its child service if
+it is an ``IService``.  What it does:
 
 * **admission**: a tunnel whose login succeeded is admitted unless the
   user already has ``max_connections`` tunnels open here, or the traffic
@@ -16,14 +20,17 @@ store (its child service):
   with open tunnels are read again (one query per 200 users); a user
   deleted, disabled, expired or over quota has every tunnel closed, and new
   limits apply to the open ones.  A change notification from the store
-  (PostgreSQL's NOTIFY) triggers the same check at once, and drops the
-  login cache;
+  (`IUserChangeFeed`: PostgreSQL's NOTIFY) triggers the same check at
+  once, and drops the login cache;
 * **accounting**: every ``flush_interval`` seconds the bytes each user moved
   since the last flush (read from the relays' counters: no work per chunk)
   are added to the table in one exactly-once transaction
-  (`mtop.userstore.sql.UsageFlush`).  A flush that fails is kept and
-  retried as it was, while new traffic gathers for the next one: during a
-  database outage nothing is lost, and nothing is counted twice.  The
+  (`IUsageSink.add_usage`; the SQL in `mtop.userstore.sql.UsageFlush`).  A
+  flush that fails is kept and retried as it was, while new traffic
+  gathers for the next one: during a database outage nothing is lost, and
+  nothing is counted twice.  While the store cannot say yet whether its
+  table keeps counters (`UsageCounting.UNKNOWN`) the traffic is kept; a
+  store whose table has none, or that is no usage sink, drops it.  The
   last flush runs when the service stops (before the store closes).
 
 Limits are per server process: several servers sharing one database share
@@ -38,7 +45,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
-from twisted.application.service import MultiService
+from twisted.application.service import IService, MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
@@ -48,8 +55,7 @@ from mtop.logs import logger
 from mtop.stats import Counters
 from mtop.ratelimit import UserRate
 from mtop.relay import Relay
-from mtop.userstore import UserRecord
-from mtop.userstore.sql import Usage
+from mtop.userstore import IUsageSink, IUserChangeFeed, IUserStore, Usage, UsageCounting, UserRecord
 
 
 class Tunnel(Protocol):
@@ -123,14 +129,15 @@ def _revocation(record: UserRecord | None, unflushed: int, now: Any) -> tuple[st
 
 
 class UserSessions(MultiService):
-    """Open tunnels by user (see the module docstring).  The user store is
-    its child, so the last flush happens before the store closes."""
+    """Open tunnels by user (see the module docstring).  A store that is a
+    service is its child, so the last flush happens before the store
+    closes."""
 
     _log = logger()
 
     def __init__(
         self,
-        store: Any,
+        store: IUserStore,
         authenticator: Authenticator,
         clock: Any,
         recheck_interval: float = 5.0,
@@ -141,6 +148,8 @@ class UserSessions(MultiService):
     ):
         super().__init__()
         self.store = store
+        #: Where traffic is written, if the store is a usage sink.
+        self.usage_sink: IUsageSink | None = store if IUsageSink.providedBy(store) else None
         self.authenticator = authenticator
         #: Where database errors are counted (the tap shares the server's).
         self.counters = counters if counters is not None else Counters()
@@ -158,11 +167,10 @@ class UserSessions(MultiService):
         self._stopping = False
         self._loops: list[LoopingCall] = []
         self._recheck_soon: set[str] | None = None
-        if hasattr(store, "setServiceParent"):
+        if IService.providedBy(store):
             store.setServiceParent(self)
-        watch = getattr(store, "watch", None)
-        if watch is not None:
-            watch(self.user_changed)
+        if IUserChangeFeed.providedBy(store):
+            store.watch(self.user_changed)
 
     # Service
 
@@ -380,10 +388,11 @@ class UserSessions(MultiService):
         """Write the traffic counted so far (see the module docstring)."""
         if self._flushing is not None:
             return self._flushing
-        counts = getattr(self.store, "counts_usage", False)
-        if counts is None:
-            return succeed(None)  # not known yet: keep what is pending
-        if not counts:
+        sink = self.usage_sink
+        counting = UsageCounting.NOT_COUNTED if sink is None else sink.usage_counting
+        if counting is UsageCounting.UNKNOWN:
+            return succeed(None)  # keep what is pending until the store knows
+        if sink is None or counting is UsageCounting.NOT_COUNTED:
             self.pending.clear()
             return succeed(None)
         self._collect()
@@ -394,7 +403,7 @@ class UserSessions(MultiService):
             self.pending = {}
             self._seq += 1
         batch, seq = self._batch, self._seq
-        d = maybeDeferred(self.store.add_usage, self.server_id, seq, batch)
+        d = maybeDeferred(sink.add_usage, self.server_id, seq, batch)
         d.addTimeout(self.flush_timeout, self.clock)
         d.addCallbacks(self._flushed, self._flush_error, callbackArgs=(batch,))
         self._flushing = d

@@ -1,4 +1,12 @@
-"""``twistd mtop``: command-line options and the service tree."""
+"""``twistd mtop``: command-line options and the service tree.
+
+``postOptions`` loads the config and builds its `mtop.settings.RuntimeSettings`
+(certificates loaded, client lists read: problems are usage errors);
+``makeService`` builds the long-lived objects, delivers those settings to
+each (`mtop.interfaces.ISettingsConsumer`) and gives the same consumers to
+the reloader.  Its root is a `mtop.startup.TapService`: a listener that
+cannot listen ends the process with exit status 1.
+"""
 
 from __future__ import annotations
 
@@ -8,10 +16,10 @@ from typing import Any
 from twisted.application.service import MultiService, Service
 from twisted.python import usage
 
-from mtop import fileperms
+from mtop.clientlist import ClientListError
 from mtop.config import Config, ConfigError, ListenAddress, load_config
-from mtop.logs import logger, set_level, use_log_format
-from mtop.listeners import listener_services, prepare_listeners
+from mtop.logs import use_log_format
+from mtop.settings import RuntimeSettings, runtime_settings
 from mtop.tls import TLSConfigError
 
 DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
@@ -25,15 +33,16 @@ class Options(usage.Options):
     ]
 
     config_data: Config
-    listeners: list
+    #: What the config sets in the running objects (`makeService` delivers it).
+    settings: RuntimeSettings
 
     def postOptions(self) -> None:
         path = self["config"]
         try:
             self.config_data = load_config(path)
             _check_driver(self.config_data)
-            self.listeners = prepare_listeners(self.config_data)
-        except (ConfigError, TLSConfigError) as e:
+            self.settings = runtime_settings(self.config_data)
+        except (ConfigError, TLSConfigError, ClientListError) as e:
             raise usage.UsageError(f"{path}: {e}") from None
         use_log_format(self.config_data.log.format, self.parent)
 
@@ -51,29 +60,6 @@ def _check_driver(config: Config) -> None:
             raise ConfigError(
                 f"db.driverName {config.db.driverName} needs the Python module {module}: pip install 'mtop[{extra}]'"
             ) from None
-
-
-def log_config_warnings(log: Any, config: Any) -> None:
-    """Log what is worth a warning in a loaded config (at start and after a
-    reload): unknown keys and the like, and private keys or
-    password-holding configs others can read (climber's config too)."""
-    for warning in config.warnings:
-        log.warn("config {path}: {warning}", path=config.path, warning=warning)
-    for warning in fileperms.startup_warnings(config):
-        log.warn("{warning}", warning=warning)
-
-
-class _StartupNotes(Service):
-    """Logs the config's warnings once the log is set up."""
-
-    _log = logger()
-
-    def __init__(self, config: Config):
-        self.config = config
-
-    def startService(self) -> None:
-        super().startService()
-        log_config_warnings(self._log, self.config)
 
 
 class TunnelCloser(Service):
@@ -118,31 +104,44 @@ def user_store(config: Config, reactor: Any) -> Service:
     return SQLiteUserStore(db.dsn)
 
 
-def makeService(options: Options) -> MultiService:
-    from twisted.internet import reactor
+def makeService(options: Options, reactor: Any = None) -> MultiService:
+    """The server's service tree for ``options`` (on ``reactor``, the
+    installed one by default)."""
+    if reactor is None:
+        from twisted.internet import reactor
     from twisted.internet.threads import deferToThreadPool
 
-    from mtop.acl import destination_acl
     from mtop.auth import Authenticator
+    from mtop.clientlist import ClientListWatcher
     from mtop.dialer import Dialer
-    from mtop.limits import AuthThrottle, ConnectionLimits, limit_settings
+    from mtop import fastpath
+    from mtop.fairqueue import FairWorkers
+    from mtop.limits import AuthThrottle, ConnectionLimits
+    from mtop.listeners import listener_services
     from mtop.memory import MemoryTrimmer
     from mtop.reload import ConfigReloader
-    from mtop.server import ServerSettings, TunnelFactory
+    from mtop.server import TunnelFactory
     from mtop.sessions import UserSessions
+    from mtop.settings import LogLevel, deliver_settings
+    from mtop.startup import StartupNotes, TapService, daemonizing
     from mtop.stats import Counters
-
     from mtop.workers import ParentWatch, WorkerSupervisor, effective_workers, worker_number, worker_ports
 
     config = options.config_data
-    set_level(config.log.level)
-    root = MultiService()
-    _StartupNotes(config).setServiceParent(root)
+    settings = options.settings
+    # Every object that takes settings from the config, in delivery order
+    # (the log level first); delivered once here, and each reloaded
+    # config's by the reloader.
+    consumers: list[Any] = [LogLevel()]
+    root = TapService(daemon=daemonizing(options))
+    StartupNotes(config).setServiceParent(root)
+    fastpath.log_data_path_at_start(root)
     workers = effective_workers(config.server.workers)
     number = worker_number()
     if workers > 1 and number is None:
         # The supervisor: the workers do the serving.
         WorkerSupervisor(reactor, config, workers).setServiceParent(root)
+        deliver_settings(settings, consumers)
         return root
     if number is not None:
         ParentWatch(reactor).setServiceParent(root)
@@ -152,17 +151,7 @@ def makeService(options: Options) -> MultiService:
     def run_in_thread(f, *args):
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
-    from mtop.fairqueue import FairWorkers
-
-    authenticator = Authenticator(
-        store,
-        reactor,
-        run_in_thread,
-        cache_ttl=config.db.cache_ttl,
-        query_timeout=config.db.query_timeout,
-        outage_grace=config.db.outage_grace,
-        workers=FairWorkers(reactor),
-    )
+    authenticator = Authenticator(store, reactor, run_in_thread, workers=FairWorkers(reactor))
     # The sessions own the store: their last traffic flush runs before it
     # closes.
     # One set of counters for the server's events and the sessions' database
@@ -179,30 +168,31 @@ def makeService(options: Options) -> MultiService:
     )
     sessions.setServiceParent(root)
     MemoryTrimmer(reactor).setServiceParent(root)
-    server = config.server
+    dialer = Dialer(reactor)
     factory = TunnelFactory(
         authenticator,
-        Dialer(reactor, server.connect_timeout, destination_acl(config)),
+        dialer,
         reactor,
-        ServerSettings.from_config(server),
-        sessions,
-        limits=ConnectionLimits(limit_settings(config.limits), counters),
-        throttle=AuthThrottle(reactor, config.auth_throttle, counters),
+        sessions=sessions,
+        limits=ConnectionLimits(counters=counters),
+        throttle=AuthThrottle(reactor, counters=counters),
         counters=counters,
     )
     # Stopped after the listeners (services stop in reverse order) and
     # before the sessions' last traffic flush.
     TunnelCloser(reactor, factory).setServiceParent(root)
-    from mtop.clientlist import ClientLists, ClientListWatcher
-
-    factory.client_lists = ClientLists.from_config(config.clients)
-    watcher = ClientListWatcher(config.clients, factory.client_lists, lambda lists: setattr(factory, "client_lists", lists), reactor)
+    # A changed list file replaces the factory's lists between reloads.
+    watcher = ClientListWatcher(
+        settings.clients, settings.client_lists, lambda lists: setattr(factory, "client_lists", lists), reactor
+    )
     watcher.setServiceParent(root)
     listeners = listener_services(
-        options.listeners, factory, reactor, server.handshake_timeout, worker_ports() if number is not None else None
+        settings.listeners, factory, reactor, config.server.handshake_timeout, worker_ports() if number is not None else None
     )
     for service in listeners:
         service.setServiceParent(root)
+    consumers += [authenticator, dialer, factory, watcher, *listeners]
+    deliver_settings(settings, consumers)
     if config.metrics.listen is not None:
         from mtop.metrics import metrics_service, server_registry
 
@@ -212,5 +202,5 @@ def makeService(options: Options) -> MultiService:
         if number is not None and listen.port:
             listen = ListenAddress(listen.host, listen.port + number - 1)
         metrics_service(reactor, listen, registry).setServiceParent(root)
-    ConfigReloader(config, reactor, factory, authenticator, listeners, watcher).setServiceParent(root)
+    ConfigReloader(config, reactor, consumers).setServiceParent(root)
     return root

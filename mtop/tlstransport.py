@@ -12,21 +12,28 @@ original Go implementation does with ``tls.Conn.CloseWrite``.  So:
   goes on;
 * ``loseConnection`` sends ``close_notify`` and closes without waiting.
 
-Records are decrypted and delivered once per TCP read (not once per 16 KiB
-record), straight into one buffer and copied out once; an application write
-is encrypted in one ``SSL_write`` and the ciphertext goes from one buffer to
-the socket (`mtop.relay.writer_for`), copied only if the socket does not
-take it all.  Flow control is the TCP transport's own: this layer buffers
-nothing after the handshake, so a registered producer is simply passed down.
+Towards the relay and the tunnel ends it is an
+`mtop.interfaces.IStreamTransport` of kind ``tls``.  Flow control is the
+TCP transport's own: this layer buffers nothing after the handshake, so a
+registered producer is simply passed down.
+
+With the fast path (`mtop.fastpath`, the only place that touches pyOpenSSL's
+and Twisted's private internals), records are decrypted and delivered once
+per TCP read (not once per 16 KiB record), straight into one buffer and
+copied out once; an application write is encrypted in one ``SSL_write`` and
+the ciphertext goes from one buffer to the socket, copied only if the
+socket does not take it all.  Without it (``MTOP_FASTPATH=off``, or a
+pyOpenSSL or Twisted that lacks a piece of it), the same is done through
+pyOpenSSL's public ``bio_write``/``recv``/``sendall``/``bio_read``.
 
 Memory: OpenSSL's memory BIOs never shrink, so a tunnel that once moved a
 256 KiB chunk would keep about that much per direction for the rest of its
 life, idle or not (about 690 KiB per idle tunnel was measured after a
-1 MiB echo).  So what TCP delivered is read by OpenSSL where it lies (a read-only
-BIO over the received bytes, replaced at the next read: no copy, nothing
-kept), and the output BIO is replaced by an empty one once a connection
-that wrote large chunks has written none for a whole `QUIET_SECONDS`
-period (2-4 s after the last one).
+1 MiB echo).  So with the fast path what TCP delivered is read by OpenSSL
+where it lies (a read-only BIO over the received bytes, replaced at the next
+read: no copy, nothing kept), and the output BIO is replaced by an empty one
+once a connection that wrote large chunks has written none for a whole
+`QUIET_SECONDS` period (2-4 s after the last one).
 """
 
 from __future__ import annotations
@@ -48,8 +55,12 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-#: Plaintext delivered to the protocol at most at once, and ciphertext
-#: taken from OpenSSL at most at once.
+from mtop import fastpath
+from mtop.interfaces import IStreamTransport
+
+#: Plaintext delivered to the protocol at most at once, and (on the
+#: portable path; see `mtop.fastpath.BUFFER_SIZE` for the fast one)
+#: ciphertext taken from OpenSSL at most at once.
 _READ_SIZE = 1 << 18
 _BIO_READ_SIZE = 1 << 18
 #: Writes larger than this grow the output BIO beyond its handshake size.
@@ -59,211 +70,23 @@ _LARGE_WRITE = 1 << 14
 QUIET_SECONDS = 2.0
 
 
-def _direct_reader() -> Callable[[SSL.Connection, int], tuple[bytes, Any]] | None:
-    """``read(connection, size)``: every record OpenSSL can decrypt from
-    what it holds, as one bytes object of at most ``size`` bytes, plus the
-    pyOpenSSL exception that stopped it (`SSL.WantReadError` when it simply
-    needs more input), or None if the buffer filled first.
-
-    pyOpenSSL's ``recv`` returns one record (at most 16 KiB) per call, into
-    a fresh buffer of the size asked for, copied once more into bytes, and
-    the pieces are joined again: four copies and a large allocation per
-    record.  This calls ``SSL_read`` through pyOpenSSL's own cffi binding
-    into one buffer per process (the reactor is one thread), copied out once.
-    Errors still go through pyOpenSSL's error handling, so they are raised
-    exactly as ``recv`` raises them.  None when this pyOpenSSL lacks what it
-    needs (then ``recv`` is used)."""
-    try:
-        from OpenSSL._util import ffi, lib
-
-        ssl_read = lib.SSL_read
-        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-        probe._ssl, probe._raise_ssl_error  # noqa: B018 (attributes used below)
-    except Exception:
-        return None
-    buffer = ffi.new("char[]", _READ_SIZE)
-    unpack = ffi.buffer
-    get_error, want_read = lib.SSL_get_error, lib.SSL_ERROR_WANT_READ
-    # "Needs more input", the end of nearly every read: one instance, never
-    # raised (raising costs more than the rest of a small read, and a
-    # caught exception kept in a local is a reference cycle holding this
-    # frame and its caller's, with the bytes just read, until the garbage
-    # collector runs).
-    needs_more = SSL.WantReadError()
-
-    def read(connection: SSL.Connection, size: int) -> tuple[bytes, Any]:
-        ssl = connection._ssl
-        size = min(size, _READ_SIZE)
-        total = 0
-        stop: Any = None
-        while total < size:
-            n = ssl_read(ssl, buffer + total, size - total)
-            if n > 0:
-                total += n
-                continue
-            if get_error(ssl, n) == want_read:
-                stop = needs_more
-                break
-            try:
-                connection._raise_ssl_error(ssl, n)
-            except SSL.Error as e:
-                stop = e
-                stop.__traceback__ = None  # no cycle through this frame
-            break
-        return (unpack(buffer, total)[:] if total else b""), stop
-
-    return read
-
-
-_read_direct = _direct_reader()
-
-
-def _direct_flusher() -> Callable[[SSL.Connection, Callable[[Any], None]], None] | None:
-    """``flush(connection, write)``: hand everything OpenSSL has written to
-    its memory BIO to ``write`` as buffers that are only valid during the
-    call (a writer from `mtop.relay.writer_for` sends them to the socket
-    without a copy, and copies only what it has to queue).  Instead of
-    ``bio_read``, which allocates a buffer of the size asked for each time and
-    copies it into new bytes.  None when this pyOpenSSL lacks what it needs."""
-    try:
-        from OpenSSL._util import ffi, lib
-
-        bio_read = lib.BIO_read
-        SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)._from_ssl  # noqa: B018
-    except Exception:
-        return None
-    buffer = ffi.new("char[]", _BIO_READ_SIZE)
-    view = ffi.buffer
-
-    def flush(connection: SSL.Connection, write: Callable[[Any], None]) -> None:
-        bio = connection._from_ssl
-        while True:
-            n = bio_read(bio, buffer, _BIO_READ_SIZE)
-            if n <= 0:
-                return  # empty
-            write(view(buffer, n))
-            if n < _BIO_READ_SIZE:
-                return
-
-    return flush
-
-
-_flush_direct = _direct_flusher()
-
-
-class _BioSwaps:
-    """Replacing a connection's memory BIOs through pyOpenSSL's own cffi
-    binding (`_bio_swaps` is None when this pyOpenSSL lacks what it needs:
-    then ``bio_write`` is used and the output BIO is kept).
-
-    OpenSSL's ``SSL_set_bio`` frees the BIO it replaces; pyOpenSSL's
-    ``_into_ssl``/``_from_ssl`` are kept pointing at the current ones, so
-    its own calls (``bio_shutdown``) still work."""
-
-    def __init__(self) -> None:
-        from OpenSSL._util import ffi, lib
-
-        self._ffi, self._lib = ffi, lib
-        self._where = ffi.new("char **")
-        probe = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
-        probe._ssl, probe._into_ssl, probe._from_ssl  # noqa: B018 (attributes used below)
-        for name in ("BIO_new_mem_buf", "BIO_new", "BIO_s_mem", "BIO_write", "BIO_set_mem_eof_return",
-                     "BIO_get_mem_data", "SSL_set_bio"):
-            getattr(lib, name)
-
-    def feed(self, connection: SSL.Connection, data: bytes) -> Any:
-        """Make ``data`` the connection's input, read where it lies: a
-        read-only memory BIO over the bytes replaces the (drained) input
-        BIO.  Returns what keeps ``data``'s memory valid: hold it until
-        `settle`."""
-        ffi, lib = self._ffi, self._lib
-        if lib.BIO_get_mem_data(connection._into_ssl, self._where) > 0:
-            data = self._left(connection) + data
-        memory = ffi.from_buffer(data)
-        bio = lib.BIO_new_mem_buf(memory, len(data))
-        if bio == ffi.NULL:
-            raise MemoryError("BIO_new_mem_buf failed")
-        # Empty means "more may come" (retry), not end of input, until
-        # ``bio_shutdown`` says otherwise.
-        lib.BIO_set_mem_eof_return(bio, -1)
-        self._set_input(connection, bio)
-        return memory
-
-    def settle(self, connection: SSL.Connection) -> None:
-        """After `feed`'s bytes were read: OpenSSL keeps an incomplete
-        record in its own buffer, so the input BIO is normally drained;
-        should bytes remain (the handshake failed midway), they are copied
-        into a BIO of their own, so nothing refers to the fed bytes."""
-        lib = self._lib
-        if lib.BIO_get_mem_data(connection._into_ssl, self._where) <= 0:
-            return
-        left = self._left(connection)
-        bio = lib.BIO_new(lib.BIO_s_mem())
-        if bio == self._ffi.NULL or lib.BIO_write(bio, left, len(left)) != len(left):
-            raise MemoryError("cannot keep unread TLS input")
-        lib.BIO_set_mem_eof_return(bio, -1)
-        self._set_input(connection, bio)
-
-    def renew_output(self, connection: SSL.Connection) -> bool:
-        """Replace an empty output BIO by a new one (the old one, with the
-        capacity it grew to, is freed).  False when it still holds bytes."""
-        ffi, lib = self._ffi, self._lib
-        if lib.BIO_get_mem_data(connection._from_ssl, self._where) > 0:
-            return False
-        bio = lib.BIO_new(lib.BIO_s_mem())
-        if bio == ffi.NULL:
-            return False
-        lib.SSL_set_bio(connection._ssl, connection._into_ssl, bio)
-        connection._from_ssl = bio
-        return True
-
-    def _left(self, connection: SSL.Connection) -> bytes:
-        size = self._lib.BIO_get_mem_data(connection._into_ssl, self._where)
-        return self._ffi.buffer(self._where[0], size)[:]
-
-    def _set_input(self, connection: SSL.Connection, bio: Any) -> None:
-        # The input BIO changes, the output one stays: OpenSSL frees the old
-        # input BIO and takes this one.
-        self._lib.SSL_set_bio(connection._ssl, bio, connection._from_ssl)
-        connection._into_ssl = bio
-
-
-def _bio_swapper() -> _BioSwaps | None:
-    try:
-        return _BioSwaps()
-    except Exception:
-        return None
-
-
-_bio_swaps = _bio_swapper()
-
-
-def _whole_writes(connection: SSL.Connection) -> None:
-    """Let ``SSL_write`` encrypt all it is given in one call.  pyOpenSSL
-    turns on partial writes, which for a socket avoid blocking but here,
-    writing into a memory BIO that never fills, only make every 16 KiB
-    record a separate call back into Python (and its error checks)."""
-    try:
-        from OpenSSL._util import lib
-
-        lib.SSL_clear_mode(connection._ssl, lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-    except Exception:  # an optimisation: partial writes still work
-        pass
-
-
 class VerificationError(SSL.Error):
     """The peer's certificate does not match the name we connected to."""
 
 
-@implementer(IProtocol, IHalfCloseableProtocol, ITCPTransport, ISSLTransport, IPushProducer, IConsumer)
+@implementer(
+    IProtocol, IHalfCloseableProtocol, IStreamTransport, ITCPTransport, ISSLTransport, IPushProducer, IConsumer
+)
 class TLSTransport:
     """Speaks TLS on ``transport`` and presents the plaintext to ``wrapped``.
 
     Implements ``IProtocol`` and ``IHalfCloseableProtocol`` towards the TCP
-    transport, and ``ITCPTransport``, ``IPushProducer`` and ``IConsumer``
-    towards the wrapped protocol.
+    transport, and `mtop.interfaces.IStreamTransport` (kind ``tls``),
+    ``ITCPTransport``, ``ISSLTransport``, ``IPushProducer`` and
+    ``IConsumer`` towards the wrapped protocol.
     """
 
+    kind = "tls"
     transport: Any = None
     connected = False
     disconnecting = False
@@ -277,6 +100,9 @@ class TLSTransport:
     #: Large writes since the quiet check was armed, and that check.
     _large_writes = 0
     _quiet_call: Any = None
+    #: The fast path this connection takes (`mtop.fastpath.active` when it
+    #: was made), or None for the portable path.
+    _fast: fastpath.FastPath | None = None
 
     def __init__(
         self,
@@ -286,28 +112,37 @@ class TLSTransport:
         clock: Any = None,
     ):
         """``clock`` (an ``IReactorTime``) times the release of a grown
-        output BIO; without it, the TCP transport's reactor does."""
+        output BIO (`TLSFactory` passes the reactor); without it, a grown
+        output BIO is kept."""
         self.wrapped = wrapped
         self._tls = tls
         self._verify = verify
         self._clock = clock
-        _whole_writes(tls)
+        # The data path is chosen per connection, when it is made.
+        self._fast = fastpath.active
+        if self._fast is not None:
+            self._fast.whole_writes(tls)
         self._pending: list[bytes] = []
 
     @property
-    def tcp_transport(self) -> Any:
-        """The TCP transport this runs on."""
+    def tcp(self) -> Any:
+        """The TCP transport this runs on (`IStreamTransport.tcp`)."""
         return self.transport
+
+    @property
+    def tls(self) -> SSL.Connection:
+        """The ``SSL.Connection`` (`IStreamTransport.tls`)."""
+        return self._tls
 
     # IProtocol, towards TCP
 
     def makeConnection(self, transport: Any) -> None:
-        from mtop.relay import writer_for
-
         self.transport = transport
-        self._write = writer_for(transport)
-        if self._clock is None:
-            self._clock = getattr(transport, "reactor", None)
+        # With the fast path, ciphertext goes straight to the socket of a
+        # Twisted TCP connection, as buffers (views of OpenSSL's output).
+        direct = self._fast.socket_writer(transport) if self._fast is not None else None
+        self._write: Callable[[Any], None] = transport.write if direct is None else direct
+        self._write_views = direct is not None
         self.connected = True
         self.wrapped.makeConnection(self)
         if not self._aborted:
@@ -319,15 +154,16 @@ class TLSTransport:
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
             return
-        if _bio_swaps is None:
+        if self._fast is None:
             self._tls.bio_write(data)
             self._process_input()
             return
-        memory = _bio_swaps.feed(self._tls, data)  # noqa: F841 (the BIO reads from it)
+        swaps = self._fast.bio_swaps
+        memory = swaps.feed(self._tls, data)  # noqa: F841 (the BIO reads from it)
         try:
             self._process_input()
         finally:
-            _bio_swaps.settle(self._tls)
+            swaps.settle(self._tls)
 
     def _process_input(self) -> None:
         if not self._handshake_done and not self._handshake():
@@ -398,11 +234,12 @@ class TLSTransport:
         return not self._lost
 
     def _read_records(self) -> None:
-        if _read_direct is None:
+        if self._fast is None:
             self._read_records_with_recv()
             return
+        read = self._fast.read_tls
         while True:
-            data, stop = _read_direct(self._tls, _READ_SIZE)
+            data, stop = read(self._tls, _READ_SIZE)
             if data:
                 self._deliver(data)
             if stop is None and not self._lost:
@@ -456,8 +293,8 @@ class TLSTransport:
             self.loseConnection()
 
     def _flush(self) -> None:
-        if _flush_direct is not None and getattr(self._write, "takes_buffers", False):
-            _flush_direct(self._tls, self._write)
+        if self._fast is not None:
+            self._fast.flush_tls(self._tls, self._write, self._write_views)
             return
         bio_read = self._tls.bio_read
         while True:
@@ -481,8 +318,9 @@ class TLSTransport:
 
     def _send(self, data: bytes) -> None:
         try:
-            # One call for all of it (see `_whole_writes`); should a write be
-            # partial anyway, the rest goes by offset, not by slicing copies.
+            # With the fast path one call for all of it (see
+            # `mtop.fastpath.FastPath.whole_writes`); should a write be
+            # partial, the rest goes by offset, not by slicing copies.
             self._tls.sendall(data)
         except SSL.Error:
             self._fail(Failure())
@@ -490,7 +328,7 @@ class TLSTransport:
         self._flush()
         if len(data) > _LARGE_WRITE:
             self._large_writes += 1
-            if self._quiet_call is None and _bio_swaps is not None and self._clock is not None:
+            if self._quiet_call is None and self._fast is not None and self._clock is not None:
                 self._quiet_call = self._clock.callLater(QUIET_SECONDS, self._release_if_quiet)
 
     def _release_if_quiet(self) -> None:
@@ -505,7 +343,7 @@ class TLSTransport:
             self._large_writes = 0
             self._quiet_call = self._clock.callLater(QUIET_SECONDS, self._release_if_quiet)
             return
-        _bio_swaps.renew_output(self._tls)
+        self._fast.bio_swaps.renew_output(self._tls)
 
     # ITransport, towards the wrapped protocol
 
@@ -629,6 +467,10 @@ class TLSFactory(Factory):
         verify: Callable[[SSL.Connection], None] | None = None,
         clock: Any = None,
     ):
+        """``clock`` as for `TLSTransport`: the global reactor when not
+        given."""
+        if clock is None:
+            from twisted.internet import reactor as clock
         self.wrapped_factory = wrapped_factory
         self.connection_for = connection_for
         self.verify = verify
@@ -705,15 +547,20 @@ def verify_hostname(hostname: str) -> Callable[[SSL.Connection], None]:
     return verify
 
 
-def session_reused(connection: SSL.Connection) -> bool:
-    """Whether ``connection``'s handshake resumed a session (pyOpenSSL has
-    no public call for it)."""
-    try:
-        from OpenSSL._util import lib
+def session_reused(connection: SSL.Connection | None) -> bool:
+    """Whether a client ``connection``'s completed handshake resumed a
+    session (False for None).
 
-        return bool(lib.SSL_session_reused(connection._ssl))
-    except Exception:
+    pyOpenSSL has no public call for it: the fast path asks OpenSSL
+    (``SSL_session_reused``); the portable path relies on the server
+    sending no certificate when it resumes a session (RFC 8446, 2.2), so
+    OpenSSL verified no chain (``SSL_get0_verified_chain`` is NULL, as it
+    is for a session resumed in TLS 1.2 too)."""
+    if connection is None:
         return False
+    if fastpath.active is not None:
+        return fastpath.active.session_reused(connection)
+    return connection.get_verified_chain() is None
 
 
 def client_tls_factory(

@@ -91,11 +91,11 @@ def reuseport_socket(address: ListenAddress, kind: int, port: int | None = None,
     """A socket bound to ``address`` (``port`` instead of its port) with
     ``SO_REUSEPORT``: TCP ones also listen, unless ``listen`` is false.  No
     host: every interface, dual-stack where IPv6 exists."""
-    from mtop.listen import _ipv6_available
+    from mtop.listening import ipv6_available
 
     host = address.host
     if host is None:
-        host = "::" if _ipv6_available() else "0.0.0.0"
+        host = "::" if ipv6_available() else "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, kind)
     try:

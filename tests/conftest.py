@@ -13,7 +13,7 @@ from mtop.certs import init_certs
 from helpers import LOOPBACK_ACL
 from mtop.dialer import Dialer
 from mtop.database import BASE_TABLE as SQLITE_SCHEMA
-from mtop.server import ServerSettings, TunnelFactory
+from mtop.server import TunnelSettings, TunnelFactory
 from mtop.tls import server_context
 from mtop.tlstransport import server_tls_factory
 from mtop.userstore.sqlite import SQLiteUserStore
@@ -56,7 +56,7 @@ def server(tmp_path):
     auth = Authenticator(
         store, reactor, lambda f, *a: deferToThreadPool(reactor, reactor.getThreadPool(), f, *a)
     )
-    factory = TunnelFactory(auth, Dialer(reactor, 5, LOOPBACK_ACL), reactor, ServerSettings(handshake_timeout=5))
+    factory = TunnelFactory(auth, Dialer(reactor, 5, LOOPBACK_ACL), reactor, TunnelSettings(handshake_timeout=5))
     ctx = server_context(paths.server_crt, paths.server_key, "mtop")
     port = reactor.listenTCP(0, server_tls_factory(factory, lambda: ctx), interface="127.0.0.1")
     yield factory, port.getHost().port, paths

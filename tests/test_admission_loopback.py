@@ -31,13 +31,13 @@ from mtop import wire
 from mtop.config import LimitsConfig, ServerConfig
 from mtop.fairqueue import FairWorkers
 from mtop.limits import ThrottleSettings, limit_settings
-from mtop.server import ServerSettings
+from mtop.server import TunnelSettings
 from test_hardening_loopback import USERS, Server, Trickler, client_hello, echo_target, tunnel_echo  # noqa: F401
 
 #: The shipped defaults.
 DEFAULT_LIMITS = limit_settings(LimitsConfig())
 DEFAULT_THROTTLE = ThrottleSettings()
-DEFAULT_SETTINGS = ServerSettings.from_config(ServerConfig())
+DEFAULT_SETTINGS = TunnelSettings.from_config(ServerConfig())
 
 
 def default_server(tmp_path, **kwargs):

@@ -4,15 +4,21 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mtop import passwords
 from mtop.auth import Authenticator
 from mtop.database import BASE_TABLE as SQLITE_SCHEMA
-from mtop.userstore import StoreUnavailable, UserRecord
+from mtop.userstore import IUserStore, StoreUnavailable, UserRecord
 from mtop.userstore.sqlite import SQLiteUserStore
 
 
+@implementer(IUserStore)
 class DictStore:
+    """Rows in memory, counting lookups; ``pending`` (a Deferred, or
+    ``"hang"``) stands in for a slow or silent database."""
+
     def __init__(self):
         self.rows = {}
         self.lookups = 0
@@ -25,6 +31,13 @@ class DictStore:
         if self.pending is not None:
             return self.pending
         return succeed(self.rows.get(username))
+
+    def lookup_many(self, usernames):
+        return succeed({name: self.rows[name] for name in usernames if name in self.rows})
+
+
+def test_the_fake_store_provides_what_it_declares():
+    verifyObject(IUserStore, DictStore())
 
 
 def run_now(f, *args):

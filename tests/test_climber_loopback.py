@@ -20,7 +20,7 @@ from climber.httpproxy import HTTPProxyConnection
 from climber.pool import ServerPool
 from climber.socks5 import Socks5Connection
 from climber.tunnel import TunnelError, TunnelOpener
-from mtop.server import ServerSettings
+from mtop.server import TunnelSettings
 
 
 def entry(port, paths, **kw):
@@ -117,7 +117,7 @@ async def test_close_without_reply_is_retried_on_the_next_server(server, echo_ta
 @pytest_twisted.ensureDeferred
 async def test_explicit_auth_failure_reply_is_final(server, echo_target):
     factory, port, paths = server
-    factory.settings = ServerSettings(reply_errors=True, handshake_timeout=5)
+    factory.settings = TunnelSettings(reply_errors=True, handshake_timeout=5)
     climber = make_climber([entry(port, paths, password="nope"), entry(port, paths)])
     with pytest.raises(TunnelError) as info:
         await climber.opener.open("127.0.0.1", echo_target, 5)
@@ -127,7 +127,7 @@ async def test_explicit_auth_failure_reply_is_final(server, echo_target):
 @pytest_twisted.ensureDeferred
 async def test_target_failure_reply_is_reported(server):
     factory, port, paths = server
-    factory.settings = ServerSettings(reply_errors=True, handshake_timeout=5)
+    factory.settings = TunnelSettings(reply_errors=True, handshake_timeout=5)
     climber = make_climber([entry(port, paths)])
     with pytest.raises(TunnelError) as info:
         await climber.opener.open("127.0.0.1", free_port(), 5)
@@ -252,7 +252,7 @@ async def test_socks5_unsupported_commands(socks, echo_target, command, expected
 @pytest_twisted.ensureDeferred
 async def test_socks5_unreachable_target_reply(socks, reply_errors, expected):
     port, factory = socks
-    factory.settings = ServerSettings(reply_errors=reply_errors, handshake_timeout=5)
+    factory.settings = TunnelSettings(reply_errors=reply_errors, handshake_timeout=5)
     assert await deferToThread(socks_reply_code, port, "127.0.0.1", free_port()) == expected
 
 
@@ -527,7 +527,7 @@ async def test_http_bad_requests_get_status_responses(proxy, request_line, statu
 @pytest_twisted.ensureDeferred
 async def test_http_unreachable_target_is_502(proxy):
     port, factory = proxy
-    factory.settings = ServerSettings(reply_errors=True, handshake_timeout=5)
+    factory.settings = TunnelSettings(reply_errors=True, handshake_timeout=5)
     target = free_port()
     ((head, body),) = await deferToThread(
         exchange, port, f"GET http://127.0.0.1:{target}/ HTTP/1.1\r\nHost: x\r\n\r\n".encode()
@@ -615,6 +615,6 @@ async def test_nagle_is_off_on_every_tunnel_socket(server, echo_target):
         (server_side,) = factory.tunnels
         assert tunnel.transport.getTcpNoDelay()
         assert server_side.transport.getTcpNoDelay()
-        assert server_side.relay.target.getTcpNoDelay()
+        assert server_side.relay.target.tcp.getTcpNoDelay()
     finally:
         tunnel.transport.loseConnection()

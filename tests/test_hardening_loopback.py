@@ -23,7 +23,7 @@ from mtop.database import BASE_TABLE
 from mtop.dialer import Dialer
 from mtop.limits import AuthThrottle, ConnectionLimits, LimitSettings, ThrottleSettings
 from mtop.proxyproto import ProxyHeaderFactory
-from mtop.server import ServerSettings, TunnelFactory
+from mtop.server import TunnelSettings, TunnelFactory
 from mtop.tls import server_context
 from mtop.tlstransport import server_tls_factory
 from mtop.userstore.sqlite import SQLiteUserStore
@@ -64,7 +64,7 @@ class Server:
     `FairWorkers` for the password checks (else the reactor's threads)."""
 
     def __init__(
-        self, tmp_path, settings=ServerSettings(handshake_timeout=5), limits=None, throttle=None, proxy=False, store=None, workers=None
+        self, tmp_path, settings=TunnelSettings(handshake_timeout=5), limits=None, throttle=None, proxy=False, store=None, workers=None
     ):
         self.paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
         if store is None:
@@ -98,7 +98,7 @@ class Server:
         listening = server_tls_factory(self.factory, lambda: ctx)
         if proxy:
             listening = ProxyHeaderFactory(listening, reactor, settings.handshake_timeout, self.factory.counters)
-        # The backlog twistd's listeners use (mtop.listen).
+        # The backlog twistd's listeners use (mtop.listening.BACKLOG).
         self.listening = reactor.listenTCP(0, listening, backlog=1024, interface="127.0.0.1")
         self.port = self.listening.getHost().port
 
@@ -197,7 +197,7 @@ async def settled(server):
 @pytest_twisted.ensureDeferred
 async def test_browser_alpn_gets_the_fallback_site(make_server, web):
     factory, web_port = web
-    server = make_server(settings=ServerSettings(handshake_timeout=5, fallback=("127.0.0.1", web_port)))
+    server = make_server(settings=TunnelSettings(handshake_timeout=5, fallback=("127.0.0.1", web_port)))
 
     def browse():
         with tls_client(server, alpn=("h2", "http/1.1")) as s:
@@ -213,7 +213,7 @@ async def test_browser_alpn_gets_the_fallback_site(make_server, web):
 @pytest_twisted.ensureDeferred
 async def test_non_mtop_bytes_and_failed_logins_get_the_fallback_site(make_server, web, echo_target):
     factory, web_port = web
-    server = make_server(settings=ServerSettings(handshake_timeout=5, fallback=("127.0.0.1", web_port)))
+    server = make_server(settings=TunnelSettings(handshake_timeout=5, fallback=("127.0.0.1", web_port)))
 
     def probe():
         with tls_client(server) as s:  # a client that offers our ALPN, then speaks HTTP
@@ -319,7 +319,7 @@ async def test_per_client_limit_with_real_connections(make_server, echo_target):
 @pytest_twisted.ensureDeferred
 async def test_unknown_user_and_wrong_password_take_the_same_time(make_server, echo_target):
     delay = 0.6
-    server = make_server(settings=ServerSettings(handshake_timeout=5, auth_failure_delay=delay))
+    server = make_server(settings=TunnelSettings(handshake_timeout=5, auth_failure_delay=delay))
 
     def timed(user, password):
         with tls_client(server) as s:
@@ -376,7 +376,7 @@ class Trickler(Protocol):
 @pytest_twisted.ensureDeferred
 async def test_slowloris_tricklers_are_cut_at_the_deadline_while_clients_are_served(make_server, echo_target):
     deadline = 2.0
-    server = make_server(settings=ServerSettings(handshake_timeout=deadline))
+    server = make_server(settings=TunnelSettings(handshake_timeout=deadline))
     started = time.monotonic()
     tricklers, waits = [], []
     hello = client_hello()

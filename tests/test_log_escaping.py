@@ -502,11 +502,11 @@ async def test_climber_http_request_lines(proxies, events):
     quotes is logged quoted."""
     _, http_port = proxies
     refused = [
-        f"GET http://ex\x1bample.com/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        "GET http://ex\x1bample.com/ HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
         f"CONNECT x\n{FORGED}:443 HTTP/1.1\r\n\r\n".encode(),
         f"CONNECT x\r{FORGED}:443 HTTP/1.1\r\n\r\n".encode(),
         b"GET http://bad\xff\xfe.example/ HTTP/1.1\r\n\r\n",
-        f"GET\x1b[31m http://example.com/ HTTP/1.1\r\n\r\n".encode(),
+        "GET\x1b[31m http://example.com/ HTTP/1.1\r\n\r\n".encode(),
     ]
     for request in refused:
         answer = await deferToThread(http_exchange, http_port, request)

@@ -135,7 +135,7 @@ async def test_client_that_stops_reading_bounds_server_memory(server):
         sent_before = source.sent
         await deferLater(reactor, 1.0, lambda: None)
         (tunnel,) = factory.tunnels
-        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target)
+        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target.tcp)
         assert held <= LIMIT, f"server holds {held} bytes for a client that does not read"
         assert source.sent == sent_before, "the target was not paused"
         assert source.sent < 64 << 20
@@ -172,7 +172,7 @@ async def test_target_that_stops_reading_bounds_server_memory(server):
         sent_before = pusher.sent
         await deferLater(reactor, 1.0, lambda: None)
         (tunnel,) = factory.tunnels
-        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target) + len(tunnel._buffer)
+        held = buffered(tunnel.transport.transport) + buffered(tunnel.relay.target.tcp) + len(tunnel._early)
         assert held <= LIMIT, f"server holds {held} bytes for a target that does not read"
         assert pusher.sent == sent_before, "the client was not paused"
         pusher.stopped = True

@@ -71,7 +71,7 @@ def test_server_tap_without_quic_needs_no_asyncio(tmp_path):
     path.write_text(yaml.safe_dump({"server": SERVER, "db": {"dsn": "mtop.db"}}))
     options = ServerOptions()
     options.parseOptions(["--config", str(path)])
-    assert [item.config.type for item in options.listeners] == ["tls"]
+    assert [item.config.type for item in options.settings.listeners] == ["tls"]
 
 
 def test_climber_tap_asks_for_the_asyncio_reactor():

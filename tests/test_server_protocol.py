@@ -8,16 +8,26 @@ from twisted.internet.testing import StringTransport
 
 from twisted.internet.address import IPv4Address
 
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
+
 from mtop import wire
+from mtop.interfaces import IStreamTransport
 from mtop.dialer import DestinationRefused
 from mtop.limits import AuthThrottle, ConnectionLimits, LimitSettings, ThrottleSettings
 from mtop.tls import FALLBACK_ALPN
 from mtop.userstore import UserRecord
-from mtop.server import ServerSettings, TunnelFactory
+from mtop.server import TunnelSettings, TunnelFactory
 
 
+@implementer(IStreamTransport)
 class Transport(StringTransport):
-    """StringTransport with half-close, abort and producer bookkeeping."""
+    """StringTransport with half-close, abort and producer bookkeeping, as
+    a TLS `IStreamTransport` (its ``tls`` is itself: the app data and ALPN
+    of the SSL connection)."""
+
+    kind = "tls"
+    tcp = None
 
     def __init__(self):
         super().__init__()
@@ -35,20 +45,26 @@ class Transport(StringTransport):
         # Like TCP transports, and unlike StringTransport, tolerate "none".
         self.producer = None
 
-    # Like `mtop.tlstransport.TLSTransport`: the SSL connection's app data.
+    # Like `mtop.tlstransport.TLSTransport`'s SSL connection.
     tls_app_data = None
+    alpn = None
 
-    def getHandle(self):
+    @property
+    def tls(self):
         return self
 
     def get_app_data(self):
         return self.tls_app_data
 
+    def get_alpn_proto_negotiated(self):
+        return self.alpn
+
 
 class StreamTransport(Transport):
     """Like a QUIC stream: no TLS connection of its own."""
 
-    getHandle = property(lambda self: (_ for _ in ()).throw(AttributeError("getHandle")))
+    kind = "quic"
+    tls = None
 
 
 class FakeAuth:
@@ -105,7 +121,7 @@ def make(result=True, limits=None, throttle=None, **settings):
         auth,
         dialer,
         clock,
-        ServerSettings(**settings),
+        TunnelSettings(**settings),
         limits=ConnectionLimits(limits) if limits else None,
         throttle=AuthThrottle(clock, throttle) if throttle else None,
     )
@@ -461,7 +477,7 @@ def test_fallback_gets_a_failed_login_with_its_auth_message():
 def test_fallback_after_the_tls_handshake_chose_another_alpn():
     protocol, client, clock, dialer, auth, factory = make(fallback=FALLBACK)
     client.tls_app_data = FALLBACK_ALPN
-    client.negotiatedProtocol = b"http/1.1"
+    client.alpn = b"http/1.1"
     protocol.handshakeCompleted()
     assert dialer.attempts[0]["host"] == "127.0.0.1"
     protocol.dataReceived(b"GET / HTTP/1.1\r\n\r\n")
@@ -497,7 +513,7 @@ def test_refusals_are_logged_once_a_minute_with_counts(events):
 
 def test_quic_streams_are_never_sent_to_the_fallback(events):
     clock, dialer, auth = Clock(), FakeDialer(), FakeAuth(False)
-    factory = TunnelFactory(auth, dialer, clock, ServerSettings(fallback=FALLBACK))
+    factory = TunnelFactory(auth, dialer, clock, TunnelSettings(fallback=FALLBACK))
     protocol = factory.buildProtocol(IPv4Address("UDP", "192.0.2.1", 40000))
     stream = StreamTransport()
     protocol.makeConnection(stream)
@@ -517,3 +533,9 @@ def test_an_auth_message_after_the_deadline_is_not_looked_at(events):
     protocol.connectionLost(None)
     (event,) = outcome_events(events)
     assert event["outcome"] == "handshake-timeout"
+
+
+def test_the_fake_transports_are_stream_transports():
+    """The fakes here stand for `IStreamTransport`s, so they must be ones."""
+    assert verifyObject(IStreamTransport, Transport())
+    assert verifyObject(IStreamTransport, StreamTransport())

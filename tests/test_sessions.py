@@ -7,13 +7,23 @@ in test_userstores.py and end to end in e2e/test_users_e2e.py."""
 from datetime import datetime
 
 import pytest
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
+from zope.interface import implementer
+from zope.interface.verify import verifyObject
 
 from mtop.ratelimit import MIN_BURST, TokenBucket
 from mtop.relay import Valve
 from mtop.sessions import UserSessions
-from mtop.userstore import StoreUnavailable, UserRecord
+from mtop.userstore import (
+    IUsageSink,
+    IUserChangeFeed,
+    IUserStore,
+    StoreUnavailable,
+    UsageCounting,
+    UserRecord,
+)
 
 
 class Pausable:
@@ -115,10 +125,11 @@ class FakeAuthenticator:
         self.forgotten.append(username)
 
 
+@implementer(IUserStore, IUsageSink)
 class Store:
     """Rows and flushes in memory; ``broken`` makes every call fail."""
 
-    counts_usage = True
+    usage_counting = UsageCounting.COUNTED
 
     def __init__(self):
         self.rows = {}
@@ -126,6 +137,9 @@ class Store:
         self.applied = set()
         self.broken = False
         self.pending_flush = None
+
+    def lookup(self, username):
+        return self.lookup_many([username]).addCallback(lambda rows: rows.get(username))
 
     def lookup_many(self, names):
         if self.broken:
@@ -294,3 +308,106 @@ def test_stopping_flushes_what_is_left(sessions):
     d = s.stopService()
     assert store.rows["ann"].bytes_down == 42
     assert d.called
+
+
+def test_the_fake_store_provides_what_it_declares():
+    store = Store()
+    verifyObject(IUserStore, store)
+    verifyObject(IUsageSink, store)
+
+
+def test_traffic_is_kept_while_the_store_cannot_say_whether_it_counts(sessions):
+    s, store, clock = sessions
+    store.usage_counting = UsageCounting.UNKNOWN
+    t1, _ = open_tunnel(s)
+    t1.relay.bytes_up = 30
+    s.release(t1, "ann")
+    clock.advance(5)
+    clock.advance(5)
+    assert store.flushes == [] and s.pending["ann"].up == 30
+    store.usage_counting = UsageCounting.COUNTED
+    clock.advance(5)
+    assert store.rows["ann"].bytes_up == 30
+    assert [seq for seq, _ in store.flushes] == [1]
+
+
+def test_traffic_is_dropped_when_the_table_has_no_counters(sessions):
+    s, store, clock = sessions
+    store.usage_counting = UsageCounting.NOT_COUNTED
+    t1, _ = open_tunnel(s)
+    t1.relay.bytes_up = 30
+    s.release(t1, "ann")
+    clock.advance(5)
+    assert store.flushes == [] and s.pending == {}
+
+
+@implementer(IUserStore)
+class LookupOnlyStore:
+    """A store that only reads rows: no usage sink, no change feed, no
+    service.  Its undeclared ``watch`` and ``add_usage`` are never used."""
+
+    def __init__(self):
+        self.rows = {"ann": UserRecord("ann", "", "")}
+        self.used = []
+
+    def lookup(self, username):
+        return succeed(self.rows.get(username))
+
+    def lookup_many(self, names):
+        return succeed({n: self.rows[n] for n in names if n in self.rows})
+
+    def watch(self, on_change):
+        self.used.append("watch")
+
+    def add_usage(self, server_id, seq, usage):
+        self.used.append("add_usage")
+        return succeed(True)
+
+
+def test_a_store_that_only_reads_rows_is_enough():
+    clock, store = Clock(), LookupOnlyStore()
+    verifyObject(IUserStore, store)
+    s = UserSessions(store, FakeAuthenticator(), clock, recheck_interval=5, flush_interval=5)
+    s.startService()
+    assert list(s) == []  # not a service: not a child
+    tunnel = FakeTunnel()
+    assert s.admit(tunnel, "ann", store.rows["ann"]) is None
+    s.relay_started(tunnel, "ann")
+    tunnel.relay.bytes_down = 99
+    store.rows["ann"] = UserRecord("ann", "", "", enabled=False)
+    clock.advance(5)
+    assert tunnel.revoked[0] == "user-disabled"
+    s.release(tunnel, "ann")
+    d = s.stopService()
+    assert d.called and store.used == [] and s.pending == {}
+
+
+@implementer(IUserStore, IUserChangeFeed)
+class WatchedStore(Service, LookupOnlyStore):
+    """A store that is a service and tells of changes."""
+
+    def __init__(self):
+        LookupOnlyStore.__init__(self)
+        self.watchers = []
+
+    def watch(self, on_change):
+        self.watchers.append(on_change)
+
+
+def test_a_change_feed_and_a_service_are_used_when_declared():
+    clock, store = Clock(), WatchedStore()
+    verifyObject(IUserStore, store)
+    verifyObject(IUserChangeFeed, store)
+    s = UserSessions(store, FakeAuthenticator(), clock, recheck_interval=60, flush_interval=60)
+    assert store.parent is s
+    s.startService()
+    assert store.running
+    tunnel = FakeTunnel()
+    s.admit(tunnel, "ann", store.rows["ann"])
+    del store.rows["ann"]
+    [changed] = store.watchers
+    changed("ann")
+    clock.advance(0)
+    assert tunnel.revoked[0] == "user-deleted"
+    s.stopService()
+    assert not store.running

@@ -1,10 +1,18 @@
-"""The TLS transport's fast paths, in memory: records decrypted straight
-into one buffer (through pyOpenSSL's cffi binding), writes by offset, and
-the relay's direct socket writes falling back to Twisted's queue."""
+"""The data path the process runs (`mtop.fastpath`): the switch, and the
+TLS transport's and the relay's fast paths in memory and on loopback:
+records decrypted straight into one buffer (through pyOpenSSL's cffi
+binding), received bytes read where they lie, grown buffers given back,
+and the relay's direct socket writes falling back to Twisted's queue.
+
+The suite also runs with ``MTOP_FASTPATH=off`` (``make test-portable``):
+then the tests about the fast path check that the portable path is the one
+in use, and the rest that it behaves the same."""
 
 import os
 import socket
 import struct
+import subprocess
+import sys
 import time
 
 import pytest_twisted
@@ -15,17 +23,69 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import StringTransport
 from zope.interface import implementer
 
-from mtop import tlstransport
+from mtop import fastpath, tlstransport
 from mtop.certs import init_certs
 from mtop.relay import writer_for
 from mtop.tls import client_context, server_context
 from mtop.tlstransport import TLSTransport
 
+#: This run's switch (``make test-portable`` turns the fast path off).
+SWITCHED_OFF = fastpath.switched_off(os.environ)
 
-def test_direct_reader_is_available():
+
+def test_the_fast_path_is_used_unless_switched_off():
+    if SWITCHED_OFF:
+        assert fastpath.active is None and not fastpath.enabled
+        assert fastpath.describe() == f"portable (MTOP_FASTPATH={os.environ['MTOP_FASTPATH'].strip()})"
+        return
     # Without it every record costs a large allocation and extra copies; a
-    # pyOpenSSL that changes what it relies on must be noticed, not slow.
-    assert tlstransport._read_direct is not None
+    # pyOpenSSL or Twisted that changes what it relies on must be noticed,
+    # not slow.
+    assert fastpath.active is not None and fastpath.enabled, fastpath.describe()
+    assert fastpath.describe().startswith("fast (pyOpenSSL ")
+
+
+def test_the_switch_is_read_at_import():
+    def data_path(value):
+        env = dict(os.environ, MTOP_FASTPATH=value)
+        code = "from mtop import fastpath; print(fastpath.describe())"
+        return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+
+    assert data_path("off") == "portable (MTOP_FASTPATH=off)\n"
+    assert data_path("0") == "portable (MTOP_FASTPATH=0)\n"
+    assert data_path("on").startswith("fast (")
+
+
+def test_a_missing_piece_means_none_of_the_fast_path(monkeypatch):
+    """All or none: a Twisted without one of the TCP pieces gets neither the
+    TCP nor the TLS fast path, and likewise for pyOpenSSL."""
+    from twisted.internet.abstract import FileDescriptor
+
+    with monkeypatch.context() as patch:
+        patch.delattr(FileDescriptor, "_writeDisconnecting")
+        path, reason = fastpath.choose({})
+    assert path is None and reason.startswith("Twisted ") and reason.endswith("lacks _writeDisconnecting")
+    with monkeypatch.context() as patch:
+        patch.delattr(SSL.Connection, "_raise_ssl_error")
+        path, reason = fastpath.choose({})
+    assert path is None and reason.startswith("pyOpenSSL ") and reason.endswith("lacks _raise_ssl_error")
+    assert fastpath.choose({"MTOP_FASTPATH": "off"}) == (None, "MTOP_FASTPATH=off")
+
+
+def test_the_data_path_is_logged_once_at_start(events):
+    from twisted.application.service import MultiService
+
+    root = MultiService()
+    fastpath.log_data_path_at_start(root)
+
+    def lines():
+        return [e for e in events if e.get("log_format", "").startswith("data path: ")]
+
+    assert lines() == []  # not while the service tree is built
+    root.startService()
+    root.stopService()
+    (line,) = lines()
+    assert line["path"] == fastpath.describe() and line["log_level"].name == "info"
 
 
 class Wire:
@@ -152,6 +212,9 @@ async def write_to_a_reset_peer(answer: bytes) -> list:
     class Side(Protocol):
         def connectionMade(self):
             self.write = writer_for(self.transport)
+            # Straight to the socket on the fast path; Twisted's queue (and
+            # its own handling of the reset) on the portable one.
+            assert (self.write != self.transport.write) == fastpath.enabled
             ready.callback(self)
 
         def dataReceived(self, data):
@@ -199,6 +262,7 @@ def test_received_bytes_are_read_where_they_lie_and_not_kept(tmp_path):
     import sys
 
     server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path)
+    assert client._fast is fastpath.active  # in place with the fast path, bio_write's copy without
     payload = os.urandom(200_000)
     server.write(payload)
     wire = server_wire.take()
@@ -215,37 +279,45 @@ def test_unread_input_survives_the_next_read():
     """Should OpenSSL leave fed bytes unread (a handshake stopped midway),
     they are copied out before the caller's buffer goes, and come first at
     the next read."""
-    swaps = tlstransport._bio_swaps
-    assert swaps is not None
     connection = SSL.Connection(SSL.Context(SSL.TLS_METHOD), None)
     connection.set_accept_state()
-    memory = swaps.feed(connection, bytearray(b"abc"))  # a writable buffer, overwritten below
+    if fastpath.active is None:
+        # The portable path: pyOpenSSL's bio_write copies what it is given.
+        assert SWITCHED_OFF and TLSTransport(Collector(), connection)._fast is None
+        return
+    swaps = fastpath.active.bio_swaps
+    buffer = bytearray(b"abc")
+    memory = swaps.feed(connection, buffer)
     swaps.settle(connection)
     del memory
+    buffer[:] = b"xyz"  # the caller's buffer is overwritten
     memory = swaps.feed(connection, b"def")  # noqa: F841 (the BIO reads from it)
-    from OpenSSL._util import ffi, lib
-
-    where = ffi.new("char **")
-    size = lib.BIO_get_mem_data(connection._into_ssl, where)
-    assert ffi.buffer(where[0], size)[:] == b"abcdef"
+    assert swaps.unread(connection) == b"abcdef"
 
 
-def test_grown_output_buffer_is_given_back_when_quiet(tmp_path):
+def test_grown_output_buffer_is_given_back_when_quiet(tmp_path, monkeypatch):
     from twisted.internet.task import Clock
 
     clock = Clock()
+    renewed = []
+    if fastpath.active is not None:
+        swaps = fastpath.active.bio_swaps
+        renew = swaps.renew_output
+        monkeypatch.setattr(swaps, "renew_output", lambda connection: renewed.append(renew(connection)) or renewed[-1])
     server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path, clock)
-    server_conn = server._tls
     server.write(b"small")  # small writes leave the buffer as it is
     assert not clock.getDelayedCalls()
-    grown = server_conn._from_ssl
     server.write(os.urandom(300_000))
+    if fastpath.active is None:
+        # The portable path keeps pyOpenSSL's BIOs as they are: no check.
+        assert SWITCHED_OFF and not clock.getDelayedCalls()
     clock.advance(tlstransport.QUIET_SECONDS)
     server.write(os.urandom(300_000))  # still busy: kept
     clock.advance(tlstransport.QUIET_SECONDS)
-    assert server_conn._from_ssl == grown
+    assert renewed == []
     clock.advance(tlstransport.QUIET_SECONDS)  # quiet for a whole period
-    assert server_conn._from_ssl != grown and not clock.getDelayedCalls()
+    assert renewed == ([True] if fastpath.active is not None else [])
+    assert not clock.getDelayedCalls()
     server.write(b"after")
     client.dataReceived(server_wire.take())
     assert bytes(client_proto.data).endswith(b"after") and len(client_proto.data) == 600_010
@@ -257,7 +329,8 @@ def test_quiet_check_stops_with_the_connection(tmp_path):
     clock = Clock()
     server, client, server_proto, client_proto, server_wire, client_wire, pump = make_pair(tmp_path, clock)
     server.write(os.urandom(100_000))
-    assert clock.getDelayedCalls()
+    # Only the fast path gives grown buffers back.
+    assert bool(clock.getDelayedCalls()) == fastpath.enabled and (fastpath.enabled or SWITCHED_OFF)
     server.connectionLost(None)
     assert not clock.getDelayedCalls()
 

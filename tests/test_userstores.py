@@ -6,9 +6,12 @@ import datetime
 
 import pytest
 import pytest_twisted
+from twisted.application.service import IService
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from zope.interface.verify import verifyObject
 
 from helpers import run_sql
 from mtop import ctl, passwords
@@ -16,7 +19,50 @@ from mtop.auth import Authenticator
 from mtop.database import BASE_TABLE, POLICY_COLUMN_NAMES, DBSettings, connect
 from mtop.tap import user_store
 from mtop.config import load_config
-from mtop.userstore import StoreUnavailable
+from mtop.userstore import IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable, Usage, UsageCounting
+from mtop.userstore.mysql import MySQLUserStore
+from mtop.userstore.postgres import PostgresUserStore
+from mtop.userstore.sqlite import SQLiteUserStore
+
+
+@pytest.mark.parametrize(
+    "make_store, change_feed",
+    [
+        (lambda tmp_path: SQLiteUserStore(str(tmp_path / "users.db")), False),
+        (lambda tmp_path: MySQLUserStore("mtop:pw@tcp(127.0.0.1:3306)/mtop"), False),
+        (lambda tmp_path: PostgresUserStore("postgresql://mtop@127.0.0.1/mtop", reactor), True),
+    ],
+    ids=["sqlite", "mysql", "postgres"],
+)
+def test_each_backend_provides_what_it_declares(tmp_path, make_store, change_feed):
+    """The contracts the sessions and the authenticator rely on (no
+    database is opened: the store is not started)."""
+    store = make_store(tmp_path)
+    verifyObject(IUserStore, store)
+    verifyObject(IUsageSink, store)
+    verifyObject(IService, store)
+    assert store.usage_counting is UsageCounting.UNKNOWN  # until its columns are read
+    assert IUserChangeFeed.providedBy(store) is change_feed
+    if change_feed:
+        verifyObject(IUserChangeFeed, store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_store_stopped_before_its_startup_check_ends_logs_no_error(backend):
+    """The check's query finishing after the pool closed is not "cannot read
+    mtop_user" (an error line that used to land in whatever ran next)."""
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        for _ in range(10):
+            store = started_store(config)
+            await stopped(store)
+        await deferLater(reactor, 0.5, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [formatEvent(e) for e in events if e.get("log_level") is LogLevel.error] == []
 
 
 @pytest.fixture(params=["sqlite", "postgres", "mysql"])
@@ -229,8 +275,6 @@ def _counters(settings, username):
 
 @pytest_twisted.ensureDeferred
 async def test_usage_is_added_exactly_once_per_flush(backend):
-    from mtop.userstore.sql import Usage
-
     settings, config = backend
     mtopctl(config, "db", "init")
     for name in ("dave", "erin"):
@@ -238,7 +282,7 @@ async def test_usage_is_added_exactly_once_per_flush(backend):
     store = started_store(config)
     try:
         await columns_detected(store)
-        assert store.counts_usage is True
+        assert store.usage_counting is UsageCounting.COUNTED
         batch = {"dave": Usage(100, 2000, "2026-11-23 10:00:00"), "erin": Usage(7, 0, None)}
         assert await store.add_usage("server-a", 1, batch) is True
         # The same flush again (its first answer was lost): not counted twice.

@@ -4,7 +4,7 @@ Every ``asyncio`` and ``aioquic`` import of the project lives in this
 subpackage.  aioquic's `QuicConnection` is sans-IO; here it is driven from a
 Twisted `DatagramProtocol`, with timers on the reactor, and each
 bidirectional stream is presented to the existing protocol code (the
-server's `TunnelProtocol`, climber's `Tunnel`) as a Twisted transport with
+server's `TunnelProtocol`, climber's `ServerTunnel`) as a Twisted transport with
 half-close and producer/consumer flow control.
 
 Modules:

@@ -73,9 +73,9 @@ def tuned_configuration(**settings: Any) -> QuicConfiguration:
 
 
 def size_socket_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
-    """Ask for ``size``-byte send and receive buffers on a UDP port's socket
+    """Ask for ``size``-byte send and receive buffers on a Twisted UDP port's socket
     (``SO_RCVBUFFORCE`` when privileged, else up to the system's maximum)."""
-    sock = port.getHandle() if hasattr(port, "getHandle") else port.socket
+    sock = port.getHandle()
     for force, plain in ((getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF),
                          (getattr(socket, "SO_SNDBUFFORCE", None), socket.SO_SNDBUF)):
         for option in (force, plain):

@@ -9,8 +9,8 @@ one stream, one tunnel, starting with one auth message.
 
 ALPN is required and must be ``server.proto``; a client offering another
 fails the handshake (``no_application_protocol``).  A connection must finish
-its handshake within the handshake timeout; it is closed after
-``idle_timeout`` without packets.  Session tickets are issued and accepted
+its handshake within the handshake timeout; it is closed after the QUIC
+idle timeout without packets (`mtop.listeners.quic_idle_timeout`).  Session tickets are issued and accepted
 (single use, kept in memory), so clients resume; early data (0-RTT) is
 neither offered in tickets nor accepted (see `FlowControlledConnection`):
 a tunnel's first bytes are a replayable login.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
@@ -29,8 +29,12 @@ from aioquic.tls import SessionTicket
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol
+from zope.interface import implementer
 
+from mtop.config import ListenAddress, ListenerConfig
+from mtop.interfaces import ISettingsConsumer
 from mtop.limits import client_key
+from mtop.listening import ipv6_available, listen_failed
 from mtop.logs import logger
 from mtop.wire import format_address
 from mtop.quic.connection import (
@@ -42,11 +46,11 @@ from mtop.quic.connection import (
 )
 from mtop.quic.stream import QuicStreamTransport
 
+if TYPE_CHECKING:
+    from mtop.settings import RuntimeSettings
+
 #: Session tickets kept for resumption (each is used once).
 MAX_TICKETS = 10000
-#: A connection (not a tunnel) with no packets for this long is closed when
-#: tunnels never idle out (``idle_timeout: 0``).
-LONGEST_IDLE = 3600.0
 #: A QUIC connection whose last tunnel has ended is closed after this many
 #: seconds without a new one (clients open a new connection for the next
 #: tunnel; the original's client gives up an idle connection after 10 s).
@@ -58,14 +62,16 @@ class QuicConfigError(ValueError):
 
 
 def server_configuration(
-    crt: str, key: str, proto: str, idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE
+    crt: str, key: str, proto: str, quic_idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE
 ) -> Any:
-    """The aioquic server configuration for ``server.crt``/``key``/``proto``."""
+    """The aioquic server configuration for ``server.crt``/``key``/``proto``;
+    ``quic_idle_timeout``: seconds without packets that close a connection
+    (`mtop.listeners.quic_idle_timeout` derives it from the config)."""
     configuration = tuned_configuration(
         is_client=False,
         max_datagram_size=packet_size,
         alpn_protocols=[proto],
-        idle_timeout=idle_timeout if idle_timeout > 0 else LONGEST_IDLE,
+        idle_timeout=quic_idle_timeout,
     )
     try:
         configuration.load_cert_chain(crt, key)
@@ -340,23 +346,47 @@ class QuicServerProtocol(DatagramProtocol):
             connection.abandon("server shutting down")
 
 
+@implementer(ISettingsConsumer)
 class QuicListenerService(Service):
-    """Listens for QUIC on a UDP address while running; logs the address
-    bound (``label listening on host:port``, as the TLS listener does)."""
+    """A QUIC listener of the config (an `IService`): listens for QUIC on
+    its UDP address while running and logs the address bound (``MTop QUIC
+    listening on host:port``, as the TLS listener does).  New connections
+    get the QUIC configuration (certificate) of the latest settings
+    (`apply_settings`); open ones keep theirs.
+
+    If it cannot listen, it logs one critical line naming the address and
+    the cause and raises `mtop.listening.ListenFailed` from its start (the
+    tap decides what happens then)."""
 
     _log = logger()
 
     def __init__(
-        self, reactor: Any, protocol: QuicServerProtocol, host: str | None, port: int, label: str = "MTop QUIC", reuse_port: bool = False
+        self,
+        reactor: Any,
+        protocol: QuicServerProtocol,
+        listener: ListenerConfig,
+        index: int = 0,
+        port: int | None = None,
+        label: str = "MTop QUIC",
+        reuse_port: bool = False,
     ):
+        """``listener``: its config (number ``index`` in the config);
+        ``port``: the UDP port, if not the config's (a worker's)."""
         self.reactor = reactor
         self.protocol = protocol
-        self.interface = host
-        self.port_number = port
+        self.listener = listener
+        self.index = index
+        self.interface = listener.listen.host
+        self.port_number = listener.listen.port if port is None else port
         self.label = label
         #: Bind with SO_REUSEPORT (server workers share the port).
         self.reuse_port = reuse_port
         self.port: Any = None
+
+    def apply_settings(self, settings: RuntimeSettings) -> None:
+        security = settings.listener_security(self.listener, self.index)
+        if security is not None:
+            self.protocol.configuration = security
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -370,16 +400,14 @@ class QuicListenerService(Service):
     def _listen(self) -> None:
         interface = self.interface
         if interface is None:
-            interface = "::" if _ipv6_available() else "0.0.0.0"
+            interface = "::" if ipv6_available() else "0.0.0.0"
         try:
             if self.reuse_port:
                 self.port = self._adopt_reuseport()
             else:
                 self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=interface, maxPacketSize=65535)
         except Exception as e:
-            self._log.critical("{label} cannot listen: {error}", label=self.label, error=e)
-            self.reactor.callLater(0, self.reactor.stop)
-            return
+            raise listen_failed(self._log, self.label, ListenAddress(self.interface, self.port_number), e) from None
         host = self.port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
         self._log.info("{label} listening on {address}", label=self.label, address=shown, port=host.port)
@@ -387,7 +415,6 @@ class QuicListenerService(Service):
     def _adopt_reuseport(self) -> Any:
         import socket
 
-        from mtop.config import ListenAddress
         from mtop.workers import reuseport_socket
 
         sock = reuseport_socket(ListenAddress(self.interface, self.port_number), socket.SOCK_DGRAM)
@@ -403,9 +430,3 @@ class QuicListenerService(Service):
         self.protocol.close_all()
         port, self.port = self.port, None
         return port.stopListening()
-
-
-def _ipv6_available() -> bool:
-    from mtop.listen import _ipv6_available as available
-
-    return available()

@@ -33,13 +33,19 @@ from twisted.internet.interfaces import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mtop.interfaces import IStreamTransport
 from mtop.quic.connection import SEND_HIGH_WATER, STREAM_ABORTED, QuicDriver
 
 
-@implementer(ITransport, IPushProducer, IConsumer)
+@implementer(ITransport, IPushProducer, IConsumer, IStreamTransport)
 class QuicStreamTransport:
-    """The transport of one stream of ``driver``'s connection."""
+    """The transport of one stream of ``driver``'s connection
+    (`mtop.interfaces.IStreamTransport`: ``kind`` ``quic``, no TCP, no TLS
+    connection of its own)."""
 
+    kind = "quic"
+    tcp = None
+    tls = None
     connected = True
     disconnecting = False
     lost = False

@@ -1,17 +1,41 @@
-"""User stores: where ``mtop_user`` rows come from.
+"""User stores: where ``mtop_user`` rows come from, and where the traffic
+the server counts goes back to.
 
-Every backend implements `UserStore`: ``lookup(username)`` returns a Deferred
-firing with a `UserRecord` or ``None``.  Stores with a lifecycle (connection
-pools) are Twisted services.
+What the rest of the server asks of a store is written down as interfaces,
+declared by each backend with ``@implementer`` and checked with
+``zope.interface.verify.verifyObject`` in the tests:
+
+`IUserStore` (required of every store)
+    ``lookup(username)`` and ``lookup_many(usernames)``: the rows, each a
+    `UserRecord`.  `mtop.auth.Authenticator` reads one row per login;
+    `mtop.sessions.UserSessions` reads the rows of users with open tunnels.
+`IUsageSink` (optional)
+    ``add_usage``: add traffic (`Usage`) to the users' counters, exactly
+    once per flush; ``usage_counting`` (`UsageCounting`) says whether the
+    table can hold it, or that this is not known yet.
+`IUserChangeFeed` (optional)
+    ``watch(on_change)``: the store tells of changed rows as they change.
+
+A store with a lifecycle (a connection pool) is also a Twisted service
+(``IService``); `UserSessions` makes it its child, so the last traffic
+flush runs before the store closes.  The sessions ask for the optional
+pieces with ``IX.providedBy(store)``, never by probing for methods.
+
+The backends: `mtop.userstore.sqlite`, `mtop.userstore.mysql` (both
+`IUserStore` and `IUsageSink`) and `mtop.userstore.postgres` (those and
+`IUserChangeFeed`, through ``LISTEN``/``NOTIFY``), on the SQL shared in
+`mtop.userstore.sql`.
 """
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Callable, Iterable
 
 from twisted.internet.defer import Deferred
+from zope.interface import Attribute, Interface
 
 
 @dataclass(frozen=True)
@@ -45,10 +69,72 @@ class UserRecord:
         return f"UserRecord(username={self.username!r}, salt=<hidden>, password=<hidden>)"
 
 
-class UserStore(Protocol):
-    def lookup(self, username: str) -> Deferred[UserRecord | None]:
-        """The row for ``username``, or ``None`` if there is none."""
+@dataclass(frozen=True)
+class Usage:
+    """Traffic of one user to add to the table: bytes each way and the last
+    login (``"YYYY-MM-DD HH:MM:SS"`` UTC, or ``None``)."""
+
+    up: int
+    down: int
+    last_seen: str | None = None
+
+
+class UsageCounting(enum.Enum):
+    """Whether an `IUsageSink` can write traffic now."""
+
+    #: Not known yet (the table's columns have not been read): keep the
+    #: traffic and ask again at the next flush.
+    UNKNOWN = "unknown"
+    #: The table has the counters: ``add_usage`` writes them.
+    COUNTED = "counted"
+    #: The table has no counters (an original table): traffic is dropped.
+    NOT_COUNTED = "not counted"
+
+
+#: What `IUserChangeFeed` callbacks receive when any user may have changed.
+ALL_USERS = None
 
 
 class StoreUnavailable(Exception):
     """The store could not answer (database down, table missing)."""
+
+
+class IUserStore(Interface):
+    """Where the users' rows are read: what every store provides.
+
+    Both methods fail with `StoreUnavailable` when the store cannot answer;
+    either may also raise it at once (a store that is not running)."""
+
+    def lookup(username: str) -> Deferred[UserRecord | None]:
+        """The row of ``username``, or ``None`` if there is none."""
+
+    def lookup_many(usernames: Iterable[str]) -> Deferred[dict[str, UserRecord]]:
+        """The rows of those of ``usernames`` that exist, by name (the
+        others are absent from the dict)."""
+
+
+class IUsageSink(Interface):
+    """Where the traffic of tunnels is written back (an optional part of a
+    store)."""
+
+    usage_counting = Attribute(
+        "A `UsageCounting`: whether `add_usage` writes traffic now, does not, or is not known yet. "
+        "It may change while the store runs (columns added to a live table)."
+    )
+
+    def add_usage(server_id: str, seq: int, usage: dict[str, Usage]) -> Deferred[bool]:
+        """Add ``usage`` (by username) to the users' counters, exactly once
+        per ``(server_id, seq)``: fires ``True`` when written now, ``False``
+        when an earlier attempt (whose answer was lost) had written it;
+        fails with `StoreUnavailable` when the store cannot answer."""
+
+
+class IUserChangeFeed(Interface):
+    """A store that tells of changed rows as they change (an optional part
+    of a store; PostgreSQL's ``NOTIFY``)."""
+
+    def watch(on_change: Callable[[str | None], None]) -> None:
+        """Call ``on_change(username)`` when that user's row changes, and
+        ``on_change(ALL_USERS)`` (``None``) when any row may have changed
+        (changes may have been missed).  May be called before the store
+        starts."""

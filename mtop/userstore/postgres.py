@@ -16,12 +16,12 @@ socket dies between queries by raising from the reactor's ``doRead``
 (which Twisted logs as "Unhandled Error" with a traceback); our
 ``Connection`` turns that into an ordinary lost connection instead.
 
-`watch` adds one more connection that ``LISTEN``s on ``mtop_user``: the
-trigger `mtop.database` installs sends the username of every changed row,
-so a change takes effect at once rather than within the cache time.  The
-listening connection is pinged, reconnects like the others and, once back,
-listens again and reports every user changed (notifications sent while it
-was away are lost).
+`watch` (`mtop.userstore.IUserChangeFeed`) adds one more connection that
+``LISTEN``s on ``mtop_user``: the trigger `mtop.database` installs sends
+the username of every changed row, so a change takes effect at once rather
+than within the cache time.  The listening connection is pinged,
+reconnects like the others and, once back, listens again and reports every
+user changed (notifications sent while it was away are lost).
 """
 
 from __future__ import annotations
@@ -32,18 +32,17 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
-from mtop.userstore import StoreUnavailable
+from mtop.userstore import ALL_USERS, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
 from mtop.userstore.sql import SQLUserStore, UsageFlush, error_line
 
 POOL_SIZE = 3
 #: Seconds between pings of the listening connection.
 LISTEN_PING_INTERVAL = 10.0
-#: What `watch` callbacks receive when any user may have changed.
-ALL_USERS = None
 
 
 @functools.cache
@@ -177,9 +176,11 @@ def _connection_class() -> type:
     return Connection
 
 
+@implementer(IUserStore, IUsageSink, IUserChangeFeed)
 class PostgresUserStore(SQLUserStore):
     """Users in a PostgreSQL database named by a libpq DSN (URI or
-    keywords)."""
+    keywords): `IUserStore`, `IUsageSink`, and `IUserChangeFeed` through
+    ``LISTEN``/``NOTIFY``."""
 
     driver = "postgres"
     _log = logger()
@@ -229,6 +230,8 @@ class PostgresUserStore(SQLUserStore):
             d.callback(None)
 
     def _connect_failed(self, failure: Failure, connection: Any) -> None:
+        if not self.running:
+            return  # closed by stopService while it connected
         if connection.detector.deathChecker(failure):
             # Unreachable: reconnect in the background, and report it once.
             connection.detector.checkForDeadConnection(failure)
@@ -260,7 +263,8 @@ class PostgresUserStore(SQLUserStore):
 
     def watch(self, on_change: Callable[[str | None], None]) -> None:
         """Call ``on_change(username)`` when a row changes, and
-        ``on_change(None)`` when notifications may have been missed."""
+        ``on_change(ALL_USERS)`` when notifications may have been missed
+        (`IUserChangeFeed`)."""
         self._watchers.append(on_change)
         if self.running and self._listener is None:
             self._start_listening()

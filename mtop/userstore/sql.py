@@ -14,11 +14,13 @@ A subclass provides `_start_pool`, `_stop_pool`, `_query(sql, params)`
 (runs `UsageFlush` steps in one transaction); SQL is written with ``?``
 placeholders and converted by `_sql` for ``%s`` drivers.  `AdbapiUserStore`
 does all that for the DB-API drivers run in adbapi's thread pool.
+
+Every SQL store provides `mtop.userstore.IUserStore` and
+`mtop.userstore.IUsageSink` (and is a Twisted service).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Callable, Iterable
 
@@ -27,10 +29,11 @@ from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred, gatherResults, maybeDeferred
 from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mtop.database import COLUMNS_SQL, POLICY_COLUMN_NAMES, to_format
 from mtop.logs import logger
-from mtop.userstore import StoreUnavailable, UserRecord
+from mtop.userstore import IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
 
 BASE_COLUMNS = ("username", "salt", "password")
 #: Policy columns the lookup reads (the counters are for the quota).
@@ -56,16 +59,6 @@ def _timestamp(value: Any) -> datetime | None:
 
 def _int(value: Any) -> int | None:
     return None if value is None else int(value)
-
-
-@dataclass(frozen=True)
-class Usage:
-    """Traffic of one user to add to the table: bytes each way and the last
-    login (``"YYYY-MM-DD HH:MM:SS"`` UTC, or ``None``)."""
-
-    up: int
-    down: int
-    last_seen: str | None = None
 
 
 class UsageFlush:
@@ -103,9 +96,10 @@ class UsageFlush:
         return True
 
 
+@implementer(IUserStore, IUsageSink)
 class SQLUserStore(Service):
-    """A `mtop.userstore.UserStore` over one SQL database; a Service owning
-    its connection pool."""
+    """The users of one SQL database (`IUserStore`) and their traffic
+    counters (`IUsageSink`); a Service owning its connection pool."""
 
     _log = logger()
     driver = "sql"
@@ -195,8 +189,6 @@ class SQLUserStore(Service):
     def check(self) -> Deferred:
         """Log whether the user table can be read, and which policy columns
         it has (at start-up)."""
-        d = self._detect_columns()
-        d.addCallback(lambda _: self._run_query(self._sql("SELECT COUNT(*) FROM mtop_user")))
 
         def ok(rows: list) -> None:
             extra = ", ".join(self.policy_columns) if self.policy_columns else "none (run 'mtopctl db upgrade' for them)"
@@ -208,15 +200,20 @@ class SQLUserStore(Service):
             )
 
         def bad(failure: Failure) -> None:
-            if self.reachable is False:
-                return  # the outage warning said why
+            if self.reachable is False or not self.running:
+                return  # the outage warning said why, or the store stopped meanwhile
             self._log.error(
                 "users: cannot read mtop_user in {store}: {error}; create it with 'mtopctl db init'",
                 store=self.description,
                 error=error_line(failure),
             )
 
-        return d.addCallbacks(ok, bad)
+        def count(_: Any) -> Deferred | None:
+            if not self.running:
+                return None  # stopped before the columns were read: nothing to say
+            return self._run_query(self._sql("SELECT COUNT(*) FROM mtop_user")).addCallbacks(ok, bad)
+
+        return self._detect_columns().addCallback(count)
 
     def _detect_columns(self) -> Deferred:
         d = self._run_query(COLUMNS_SQL[self.driver])
@@ -234,13 +231,15 @@ class SQLUserStore(Service):
 
         return d.addCallbacks(found, failed)
 
-    # UserStore
+    # IUserStore
 
     def lookup(self, username: str) -> Deferred[UserRecord | None]:
+        """The row of ``username``, or ``None`` (`IUserStore`)."""
         return self._select([username]).addCallback(lambda records: records.get(username))
 
     def lookup_many(self, usernames: Iterable[str]) -> Deferred[dict[str, UserRecord]]:
-        """The rows of those of ``usernames`` that exist, by name."""
+        """The rows of those of ``usernames`` that exist, by name
+        (`IUserStore`); one query per `LOOKUP_BATCH` names."""
         names = sorted(set(usernames))
         batches = [self._select(names[i : i + LOOKUP_BATCH]) for i in range(0, len(names), LOOKUP_BATCH)]
 
@@ -249,18 +248,23 @@ class SQLUserStore(Service):
 
         return gatherResults(batches, consumeErrors=True).addCallbacks(merged, lambda f: f.value.subFailure)
 
+    # IUsageSink
+
     @property
-    def counts_usage(self) -> bool | None:
-        """Whether the table has the traffic counters (`add_usage` works);
-        ``None`` until the columns have been read."""
+    def usage_counting(self) -> UsageCounting:
+        """Whether the table has the traffic counters (`add_usage` works):
+        `UsageCounting.UNKNOWN` until its columns have been read."""
         if not self._columns_known:
-            return None
-        return "bytes_up" in self.policy_columns and "bytes_down" in self.policy_columns
+            return UsageCounting.UNKNOWN
+        if "bytes_up" in self.policy_columns and "bytes_down" in self.policy_columns:
+            return UsageCounting.COUNTED
+        return UsageCounting.NOT_COUNTED
 
     def add_usage(self, server_id: str, seq: int, usage: dict[str, Usage]) -> Deferred[bool]:
         """Add ``usage`` to the users' counters, exactly once per
         ``(server_id, seq)``: fires ``True`` when written now, ``False`` when
-        an earlier attempt (whose answer was lost) had written it."""
+        an earlier attempt (whose answer was lost) had written it
+        (`IUsageSink`)."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
         d = self._observed(maybeDeferred(self._transaction, UsageFlush(server_id, seq, usage, self._sql)))
@@ -310,10 +314,6 @@ class SQLUserStore(Service):
             # A column may have been dropped: look again before the next query.
             self._detect_columns()
         return Failure(StoreUnavailable(f"{self.description}: {error_line(failure)}"))
-
-    def watch(self, on_change: Callable[[str], None]) -> None:
-        """Call ``on_change(username)`` when a row changes, if the database
-        can say so (PostgreSQL's NOTIFY); otherwise do nothing."""
 
 
 class _QuietConnection(adbapi.Connection):
@@ -388,7 +388,7 @@ class AdbapiUserStore(SQLUserStore):
 
 def error_line(failure: Failure) -> str:
     """The first line of ``failure``'s message, for a log line."""
-    args = getattr(failure.value, "args", ())
+    args = failure.value.args
     if type(failure.value).__module__.startswith("pymysql") and len(args) == 2 and isinstance(args[1], str):
         # PyMySQL's (code, message), not its repr
         text = f"{args[1]} ({args[0]})"

@@ -10,7 +10,9 @@ import sqlite3
 from urllib.parse import quote
 
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from mtop.userstore import IUsageSink, IUserStore
 from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 
@@ -33,8 +35,12 @@ class _SQLiteModule:
     connect = staticmethod(_connect)
 
 
+@implementer(IUserStore, IUsageSink)
 class SQLiteUserStore(AdbapiUserStore):
-    """Users in a SQLite file; one connection in adbapi's thread pool."""
+    """Users in a SQLite file (`IUserStore`, `IUsageSink`); one connection
+    in adbapi's thread pool.  No change feed: SQLite cannot tell of other
+    processes' writes, so a change shows at the next lookup (the sessions
+    recheck open tunnels periodically)."""
 
     driver = "sqlite"
 

@@ -1,8 +1,18 @@
-"""Listening services for ``server.listen`` addresses.
+"""Listening on a TCP address: endpoints and the service that listens.
+
+Used by everything that accepts connections: the server's TLS listeners
+(`mtop.listeners`), the metrics listener and climber's proxies and port
+forwards.  Outbound connections are elsewhere (`mtop.dialer`,
+`climber.tunnel`).
 
 Socket activation: a listening TCP socket passed by systemd (a ``.socket``
 unit: ``LISTEN_PID``/``LISTEN_FDS``) that is bound to a listen address is
 adopted for it instead of binding a new one; configs stay as they are.
+
+A listener that cannot listen does not stop anything itself: it logs one
+critical line naming the address and the cause and raises `ListenFailed`
+from its start; the tap's root service (`mtop.startup.TapService`) decides
+what that means for the process.
 """
 
 from __future__ import annotations
@@ -15,12 +25,42 @@ from typing import Any
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEndpoint, TCP6ServerEndpoint
+from twisted.internet.error import CannotListenError
+from twisted.python.failure import Failure
 
 from mtop.config import ListenAddress
 from mtop.logs import logger
 
+#: The accept queue of every listening socket we open.
+BACKLOG = 1024
 
-def _ipv6_available() -> bool:
+
+class ListenFailed(Exception):
+    """A listener could not listen; the message is the sentence already
+    logged, e.g. ``MTop TLS cannot listen on 127.0.0.1:8443: address
+    already in use``."""
+
+
+def listen_failure_cause(error: BaseException) -> str:
+    """Why listening failed, as the end of a sentence: ``address already in
+    use``, ``permission denied``, ..."""
+    if isinstance(error, CannotListenError) and error.socketError is not None:
+        error = error.socketError
+    text = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+    return text[:1].lower() + text[1:]
+
+
+def listen_failed(log: Any, label: str, address: Any, error: BaseException) -> ListenFailed:
+    """Log the one critical line of a listener that cannot listen on
+    ``address``; the `ListenFailed` to raise."""
+    cause = listen_failure_cause(error)
+    log.critical("{label} cannot listen on {address}: {cause}", label=label, address=str(address), cause=cause)
+    return ListenFailed(f"{label} cannot listen on {address}: {cause}")
+
+
+def ipv6_available() -> bool:
+    """Whether this system can bind IPv6 sockets (an IPv6-less kernel or
+    container cannot)."""
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
             s.bind(("::", 0))
@@ -86,15 +126,16 @@ def _adopt(reactor: Any, address: ListenAddress) -> Any:
     return None
 
 
-def server_endpoint(reactor: Any, address: ListenAddress, backlog: int = 1024) -> Any:
-    """A TCP server endpoint for ``address``: the socket systemd passed for
-    it, if any; otherwise a new one.  No host means every interface, IPv4 and
-    IPv6 on one dual-stack socket where the system has IPv6."""
+def listening_endpoint(reactor: Any, address: ListenAddress, backlog: int = BACKLOG) -> Any:
+    """A TCP server endpoint (`IStreamServerEndpoint`) for ``address``: the
+    socket systemd passed for it, if any; otherwise a new one.  No host
+    means every interface, IPv4 and IPv6 on one dual-stack socket where the
+    system has IPv6."""
     adopted = _adopt(reactor, address)
     if adopted is not None:
         return adopted
     if address.host is None:
-        if _ipv6_available():
+        if ipv6_available():
             return TCP6ServerEndpoint(reactor, address.port, backlog=backlog, interface="::")
         return TCP4ServerEndpoint(reactor, address.port, backlog=backlog, interface="0.0.0.0")
     if ":" in address.host:
@@ -102,41 +143,55 @@ def server_endpoint(reactor: Any, address: ListenAddress, backlog: int = 1024) -
     return TCP4ServerEndpoint(reactor, address.port, backlog=backlog, interface=address.host)
 
 
-class ListenerService(Service):
-    """Listens on an endpoint while running; logs the address actually bound
-    (useful with port 0)."""
+class ListeningService(Service):
+    """Listens on an endpoint while running (an `IService`); logs the
+    address actually bound (useful with port 0).
+
+    The endpoint listens in `privilegedStartService` (before twistd sheds
+    root), or in `startService` when started without it.  If it cannot, the
+    service logs one critical line and raises `ListenFailed` from there.
+    Every endpoint we use answers at once; one that fails later is only
+    logged (nobody is left to raise to)."""
 
     _log = logger()
 
-    def __init__(self, endpoint: Any, factory: Any, label: str, note: str = ""):
+    def __init__(self, endpoint: Any, factory: Any, label: str, address: ListenAddress, note: str = ""):
+        """``address``: what ``endpoint`` listens on, as configured (for
+        the log lines); ``note``: the end of the listening line."""
         self.endpoint = endpoint
         self.factory = factory
         self.label = label
+        self.address = address
         self.note = note
         self.port: Any = None
         self._listening: Deferred | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listening = self.endpoint.listen(self.factory)
-        self._listening.addCallbacks(self._listened, self._failed)
+        self._listen()
 
     def startService(self) -> None:
         if self._listening is None:
-            self.privilegedStartService()
+            self._listen()
         super().startService()
+
+    def _listen(self) -> None:
+        failed: list[ListenFailed] = []
+
+        def failure(reason: Failure) -> None:
+            failed.append(listen_failed(self._log, self.label, self.address, reason.value))
+
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failure)
+        if failed:
+            self._listening = None
+            raise failed[0]
 
     def _listened(self, port: Any) -> None:
         self.port = port
         host = port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
         self._log.info("{label} listening on {address}{note}", label=self.label, address=shown, port=host.port, note=self.note)
-
-    def _failed(self, failure: Any) -> None:
-        self._log.critical("{label} cannot listen: {error}", label=self.label, error=failure.getErrorMessage())
-        from twisted.internet import reactor
-
-        reactor.callLater(0, reactor.stop)
 
     def stopService(self) -> Deferred | None:
         super().stopService()
