@@ -30,6 +30,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
+from mtop.timers import cancel
 
 V1_PREFIX = b"PROXY "
 V1_MAX = 107  # the longest v1 line, CRLF included
@@ -209,8 +210,7 @@ class ProxyHeaderProtocol(Protocol):
             self.upper.writeConnectionLost()
 
     def connectionLost(self, reason: Failure = None) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        cancel(self._deadline)
         self._deadline = None
         upper, self.upper = self.upper, None
         if upper is not None:

@@ -39,6 +39,7 @@ from zope.interface import implementer
 
 from mtop import fastpath
 from mtop.interfaces import IStreamTransport
+from mtop.timers import cancel
 
 #: What a tunnel's TCP connections read at once, and how much each may hold
 #: for writing before it pauses its producer.  Twisted's 64 KiB default
@@ -145,8 +146,7 @@ class IdleWatch:
         self._call = self.clock.callLater(self._interval(), self._check)
 
     def stop(self) -> None:
-        if self._call is not None and self._call.active():
-            self._call.cancel()
+        cancel(self._call)
         self._call = None
 
 
@@ -334,8 +334,7 @@ class Relay:
         self._linger = self.clock.callLater(LINGER_SECONDS, self.client.abortConnection)
 
     def _stop_lingering(self) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        cancel(self._linger)
         self._linger = None
 
     # Both.

@@ -57,6 +57,7 @@ from zope.interface import implementer
 
 from mtop import fastpath
 from mtop.interfaces import IStreamTransport
+from mtop.timers import cancel
 
 #: Plaintext delivered to the protocol at most at once, and (on the
 #: portable path; see `mtop.fastpath.BUFFER_SIZE` for the fast one)
@@ -191,8 +192,7 @@ class TLSTransport:
             return
         self._lost = True
         self.connected = False
-        if self._quiet_call is not None and self._quiet_call.active():
-            self._quiet_call.cancel()
+        cancel(self._quiet_call)
         self._quiet_call = None
         wrapped, self.wrapped = self.wrapped, None
         wrapped.connectionLost(self._failure or reason)

@@ -38,6 +38,7 @@ from mtop.quic.connection import (
 )
 from mtop.quic.server import twisted_address
 from mtop.quic.stream import QuicStreamTransport
+from mtop.timers import cancel
 
 #: Streams per connection before another connection is opened.
 DEFAULT_MAX_STREAMS = 100
@@ -207,8 +208,7 @@ class QuicClientConnection(QuicDriver):
             self.shut("unused")
 
     def _cancel_linger(self) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        cancel(self._linger)
         self._linger = None
 
     def _keep_alive(self) -> None:
@@ -223,8 +223,7 @@ class QuicClientConnection(QuicDriver):
     # Driver hooks
 
     def handshake_completed(self, event: Any) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        cancel(self._deadline)
         self._deadline = None
         self.resumed = bool(event.session_resumed)
         self._keepalive = self.reactor.callLater(KEEPALIVE, self._keep_alive)
@@ -242,8 +241,7 @@ class QuicClientConnection(QuicDriver):
         self._ended = True
         self.close_reason = self.close_reason or reason
         for call in (self._deadline, self._linger, self._keepalive):
-            if call is not None and call.active():
-                call.cancel()
+            cancel(call)
         self._deadline = self._linger = self._keepalive = None
         waiters, self._waiters = self._waiters, []
         for d in waiters:

@@ -37,6 +37,7 @@ from aioquic.quic.packet import QuicFrameType
 
 from mtop.config import DEFAULT_QUIC_PACKET_SIZE
 from mtop.logs import logger
+from mtop.timers import cancel
 
 if TYPE_CHECKING:
     from mtop.quic.stream import QuicStreamTransport
@@ -221,8 +222,7 @@ class QuicDriver:
         at = self.quic.get_timer()
         if at == self._timer_at and self._timer is not None and self._timer.active():
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
+        cancel(self._timer)
         self._timer = None
         self._timer_at = at
         if at is not None:
@@ -329,8 +329,7 @@ class QuicDriver:
         self.terminated = True
         self.close_reason = reason
         for call in (self._timer, self._flush_call):
-            if call is not None and call.active():
-                call.cancel()
+            cancel(call)
         self._timer = self._flush_call = None
         for stream in list(self.streams.values()):
             stream.connection_lost(reason)

@@ -45,6 +45,7 @@ from mtop.quic.connection import (
     tuned_configuration,
 )
 from mtop.quic.stream import QuicStreamTransport
+from mtop.timers import cancel
 
 if TYPE_CHECKING:
     from mtop.settings import RuntimeSettings
@@ -180,8 +181,7 @@ class _ServerConnection(QuicDriver):
         if not self.logged_in:
             self.logged_in = True
             self.limits.logged_in(self)
-            if self._deadline is not None and self._deadline.active():
-                self._deadline.cancel()
+            cancel(self._deadline)
             self._deadline = None
 
     def tunnel_ended(self, tunnel: Any) -> None:
@@ -191,8 +191,7 @@ class _ServerConnection(QuicDriver):
             self._linger = self.reactor.callLater(QUIC_LINGER, self._linger_expired)
 
     def _cancel_linger(self) -> None:
-        if self._linger is not None and self._linger.active():
-            self._linger.cancel()
+        cancel(self._linger)
         self._linger = None
 
     def _linger_expired(self) -> None:
@@ -228,8 +227,7 @@ class _ServerConnection(QuicDriver):
             del self.listener.connections[cid]
 
     def connection_terminated(self, reason: str) -> None:
-        if self._deadline is not None and self._deadline.active():
-            self._deadline.cancel()
+        cancel(self._deadline)
         self._deadline = None
         self._cancel_linger()
         self.listener.forget(self)

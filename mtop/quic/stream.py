@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from mtop.interfaces import IStreamTransport
 from mtop.quic.connection import SEND_HIGH_WATER, STREAM_ABORTED, QuicDriver
+from mtop.timers import cancel
 
 
 @implementer(ITransport, IPushProducer, IConsumer, IStreamTransport)
@@ -243,8 +244,7 @@ class QuicStreamTransport:
             self._lost_call = self.driver.reactor.callLater(0, self._lose, reason)
 
     def _lose(self, reason: Failure) -> None:
-        if self._lost_call is not None and self._lost_call.active():
-            self._lost_call.cancel()
+        cancel(self._lost_call)
         self._lost_call = None
         if self.lost:
             return

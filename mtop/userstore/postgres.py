@@ -39,6 +39,7 @@ from mtop.dsn import describe_dsn
 from mtop.logs import logger
 from mtop.userstore import ALL_USERS, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
 from mtop.userstore.sql import SQLUserStore, UsageFlush, error_line
+from mtop.timers import cancel
 
 POOL_SIZE = 3
 #: Seconds between pings of the listening connection.
@@ -108,8 +109,7 @@ def _connection_class() -> type:
 
         def stop(self) -> None:
             self.stopped = True
-            if self._next is not None and self._next.active():
-                self._next.cancel()
+            cancel(self._next)
             self._next = None
 
     class Connection(txpostgres.Connection):
