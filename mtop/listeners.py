@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from zope.interface import implementer
 
@@ -28,8 +28,6 @@ from mtop.config import Config, ConfigError, ListenAddress, ListenerConfig, Serv
 from mtop.interfaces import ISettingsConsumer
 from mtop.listening import ListeningService, listening_endpoint
 
-if TYPE_CHECKING:
-    from mtop.settings import RuntimeSettings
 
 #: What to run when QUIC is configured but the reactor cannot host it.
 QUIC_COMMAND = "twistd -r asyncio mtop --config FILE"
@@ -172,7 +170,7 @@ class TLSListener(ListeningService):
         """The TLS context a new connection gets."""
         return self.security
 
-    def apply_settings(self, settings: RuntimeSettings) -> None:
+    def apply_settings(self, settings: Any) -> None:  # an mtop.settings.RuntimeSettings
         security = settings.listener_security(self.listener, self.index)
         if security is not None:
             self.security = security

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import OrderedDict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aioquic.buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
@@ -47,8 +47,6 @@ from mtop.quic.connection import (
 from mtop.quic.stream import QuicStreamTransport
 from mtop.timers import cancel
 
-if TYPE_CHECKING:
-    from mtop.settings import RuntimeSettings
 
 #: Session tickets kept for resumption (each is used once).
 MAX_TICKETS = 10000
@@ -381,7 +379,7 @@ class QuicListenerService(Service):
         self.reuse_port = reuse_port
         self.port: Any = None
 
-    def apply_settings(self, settings: RuntimeSettings) -> None:
+    def apply_settings(self, settings: Any) -> None:  # an mtop.settings.RuntimeSettings
         security = settings.listener_security(self.listener, self.index)
         if security is not None:
             self.protocol.configuration = security
