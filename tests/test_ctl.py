@@ -2,6 +2,7 @@ import os
 import sqlite3
 
 import pytest
+import pytest_twisted
 
 from mtop import passwords
 from mtop.ctl import main
@@ -205,3 +206,242 @@ def test_bad_sizes_are_one_line_errors(text):
 
     with pytest.raises(argparse.ArgumentTypeError):
         _size(text)
+
+
+# --version
+
+def test_version_is_the_distributions(capsys):
+    from importlib import metadata
+
+    with pytest.raises(SystemExit) as exit:
+        main(["--version"])
+    assert exit.value.code == 0
+    assert capsys.readouterr().out == f"mtopctl {metadata.version('mtop')}\n"
+
+
+# user hash, and the original's row format from user add --legacy
+
+def test_user_hash_prints_the_two_column_values(capsys):
+    code, out, err = run(capsys, "user", "hash", "-p", "Pw-1")
+    assert code == 0 and err == ""
+    salt_line, password_line = out.splitlines()
+    salt, stored = salt_line.removeprefix("salt="), password_line.removeprefix("password=")
+    assert salt_line.startswith("salt=") and password_line.startswith("password=")
+    assert stored.startswith("$scrypt$") and passwords.verify(stored, salt, "Pw-1")
+    assert not passwords.verify(stored, salt, "Pw-2")
+
+
+def test_user_hash_legacy_is_the_originals_format(capsys, monkeypatch):
+    import io
+    import re
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("Old-pw 2\n"))
+    code, out, err = run(capsys, "user", "hash", "--legacy", "--password-stdin")
+    assert code == 0
+    salt, stored = (line.split("=", 1)[1] for line in out.splitlines())
+    assert re.fullmatch(r"[A-Za-z0-9]{12}", salt)
+    assert re.fullmatch(r"[0-9a-f]{64}", stored)
+    assert stored == passwords.legacy_hash(salt, "Old-pw 2")
+
+
+def test_user_hash_insert_statement_adds_a_user_that_logs_in(config, tmp_path, capsys):
+    run(capsys, "-c", config, "db", "init")
+    code, out, err = run(capsys, "user", "hash", "-u", "o'brien", "-p", "Pw-3")
+    assert code == 0 and len(out.splitlines()) == 1
+    assert out.startswith("INSERT INTO mtop_user (username, salt, password) VALUES ('o''brien', '")
+    db = sqlite3.connect(tmp_path / "users.db")
+    db.executescript(out)
+    salt, stored = db.execute("SELECT salt, password FROM mtop_user WHERE username = ?", ("o'brien",)).fetchone()
+    assert passwords.verify(stored, salt, "Pw-3")
+
+
+@pytest.mark.parametrize("argv", [("-u", "back\\slash"), ("-u", "a", "-s", "x\\y"), ("-u", "")])
+def test_user_hash_refuses_what_a_literal_would_change(capsys, argv):
+    code, out, err = run(capsys, "user", "hash", "-p", "x", *argv)
+    assert code == 1 and out == "" and len(err.strip().splitlines()) == 1
+
+
+def test_user_add_legacy_writes_the_originals_row(config, tmp_path, capsys):
+    """12-character salt, lowercase hex SHA-256 of salt@password: the row the
+    original's mctl writes (the other databases: tests/test_userstores.py)."""
+    import hashlib
+    import re
+
+    run(capsys, "-c", config, "db", "init")
+    assert run(capsys, "-c", config, "user", "add", "-u", "old", "-p", "Old-pw", "--legacy")[0] == 0
+    salt, stored = sqlite3.connect(tmp_path / "users.db").execute("SELECT salt, password FROM mtop_user").fetchone()
+    assert re.fullmatch(r"[A-Za-z0-9]{12}", salt)
+    assert stored == hashlib.sha256(f"{salt}@Old-pw".encode()).hexdigest()
+    assert run(capsys, "-c", config, "user", "passwd", "-u", "old", "-p", "New-pw", "--legacy")[0] == 0
+    salt, stored = sqlite3.connect(tmp_path / "users.db").execute("SELECT salt, password FROM mtop_user").fetchone()
+    assert len(salt) == 12 and stored == hashlib.sha256(f"{salt}@New-pw".encode()).hexdigest()
+
+
+# url --qr, --qr-file
+
+def _png_modules(path):
+    """The dark/light matrix of a segno PNG (1-bit greyscale, filters None
+    and Up), one entry per module: a small decoder, so the test does not
+    trust segno to read back what it wrote."""
+    import struct
+    import zlib
+
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, chunks = 8, {}
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunks.setdefault(kind, []).append(data[pos + 8 : pos + 8 + length])
+        pos += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][0][:10])
+    assert (depth, colour) in ((1, 0), (1, 3))
+    raw = zlib.decompress(b"".join(chunks[b"IDAT"]))
+    stride = (width + 7) // 8
+    rows, previous = [], bytes(stride)
+    for y in range(height):
+        line = raw[y * (stride + 1) : (y + 1) * (stride + 1)]
+        kind, line = line[0], bytearray(line[1:])
+        assert kind in (0, 2)
+        if kind == 2:
+            line = bytearray((a + b) & 0xFF for a, b in zip(line, previous))
+        previous = bytes(line)
+        rows.append([(line[x // 8] >> (7 - x % 8)) & 1 for x in range(width)])
+    if colour == 3:  # a palette: find which index is dark
+        palette = chunks[b"PLTE"][0]
+        dark_index = 0 if sum(palette[0:3]) < sum(palette[3:6]) else 1
+        rows = [[1 if v == dark_index else 0 for v in row] for row in rows]
+    else:  # greyscale: 0 is black
+        rows = [[1 - v for v in row] for row in rows]
+    return rows
+
+
+def _expected_modules(link, border=4, scale=1):
+    from mtop.ctl.url import qr_code
+
+    matrix = [[1 if m else 0 for m in row] for row in qr_code(link).matrix]
+    size = len(matrix) + 2 * border
+    padded = [[0] * size for _ in range(border)]
+    padded += [[0] * border + row + [0] * border for row in matrix]
+    padded += [[0] * size for _ in range(border)]
+    return [[v for v in row for _ in range(scale)] for row in padded for _ in range(scale)]
+
+
+LINK_ARGS = ("url", "-u", "alice", "-p", "s3cret/pw", "-H", "vpn.example", "-t", "quic")
+LINK = "mtop://alice:s3cret%2Fpw@vpn.example:443/quic?proto=mtop"
+
+
+def test_url_qr_draws_the_link_in_the_terminal(capsys):
+    import segno
+
+    code, out, err = run(capsys, *LINK_ARGS, "--qr")
+    assert code == 0
+    lines = out.splitlines()
+    assert lines[0] == LINK
+    # Each character is two modules, top and bottom; a blank is dark.
+    halves = {" ": (1, 1), "\u2580": (0, 1), "\u2584": (1, 0), "\u2588": (0, 0)}
+    modules = []
+    for line in lines[1:]:
+        modules += [[halves[c][0] for c in line], [halves[c][1] for c in line]]
+    expected = _expected_modules(LINK)
+    assert modules[: len(expected)] == expected
+    # The half line below an odd number of rows is left blank.
+    assert len(modules) - len(expected) <= 1 and all(v == 1 for row in modules[len(expected) :] for v in row)
+    code = segno.make_qr(LINK)
+    assert not code.is_micro
+
+
+def test_url_qr_file_writes_png_and_svg(tmp_path, capsys):
+    import xml.etree.ElementTree as ET
+
+    from mtop.ctl.url import QR_FILE_SCALE, qr_code
+
+    png, svg = tmp_path / "link.png", tmp_path / "link.SVG"
+    for path in (png, svg):
+        code, out, err = run(capsys, *LINK_ARGS, "--qr-file", str(path))
+        assert code == 0 and out == LINK + "\n"
+        assert path.stat().st_mode & 0o777 == 0o600  # the password is in it
+    assert _png_modules(png) == _expected_modules(LINK, scale=QR_FILE_SCALE)
+    assert ET.fromstring(svg.read_bytes()).tag == "{http://www.w3.org/2000/svg}svg"
+    import io
+
+    again = io.BytesIO()
+    qr_code(LINK).save(again, kind="svg", scale=QR_FILE_SCALE)
+    assert svg.read_bytes() == again.getvalue()
+
+
+def test_url_qr_file_of_another_kind_is_one_line_before_any_prompt(tmp_path, capsys):
+    code, out, err = run(capsys, "url", "-u", "a", "-H", "h", "--qr-file", str(tmp_path / "x.gif"))
+    assert code == 1 and out == "" and "must end in .png or .svg" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x.gif").exists()
+
+
+# check, over TLS and QUIC, against the in-process server
+
+@pytest.fixture
+def quic_port(server):
+    """The in-process server's tunnel factory also served over QUIC."""
+    from twisted.internet import reactor
+
+    from mtop.quic.server import QuicServerProtocol, server_configuration
+
+    factory, _, paths = server
+    protocol = QuicServerProtocol(reactor, factory, server_configuration(paths.server_crt, paths.server_key, "mtop", 30), 5)
+    port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+    yield port.getHost().port
+    protocol.close_all()
+    port.stopListening()
+
+
+@pytest.fixture
+def target_port():
+    import socket
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        yield listener.getsockname()[1]
+
+
+def check_process(*argv):
+    """``mtopctl check`` as its own process (it runs a reactor for QUIC),
+    in a thread so the in-process server keeps serving."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from twisted.internet.threads import deferToThread
+
+    root = Path(__file__).resolve().parents[1]
+    return deferToThread(
+        subprocess.run, [sys.executable, "-m", "mtop.ctl", "check", *argv],
+        capture_output=True, text=True, timeout=60, cwd=root,
+    )
+
+
+@pytest.mark.parametrize("kind", ["tls", "quic"])
+@pytest_twisted.ensureDeferred
+async def test_check_reports_one_line_for_tls_and_quic(server, quic_port, target_port, kind):
+    import re
+
+    port = quic_port if kind == "quic" else server[1]
+    ca = server[2].ca_crt
+    target = f"127.0.0.1:{target_port}"
+    result = await check_process("--ca", ca, "--target", target, f"mtop://alice:pw@127.0.0.1:{port}/{kind}?proto=mtop")
+    assert result.returncode == 0, result.stderr
+    version = "QUIC" if kind == "quic" else "TLSv1.3"
+    assert re.fullmatch(
+        rf"OK: {version}, ALPN mtop, handshake \d+\.\d ms; tunnel to {target} open after \d+\.\d ms\n", result.stdout
+    ), result.stdout
+    assert result.stderr == ""
+    # Failures: one line, exit status 1.
+    failures = [
+        (f"mtop://alice:Bad-pw-9@127.0.0.1:{port}/{kind}", ["--ca", ca], "without a reply"),
+        (f"mtop://alice:pw@127.0.0.1:{port}/{kind}", [], f"127.0.0.1:{port}: "),  # untrusted certificate
+    ]
+    if kind == "quic":
+        failures.append((f"mtop://alice:pw@127.0.0.1:{target_port}/quic", ["--ca", ca, "--timeout", "1"], "timeout"))
+    for link, extra, words in failures:
+        result = await check_process(*extra, "--target", target, link)
+        assert result.returncode == 1 and result.stdout == "", result
+        assert len(result.stderr.splitlines()) == 1 and words in result.stderr, result.stderr
+        assert result.stderr.startswith("mtopctl: error: ") and "Bad-pw-9" not in result.stderr

@@ -393,3 +393,41 @@ async def test_mtopctl_sets_shows_and_resets_policy(backend, capsys):
     assert bool(row[0]) and row[1] is None and row[2] is None and (row[3], row[4]) == (0, 0) and row[5] == 524288
     assert ctl.main(["-c", str(config), "user", "set", "-u", "nobody", "--disable"]) == 1
     assert "no user 'nobody'" in capsys.readouterr().err
+
+
+@pytest_twisted.ensureDeferred
+async def test_user_add_legacy_writes_the_originals_row(backend):
+    """``mtopctl user add --legacy`` writes exactly what the original's mctl
+    writes (12-character salt, lowercase hex SHA-256 of salt@password), as
+    each database stores it, and it logs in; so does a row from the INSERT
+    ``mtopctl user hash -u`` prints, run as plain SQL."""
+    import contextlib
+    import hashlib
+    import io
+    import re
+
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "old", "-p", "Old-pw 3", "--legacy")
+    db = connect(settings)
+    try:
+        salt, stored = db.execute("SELECT salt, password FROM mtop_user WHERE username = ?", ("old",)).fetchone()
+        db.commit()
+    finally:
+        db.close()
+    assert re.fullmatch(r"[A-Za-z0-9]{12}", salt)
+    assert stored == hashlib.sha256(f"{salt}@Old-pw 3".encode()).hexdigest()
+    for flags in ((), ("--legacy",)):
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            assert ctl.main(["user", "hash", "-u", f"o'new{len(flags)}", "-p", "New-pw 4", *flags]) == 0
+        sql(settings, out.getvalue().strip().rstrip(";"))
+    store = started_store(config)
+    try:
+        auth = authenticator(store)
+        assert await auth.authenticate("old", "Old-pw 3") is True
+        assert await auth.authenticate("old", "Old-pw") is False
+        assert await auth.authenticate("o'new0", "New-pw 4") is True
+        assert await auth.authenticate("o'new1", "New-pw 4") is True
+    finally:
+        await stopped(store)

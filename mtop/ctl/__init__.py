@@ -15,7 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from importlib import metadata
 from typing import Sequence
+
+import mtop
 
 from mtop.ctl import cert, check, db, url, user
 from mtop.ctl.common import DEFAULT_CONFIG, CommandError
@@ -27,10 +30,22 @@ from mtop.redact import redact
 from mtop.ctl.url import _port
 from mtop.ctl.user import _count, _date, _size
 
-__all__ = ["CommandError", "build_parser", "main", "_count", "_date", "_port", "_size"]
+__all__ = ["CommandError", "build_parser", "main", "version", "_count", "_date", "_port", "_size"]
 
 # In the order ``mtopctl --help`` lists them.
 _COMMANDS = (db, user, url, check, cert)
+
+#: The distribution's name in setup.cfg (``[metadata] name``).
+DISTRIBUTION = "mtop"
+
+
+def version() -> str:
+    """MTop's version as installed (the package metadata); a checkout run
+    without being installed has none, and says what its source says."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return mtop.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-c", "--config", default=os.environ.get("MTOP_CONFIG", DEFAULT_CONFIG), help="path of mtop.yaml"
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in _COMMANDS:
         command.register(commands)

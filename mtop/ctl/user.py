@@ -1,5 +1,6 @@
 """``mtopctl user``: add, change, delete and list users, and set and show
-their policy (enabled, expiry, connections, rate, quota) and traffic."""
+their policy (enabled, expiry, connections, rate, quota) and traffic;
+``user hash`` prints a password's column values for plain SQL."""
 
 from __future__ import annotations
 
@@ -18,8 +19,17 @@ def _check_username(username: str) -> None:
         raise CommandError(f"user name {username!r} must be 1 to 128 bytes long")
 
 
+#: The length of the salts the original's ``mctl`` writes; ``--legacy``
+#: rows get the same, so they are exactly what the original would write.
+LEGACY_SALT_LENGTH = 12
+
+
 def _hash_for(args: argparse.Namespace, password: str) -> tuple[str, str]:
-    salt = args.salt if args.salt is not None else passwords.new_salt()
+    """(salt column, password column) for ``password`` as the flags ask."""
+    if args.salt is not None:
+        salt = args.salt
+    else:
+        salt = passwords.new_salt(LEGACY_SALT_LENGTH) if args.legacy else passwords.new_salt()
     if len(salt) > 32:
         raise CommandError("the salt is longer than 32 characters (mtop_user.salt is VARCHAR(32))")
     if args.legacy:
@@ -60,6 +70,35 @@ def _change(args: argparse.Namespace, sql: str, params: tuple) -> None:
             raise CommandError(f"no user {args.username!r}")
     finally:
         db.close()
+
+
+def _sql_string(text: str, what: str) -> str:
+    """``text`` as an SQL string literal that means the same to SQLite,
+    PostgreSQL and MariaDB (MariaDB would read a backslash as an escape)."""
+    if "\\" in text or any(ord(c) < 0x20 or c == "\x7f" for c in text):
+        raise CommandError(
+            f"the {what} has a backslash or control character, which SQL literals do not carry the same "
+            "way in every database; leave out -u and write the INSERT yourself"
+        )
+    return "'" + text.replace("'", "''") + "'"
+
+
+def cmd_user_hash(args: argparse.Namespace) -> None:
+    """Print the salt and password column values of a new password (or,
+    with ``-u``, the whole INSERT), for users added by plain SQL."""
+    if args.username is not None:
+        _check_username(args.username)
+    password = read_password(args)
+    salt, stored = _hash_for(args, password)
+    if args.username is None:
+        print(f"salt={salt}")
+        print(f"password={stored}")
+    else:
+        print(
+            "INSERT INTO mtop_user (username, salt, password) "
+            f"VALUES ({_sql_string(args.username, 'user name')}, {_sql_string(salt, 'salt')}, "
+            f"{_sql_string(stored, 'hash')});"
+        )
 
 
 def cmd_user_passwd(args: argparse.Namespace) -> None:
@@ -250,13 +289,29 @@ def cmd_user_reset_usage(args: argparse.Namespace) -> None:
 
 
 def register(commands: Commands) -> None:
-    """Add ``user add``, ``passwd``, ``del``, ``list``, ``set``, ``show``
-    and ``reset-usage``."""
+    """Add ``user add``, ``hash``, ``passwd``, ``del``, ``list``, ``set``,
+    ``show`` and ``reset-usage``."""
     user = commands.add_parser("user", help="user management").add_subparsers(dest="user_command", required=True)
     add = user.add_parser("add", help="add a user")
     add.add_argument("-u", "--username", required=True)
     add_password_flags(add)
     add.set_defaults(func=cmd_user_add)
+    hasher = user.add_parser(
+        "hash",
+        help="print a password's column values for a plain-SQL INSERT (no database needed)",
+        description=(
+            "Print the values of a new password for the mtop_user table, for adding users with plain SQL. "
+            "Output: two lines, 'salt=VALUE' and 'password=VALUE', the values for the salt and password "
+            "columns; with -u NAME instead one line, an INSERT INTO mtop_user (username, salt, password) "
+            "VALUES (...); statement that SQLite, PostgreSQL and MariaDB all read. The default hash is "
+            "scrypt (the salt inside it; the salt column gets a random value all the same); --legacy "
+            "writes the original implementation's SHA-256 of salt@password with a 12-character salt, "
+            "which original servers sharing the table also accept."
+        ),
+    )
+    hasher.add_argument("-u", "--username", help="print a ready INSERT statement for this user")
+    add_password_flags(hasher)
+    hasher.set_defaults(func=cmd_user_hash)
     passwd = user.add_parser("passwd", help="change a user's password")
     passwd.add_argument("-u", "--username", required=True)
     add_password_flags(passwd)
