@@ -39,7 +39,9 @@ from mtop.config import (
     as_packet_size,
     as_seconds,
     as_string,
+    bare_port_error,
     choice,
+    is_bare_port,
     load_metrics,
     parse_listen,
     path_in,
@@ -130,6 +132,9 @@ class ClimberConfig:
 
 
 def _local_listen(key: str, value: Any) -> ListenAddress:
+    if is_bare_port(value):
+        # ':port' is loopback here, so the two meanings are spelled otherwise.
+        raise bare_port_error(key, value, "0.0.0.0:{}", "127.0.0.1:{}")
     address = parse_listen(value, key)
     if address.host is None:
         return ListenAddress(LOOPBACK, address.port)
@@ -285,6 +290,7 @@ def load_climber_data(data: Any, path: str | None = None) -> ClimberConfig:
     base = os.path.dirname(os.path.abspath(path)) if path else os.getcwd()
     warnings: list[str] = []
     top = Section("", data, warnings)
+    top.known("socks5", "http")
 
     log_section = Section("log", top.get("log", {}, lambda k, v: v), warnings)
     level = log_section.get("level", "info", choice(tuple(LOG_LEVELS)))

@@ -1,40 +1,61 @@
 """``twistd climber``: command-line options and the service tree.
 
-The root is a `mtop.startup.TapService`: a proxy, forward or metrics
-listener that cannot listen ends the process with exit status 1.
+Server links come from the config file, ``--server`` (seen by every local
+user in ``ps``), ``--server-file`` and ``$CLIMBER_SERVERS`` (both kept out
+of ``ps``).  The root is a `mtop.startup.TapService`: a proxy, forward or
+metrics listener that cannot listen ends the process with exit status 1.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.python import usage
 
 from climber.config import ClimberConfig, ConfigError, load_climber_data
 from mtop.config import read_yaml
 from mtop.logs import logger, use_log_format
+from mtop.startup import ConfigUsageError, TapOptions
 from mtop.tls import TLSConfigError, client_context
+from mtop.urls import URLError, parse_url
 
 DEFAULT_CONFIG = "/etc/climber/climber.yaml"
+#: The environment variable holding server links (separated by whitespace).
+SERVERS_VARIABLE = "CLIMBER_SERVERS"
+#: The warning logged at start when a link on the command line holds a password.
+PASSWORD_IN_ARGV = (
+    "--server: a password on the command line is shown to every local user by ps; "
+    "use --server-file FILE or $" + SERVERS_VARIABLE + " instead"
+)
 
 
-class Options(usage.Options):
-    synopsis = "[--config FILE] [--server mtop://... ...] [--socks5 ADDR] [--http ADDR] [--forward LISTEN=TARGET ...]"
+class Options(TapOptions):
+    """``twistd climber``'s options (`TapOptions`: ``--version``, one-line
+    config errors)."""
+
+    tapname = "climber"
+    synopsis = (
+        "[--config FILE] [--server-file FILE] [--server mtop://... ...] [--socks5 ADDR] [--http ADDR] "
+        "[--forward LISTEN=TARGET ...] [--version]"
+    )
     longdesc = (
         "Local SOCKS5 and HTTP proxies (and port forwards) whose every connection goes through an "
-        "MTop tunnel.  Without --config and --server, reads " + DEFAULT_CONFIG + " (or $CLIMBER_CONFIG)."
+        "MTop tunnel.  Server links come from the config file, --server-file, $" + SERVERS_VARIABLE + " "
+        "(links separated by spaces or newlines) and --server, all together.  Without --config and "
+        "links, reads " + DEFAULT_CONFIG + " (or $CLIMBER_CONFIG)."
     )
     optParameters = [
         ["config", "c", None, "Path of climber.yaml."],
+        ["server-file", None, None, "A file of mtop:// share links, one a line ('#' starts a comment line)."],
         ["socks5", None, None, "SOCKS5 listen address (default 127.0.0.1:1080 without a config file)."],
         ["http", None, None, "HTTP proxy listen address (default 127.0.0.1:8080 without a config file)."],
         ["strategy", None, None, "Server choice: random, round_robin, failover or fastest."],
-        ["ca", None, None, "CA certificate (PEM) for --server links; default: the system's trust store."],
+        ["ca", None, None, "CA certificate (PEM) for the links of --server, --server-file and $CLIMBER_SERVERS; default: the system's trust store."],
     ]
     optFlags = [
-        ["insecure", None, "Do not verify the certificates of --server links (dangerous)."],
+        ["insecure", None, "Do not verify the certificates of the links of --server, --server-file and $CLIMBER_SERVERS (dangerous)."],
     ]
 
     config_data: ClimberConfig
@@ -45,19 +66,25 @@ class Options(usage.Options):
         self["forwards"] = []
 
     def opt_server(self, url: str) -> None:
-        """An mtop:// share link of a server (repeatable)."""
+        """An mtop:// share link of a server (repeatable).  Its password is
+        shown to every local user by ps: prefer --server-file or
+        $CLIMBER_SERVERS."""
         self["servers"].append(url)
 
     def opt_forward(self, spec: str) -> None:
         """A port forward LISTEN=TARGET, e.g. 127.0.0.1:2222=host:22 (repeatable)."""
         listen, sep, target = spec.partition("=")
         if not sep or not listen or not target:
-            raise usage.UsageError(f"--forward {spec!r}: use LISTEN=TARGET, e.g. 127.0.0.1:2222=example.com:22")
+            raise ConfigUsageError(f"--forward {spec!r}: use LISTEN=TARGET, e.g. 127.0.0.1:2222=example.com:22")
         self["forwards"].append({"listen": listen, "target": target})
 
     def postOptions(self) -> None:
         path = self["config"]
-        if path is None and not self["servers"]:
+        try:
+            links = self._links()
+        except ConfigError as e:
+            raise ConfigUsageError(str(e)) from None
+        if path is None and not links:
             path = os.environ.get("CLIMBER_CONFIG", DEFAULT_CONFIG)
         label = path or "command line"
         try:
@@ -66,18 +93,29 @@ class Options(usage.Options):
                 data = {}
             if not isinstance(data, dict):
                 raise ConfigError("the top level must be a mapping of keys")
-            self._apply_command_line(data, from_file=path is not None)
+            self._apply_command_line(data, links, from_file=path is not None)
             self.config_data = load_climber_data(data, path)
             for server in self.config_data.usable_servers:
                 client_context(server.ca or None, server.proto, server.insecure)
             _check_quic_reactor(self.config_data, label)
         except (ConfigError, TLSConfigError) as e:
-            raise usage.UsageError(f"{label}: {e}") from None
+            raise ConfigUsageError(f"{label}: {e}") from None
+        if any(_has_password(url) for url in self["servers"]):
+            self.config_data = replace(self.config_data, warnings=(*self.config_data.warnings, PASSWORD_IN_ARGV))
         use_log_format(self.config_data.log.format, self.parent)
 
-    def _apply_command_line(self, data: dict, from_file: bool) -> None:
-        if self["servers"]:
-            extra: dict[str, Any] = {"urls": list(self["servers"])}
+    def _links(self) -> list[str]:
+        """The server links of ``--server-file``, ``$CLIMBER_SERVERS`` and
+        ``--server``, in that order."""
+        links: list[str] = []
+        if self["server-file"]:
+            links += read_server_file(self["server-file"])
+        links += os.environ.get(SERVERS_VARIABLE, "").split()
+        return links + self["servers"]
+
+    def _apply_command_line(self, data: dict, links: list[str], from_file: bool) -> None:
+        if links:
+            extra: dict[str, Any] = {"urls": links}
             if self["ca"]:
                 extra["ca"] = os.path.abspath(self["ca"])
             if self["insecure"]:
@@ -102,6 +140,32 @@ class Options(usage.Options):
             data["forward"] = forwards + self["forwards"]
         if self["strategy"]:
             data["strategy"] = self["strategy"]
+
+
+def read_server_file(path: str) -> list[str]:
+    """The links in the file ``path``: one a line; blank lines and lines
+    starting with ``#`` are skipped (a ``#`` later in a line is a link's
+    fragment, its name)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except OSError as e:
+        raise ConfigError(f"--server-file: cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--server-file: {path} is not UTF-8 text") from None
+    links = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not links:
+        raise ConfigError(f"--server-file: {path} holds no mtop:// link")
+    return links
+
+
+def _has_password(url: str) -> bool:
+    """Whether the link ``url`` holds a password (a bad link is refused
+    when the config loads, so it counts as none here)."""
+    try:
+        return bool(parse_url(url).password)
+    except URLError:
+        return False
 
 
 def _check_quic_reactor(config: ClimberConfig, label: str) -> None:

@@ -14,6 +14,7 @@ directory of the process is.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -193,11 +194,32 @@ TLS_VERSIONS = ("1.2", "1.3")
 SERVER_TYPES = ("tls", "quic")
 
 
-def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
-    """Parse ``:443``, ``host:port`` or ``[v6]:port``."""
+def is_bare_port(value: Any) -> bool:
+    """Whether ``value`` is a port number alone (``29643`` or ``"29643"``),
+    which does not say on which interfaces to listen."""
     if isinstance(value, int) and not isinstance(value, bool):
-        text = f":{value}"
-    elif isinstance(value, str):
+        return True
+    return isinstance(value, str) and value.strip().isascii() and value.strip().isdigit()
+
+
+def bare_port_error(key: str, value: Any, all_interfaces: str, this_machine: str) -> ConfigError:
+    """The error for a listen value that is a port alone: it names the two
+    spellings meant (``all_interfaces``, ``this_machine``: formats of the
+    port)."""
+    port = str(value).strip()
+    return ConfigError(
+        f"{key}: {port} is a port without an address; write {all_interfaces.format(port)!r} to listen on "
+        f"all interfaces or {this_machine.format(port)!r} for this machine only"
+    )
+
+
+def parse_listen(value: Any, key: str = "server.listen") -> ListenAddress:
+    """Parse ``:443``, ``host:port`` or ``[v6]:port``.  A port alone is an
+    error: it used to mean every interface, which a ``listen: 29643``
+    meant for this machine only must not silently do."""
+    if is_bare_port(value):
+        raise bare_port_error(key, value, ":{}", "127.0.0.1:{}")
+    if isinstance(value, str):
         text = value.strip()
     else:
         raise ConfigError(f"{key}: {shown(value)} is not an address; use ':443', 'host:port' or '[v6]:port'")
@@ -239,13 +261,49 @@ class Section:
             return default
         return convert(self.key(key), self.data[key])
 
+    def known(self, *keys: str) -> None:
+        """Mark ``keys`` as keys of this section though they were not read
+        (read only when present), so a near miss of one is caught."""
+        self.used.update(keys)
+
     def finish(self) -> None:
+        """Check the keys that were not read: one edit away from a known key
+        (or differing only in case) is an error, as a misspelled key would
+        silently leave its default in place (``server.lisen`` listening on
+        every interface); any other is a warning."""
         for key in self.data:
             if key not in self.used:
                 # backslashreplace: a lone surrogate ("\ud800" in YAML) made
                 # the log observer drop the whole line.
                 name = str(key).encode("utf-8", "backslashreplace").decode("utf-8")
+                meant = _near_miss(name, self.used)
+                if meant is not None:
+                    raise ConfigError(f"{self.key(name)}: unknown key; did you mean {self.key(meant)}?")
                 self.warnings.append(f"unknown key {self.key(name)} ignored")
+
+
+def _near_miss(name: str, known: set[str]) -> str | None:
+    """The known key ``name`` is one edit (insertion, deletion or
+    substitution) away from, ignoring case; ``None`` if there is none."""
+    lowered = name.lower()
+    for key in sorted(known):
+        if _one_edit_apart(lowered, key.lower()):
+            return key
+    return None
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether the Levenshtein distance of ``a`` and ``b`` is at most 1."""
+    if abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) > len(b):
+        a, b = b, a
+    i = 0
+    while i < len(a) and a[i] == b[i]:
+        i += 1
+    if len(a) == len(b):
+        return a[i + 1 :] == b[i + 1 :]
+    return a[i:] == b[i + 1 :]
 
 
 def as_string(key: str, value: Any) -> str:
@@ -294,6 +352,8 @@ def as_workers(key: str, value: Any) -> int:
 
 def as_host_port(key: str, value: Any) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` with a host."""
+    if is_bare_port(value):
+        raise ConfigError(f"{key}: {value!r} needs a host and a port, e.g. '127.0.0.1:8080'")
     address = parse_listen(value, key)
     if address.host is None or address.port == 0:
         raise ConfigError(f"{key}: {value!r} needs a host and a port, e.g. '127.0.0.1:8080'")
@@ -574,8 +634,22 @@ def _load_db(section: Section, base: str) -> DBConfig:
         flush_interval=section.get("flush_interval", d.flush_interval, as_seconds),
         outage_grace=section.get("outage_grace", d.outage_grace, as_non_negative_seconds),
     )
+    # The original's SQL statement logging: accepted (its configs set it),
+    # not used (our log level decides what is logged).
+    section.get("debug", False, as_bool)
     section.finish()
     return config
+
+
+def require_database(config: Config) -> None:
+    """A SQLite database must exist before the server starts (it would
+    start and refuse every login); `ConfigError` naming the file and the
+    command that creates it.  PostgreSQL and MySQL are checked when the
+    server connects."""
+    if config.db.driverName != "sqlite" or os.path.isfile(config.db.dsn):
+        return
+    ctl = f"mtopctl -c {shlex.quote(config.path)} db init" if config.path else "mtopctl db init"
+    raise ConfigError(f"db.dsn: the SQLite database {config.db.dsn} does not exist; create it with: {ctl}")
 
 
 def load_config_data(data: Any, path: str | None = None, check_files: bool = True) -> Config:

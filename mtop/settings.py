@@ -135,13 +135,16 @@ def _listener_shape(config: Config) -> tuple:
 
 #: What a running process cannot change: the name a reload's warning uses,
 #: and what of a config it depends on.  Listeners are bound, the user store
-#: and its timers are started, the metrics listener is bound and the worker
-#: processes are running; certificates are not in here (they are reloaded).
+#: and its timers are started, the metrics listener is bound, the worker
+#: processes are running and the log observer is set; certificates are not
+#: in here (they are reloaded).
 NEEDS_RESTART: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("listeners", _listener_shape),
     ("db", lambda config: (config.db.driverName, config.db.dsn, config.db.recheck_interval, config.db.flush_interval)),
     ("metrics", lambda config: config.metrics),
     ("workers", lambda config: config.server.workers),
+    # twistd's log observer is chosen once, before the tap starts.
+    ("log.format", lambda config: config.log.format),
 )
 
 

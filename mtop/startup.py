@@ -4,13 +4,18 @@
 what a listener that cannot listen means for the process (the process
 ends, exit status 1; `daemonizing` says how to tell twistd).  `StartupNotes` logs a config's warnings once the log
 is set up; `log_config_warnings` is what it (and the server's reload) logs.
+`TapOptions` is the base of both taps' options: ``--version``
+(`version_line`) and a `ConfigUsageError` as one line on stderr, exit
+status 1, without twistd's usage text.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.python import usage
 
 from mtop import fileperms
 from mtop.listening import ListenFailed
@@ -28,16 +33,30 @@ def log_config_warnings(log: Any, config: Any) -> None:
 
 
 class StartupNotes(Service):
-    """Logs the config's warnings once the log is set up (an `IService`)."""
+    """Logs the config's warnings once the log is set up (an `IService`).
+
+    Its ``makeService`` adds it first, and it logs in
+    ``privilegedStartService``, so the warnings come before any listener
+    binds (listeners bind in theirs)."""
 
     _log = logger()
 
     def __init__(self, config: Any):
         self.config = config
+        self._logged = False
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._log_once()
 
     def startService(self) -> None:
         super().startService()
-        log_config_warnings(self._log, self.config)
+        self._log_once()  # started without privilegedStartService (tests)
+
+    def _log_once(self) -> None:
+        if not self._logged:
+            self._logged = True
+            log_config_warnings(self._log, self.config)
 
 
 def daemonizing(options: Any) -> bool:
@@ -83,4 +102,45 @@ class TapService(MultiService):
         except ListenFailed:
             if self.daemon:
                 raise
+            raise SystemExit(1) from None
+
+
+class ConfigUsageError(usage.UsageError):
+    """A usage error that is one sentence about a value (the config, a
+    link, an option's value): under twistd it is printed alone, without
+    twistd's usage text (`TapOptions`)."""
+
+
+def version_line(name: str) -> str:
+    """``mtop 0.1.0 (Twisted 24.7.0, Python 3.11.2)`` for the program ``name``."""
+    import platform
+
+    import twisted
+
+    from mtop import __version__
+
+    return f"{name} {__version__} (Twisted {twisted.__version__}, Python {platform.python_version()})"
+
+
+class TapOptions(usage.Options):
+    """What the options of both taps share: ``--version``, and errors of
+    values (`ConfigUsageError`) as one line on stderr and exit status 1
+    under twistd, instead of twistd's usage text with the line last.
+    Outside twistd (no parent options) they are raised as they are."""
+
+    #: The plugin's name, as in ``twistd mtop``.
+    tapname = ""
+
+    def opt_version(self) -> None:
+        """Print the version and exit."""
+        print(version_line(self.tapname))
+        raise SystemExit(0)
+
+    def parseOptions(self, options: Any = None) -> None:
+        try:
+            super().parseOptions(options)
+        except ConfigUsageError as e:
+            if self.parent is None:
+                raise
+            print(f"twistd {self.tapname}: {e}", file=sys.stderr)
             raise SystemExit(1) from None

@@ -1,7 +1,8 @@
 """``twistd mtop``: command-line options and the service tree.
 
 ``postOptions`` loads the config and builds its `mtop.settings.RuntimeSettings`
-(certificates loaded, client lists read: problems are usage errors);
+(certificates loaded, client lists read, a SQLite database present:
+problems are one-line usage errors, `mtop.startup.ConfigUsageError`);
 ``makeService`` builds the long-lived objects, delivers those settings to
 each (`mtop.interfaces.ISettingsConsumer`) and gives the same consumers to
 the reloader.  Its root is a `mtop.startup.TapService`: a listener that
@@ -14,19 +15,23 @@ import os
 from typing import Any
 
 from twisted.application.service import MultiService, Service
-from twisted.python import usage
 
 from mtop.clientlist import ClientListError
-from mtop.config import Config, ConfigError, ListenAddress, load_config
+from mtop.config import Config, ConfigError, ListenAddress, load_config, require_database
 from mtop.logs import use_log_format
 from mtop.settings import RuntimeSettings, runtime_settings
+from mtop.startup import ConfigUsageError, TapOptions
 from mtop.tls import TLSConfigError
 
 DEFAULT_CONFIG = "/etc/mtop/mtop.yaml"
 
 
-class Options(usage.Options):
-    synopsis = "[--config FILE]"
+class Options(TapOptions):
+    """``twistd mtop``'s options (`TapOptions`: ``--version``, one-line
+    config errors)."""
+
+    tapname = "mtop"
+    synopsis = "[--config FILE] [--version]"
     longdesc = "Serve MTop protocol v1 over TLS 1.3 and/or QUIC, with users from a database."
     optParameters = [
         ["config", "c", os.environ.get("MTOP_CONFIG", DEFAULT_CONFIG), "Path of mtop.yaml."],
@@ -42,8 +47,9 @@ class Options(usage.Options):
             self.config_data = load_config(path)
             _check_driver(self.config_data)
             self.settings = runtime_settings(self.config_data)
+            require_database(self.config_data)
         except (ConfigError, TLSConfigError, ClientListError) as e:
-            raise usage.UsageError(f"{path}: {e}") from None
+            raise ConfigUsageError(f"{path}: {e}") from None
         use_log_format(self.config_data.log.format, self.parent)
 
 

@@ -186,3 +186,108 @@ def test_command_line_errors_are_usage_errors(argv, message):
     with pytest.raises(usage.UsageError) as info:
         parse_options(*argv)
     assert message in str(info.value)
+
+
+# ---------------------------------------------------------------------------
+# Issue 17: bare ports, near-miss keys, links kept out of ps.
+
+LINK = "mtop://alice:Secret-pw-5b1e@127.0.0.1:4433/tls?proto=mtop"
+
+
+@pytest.mark.parametrize(
+    "text,key",
+    [
+        ("socks5: {listen: 1080}", "socks5.listen"),
+        ("http: {listen: '8080'}", "http.listen"),
+        ("socks5: {}\nforward: [{listen: 2222, target: 'h:22'}]", "forward[0].listen"),
+    ],
+)
+def test_a_bare_port_is_an_error_with_both_spellings(text, key):
+    with pytest.raises(ConfigError) as info:
+        load(text + "\nservers: [{url: 'mtop://u:p@h:1/tls'}]")
+    message = str(info.value)
+    port = message.split()[1]
+    assert message.startswith(f"{key}: {port} is a port without an address")
+    # ':port' is loopback in climber, so "all interfaces" is spelled 0.0.0.0.
+    assert f"'0.0.0.0:{port}' to listen on all interfaces or '127.0.0.1:{port}' for this machine only" in message
+
+
+def test_a_bare_metrics_port_is_an_error():
+    with pytest.raises(ConfigError, match=r"metrics.listen: 9100 .*':9100' to listen on all interfaces"):
+        load(ORIGINAL + "metrics: {listen: 9100}\n")
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (ORIGINAL + "socks: {listen: ':1'}\n", "socks: unknown key; did you mean socks5?"),
+        (ORIGINAL + "https: {}\n", "https: unknown key; did you mean http?"),
+        (ORIGINAL.replace("timeout: 10s", "timout: 10s"), "socks5.timout: unknown key; did you mean socks5.timeout?"),
+        (ORIGINAL.replace("    enabled: false", "    Enabled: false"), "did you mean servers[1].enabled?"),
+        (ORIGINAL.replace("servers:", "server:"), "server: unknown key; did you mean servers?"),
+    ],
+)
+def test_a_key_one_edit_from_a_known_one_is_an_error(text, message):
+    with pytest.raises(ConfigError) as info:
+        load(text)
+    assert message in str(info.value)
+
+
+def test_the_originals_listener_keys_load_without_a_warning():
+    text = ORIGINAL.replace('  listen: ":8080"', '  listen: ":8080"\n  timeout: 5s\n  username: u\n  password: p')
+    text = text.replace("  timeout: 10s", "  timeout: 10s\n  username: u\n  password: p")
+    assert load(text).warnings == ()
+
+
+def test_links_from_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("CLIMBER_SERVERS", raising=False)
+    links = tmp_path / "links"
+    links.write_text(f"# my servers\n\n  {LINK}#home  \n# {LINK}\nmtop://bob:pw@127.0.0.2:443/tls\n")
+    options = Options()
+    options.parseOptions(["--server-file", str(links), "--insecure"])
+    servers = options.config_data.servers
+    assert [(s.host, s.username, s.password) for s in servers] == [
+        ("127.0.0.1", "alice", "Secret-pw-5b1e"),
+        ("127.0.0.2", "bob", "pw"),
+    ]
+    assert all(s.insecure for s in servers)
+    assert options.config_data.socks5 and options.config_data.http
+    assert not [w for w in options.config_data.warnings if "ps" in w]
+
+
+def test_links_from_the_environment(monkeypatch):
+    monkeypatch.setenv("CLIMBER_SERVERS", f"{LINK}\n  mtop://bob:pw@127.0.0.2:443/tls ")
+    config = parse_options("--insecure")
+    assert [s.username for s in config.servers] == ["alice", "bob"]
+    assert config.warnings == ()
+
+
+def test_a_password_on_the_command_line_warns_once(monkeypatch):
+    monkeypatch.delenv("CLIMBER_SERVERS", raising=False)
+    config = parse_options("--server", LINK, "--server", "mtop://bob:pw@127.0.0.2:443/tls", "--insecure")
+    (warning,) = config.warnings
+    assert "shown to every local user by ps" in warning and "--server-file" in warning
+    assert "Secret-pw-5b1e" not in warning
+
+
+def test_the_help_says_server_shows_the_password():
+    help_text = str(Options())
+    assert "ps" in help_text and "--server-file" in help_text and "CLIMBER_SERVERS" in help_text
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "--server-file: cannot read"),
+        ("# nothing here\n", "holds no mtop:// link"),
+        ("mtop://nope\n", "no port"),
+    ],
+)
+def test_a_bad_server_file_is_a_usage_error(tmp_path, monkeypatch, content, message):
+    monkeypatch.delenv("CLIMBER_SERVERS", raising=False)
+    path = tmp_path / "links"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(usage.UsageError) as info:
+        parse_options("--server-file", str(path))
+    assert message in str(info.value)

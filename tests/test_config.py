@@ -2,7 +2,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from mtop.config import ConfigError, ListenAddress, load_config, load_config_data, parse_listen
+from mtop.config import ConfigError, ListenAddress, load_config, load_config_data, parse_listen, require_database
 
 ORIGINAL = """
 server:
@@ -89,8 +89,10 @@ def test_missing_certificate_names_the_path(tmp_path):
 
 
 def test_unknown_keys_warn(confdir):
-    config = load_config_data({**_data(), "sever": {}, "log": {"levle": "x"}}, str(confdir / "m.yaml"))
-    assert any("sever" in w for w in config.warnings)
+    # "sever" is one edit from "server" (an error since issue 17); "levle"
+    # is two (a transposition), so still a warning.
+    config = load_config_data({**_data(), "colour": {}, "log": {"levle": "x"}}, str(confdir / "m.yaml"))
+    assert any("colour" in w for w in config.warnings)
     assert any("log.levle" in w for w in config.warnings)
 
 
@@ -206,3 +208,86 @@ def test_worker_command_line_keeps_twistd_options_without_the_pid_file():
         "-c", TWISTD, "--pidfile=", "--nodaemon", "-r", "asyncio", "--logger", "mtop.logs.json", "mtop", "--config", "/etc/mtop/mtop.yaml",
     ]
     assert "--pidfile=/x" not in worker_argv(["twistd", "--pidfile=/x", "-n", "mtop"])
+
+
+# ---------------------------------------------------------------------------
+# Issue 17: a listen value or a key that would expose the server by mistake,
+# the original's own keys, a missing SQLite database.
+
+
+@pytest.mark.parametrize("value", [29643, "29643"])
+@pytest.mark.parametrize(
+    "where,key",
+    [
+        (lambda v: {"server": {"listen": v}}, "server.listen"),
+        (lambda v: {"listeners": [{"listen": v}]}, "listeners[0].listen"),
+        (lambda v: {"metrics": {"listen": v}}, "metrics.listen"),
+    ],
+)
+def test_a_bare_port_is_an_error_with_both_spellings(confdir, where, key, value):
+    data = _data()
+    for section, content in where(value).items():
+        data[section] = {**data[section], **content} if section == "server" else content
+    with pytest.raises(ConfigError) as e:
+        load_config_data(data, str(confdir / "mtop.yaml"))
+    message = str(e.value)
+    assert message.startswith(f"{key}: 29643 ")
+    assert "':29643' to listen on all interfaces" in message
+    assert "'127.0.0.1:29643' for this machine only" in message
+
+
+def test_a_bare_port_is_no_fallback(confdir):
+    with pytest.raises(ConfigError, match=r"server.fallback: .* needs a host and a port"):
+        load_config_data(_data(fallback=8080), str(confdir / "mtop.yaml"))
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"server": {"lisen": "127.0.0.1:1"}}, "server.lisen: unknown key; did you mean server.listen?"),
+        ({"server": {"Listen": "127.0.0.1:1"}}, "server.Listen: unknown key; did you mean server.listen?"),
+        ({"server": {"listenn": "127.0.0.1:1"}}, "did you mean server.listen?"),
+        ({"listeners": [{"lsten": "127.0.0.1:1"}]}, "listeners[0].lsten: unknown key; did you mean listeners[0].listen?"),
+        ({"metrics": {"listn": "127.0.0.1:1"}}, "metrics.listn: unknown key; did you mean metrics.listen?"),
+        ({"sever": {}}, "sever: unknown key; did you mean server?"),
+        ({"db": {"DSN": "x.db"}}, "db.DSN: unknown key; did you mean db.dsn?"),
+    ],
+)
+def test_a_key_one_edit_from_a_known_one_is_an_error(confdir, data, message):
+    base = _data()
+    for section, content in data.items():
+        base[section] = {**base[section], **content} if section == "server" else content
+    with pytest.raises(ConfigError) as e:
+        load_config_data(base, str(confdir / "mtop.yaml"))
+    assert message in str(e.value)
+
+
+def test_the_originals_db_debug_is_a_known_key(confdir):
+    path = confdir / "mtop.yaml"
+    path.write_text(ORIGINAL + "  debug: true\n")
+    assert load_config(str(path)).warnings == ()
+    path.write_text(ORIGINAL + "  debug: yes please\n")
+    with pytest.raises(ConfigError, match="db.debug"):
+        load_config(str(path))
+
+
+def test_a_missing_sqlite_database_names_the_file_and_the_command(confdir):
+    path = confdir / "mtop.yaml"
+    path.write_text(ORIGINAL)
+    config = load_config(str(path))
+    with pytest.raises(ConfigError) as e:
+        require_database(config)
+    assert str(e.value) == (
+        f"db.dsn: the SQLite database {confdir / 'mtop.db'} does not exist; "
+        f"create it with: mtopctl -c {path} db init"
+    )
+    # mtopctl loads the same config to create the file: loading never asks.
+    assert load_config(str(path), check_files=False).db.dsn == str(confdir / "mtop.db")
+    (confdir / "mtop.db").touch()
+    require_database(config)
+
+
+def test_only_sqlite_databases_are_checked_for_a_file(confdir):
+    data = _data()
+    data["db"] = {"driverName": "psql", "dsn": "postgres://postgres@127.0.0.1/mtop"}
+    require_database(load_config_data(data, str(confdir / "mtop.yaml")))

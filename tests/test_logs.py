@@ -154,6 +154,7 @@ def write_config(tmp_path, log_format: str) -> str:
         f"log: {{level: info, format: {log_format}}}\n"
         "db: {driverName: sqlite, dsn: mtop.db}\n"
     )
+    (tmp_path / "mtop.db").touch()  # the tap refuses a missing SQLite database
     return str(path)
 
 

@@ -69,6 +69,7 @@ def test_server_tap_without_quic_needs_no_asyncio(tmp_path):
     init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
     path = tmp_path / "mtop.yaml"
     path.write_text(yaml.safe_dump({"server": SERVER, "db": {"dsn": "mtop.db"}}))
+    (tmp_path / "mtop.db").touch()  # the tap refuses a missing SQLite database
     options = ServerOptions()
     options.parseOptions(["--config", str(path)])
     assert [item.config.type for item in options.settings.listeners] == ["tls"]

@@ -38,6 +38,7 @@ def tree(tmp_path):
     config = tmp_path / "mtop.yaml"
     text = BASE.format(crt=paths.server_crt, key=paths.server_key, db=tmp_path / "mtop.db")
     config.write_text(text)
+    (tmp_path / "mtop.db").touch()  # the tap refuses a missing SQLite database
     options = tap.Options()
     options.parseOptions(["--config", str(config)])
     root = tap.makeService(options, MemoryReactorClock())
@@ -138,6 +139,16 @@ def test_listener_and_database_changes_need_a_restart(tree, events):
     assert reloader.reload()
     (warning,) = [m for m in messages(events) if "need a restart" in m]
     assert "listeners and db" in warning
+
+
+def test_a_changed_log_format_needs_a_restart(tree, events):
+    """twistd's log observer is chosen at start: the reload says so rather
+    than "config reloaded" alone."""
+    config, text, reloader = tree
+    config.write_text(text + "log:\n  format: json\n")
+    assert reloader.reload()
+    (warning,) = [m for m in messages(events) if "need a restart" in m]
+    assert warning.endswith("but changes to log.format need a restart")
 
 
 def test_restart_is_judged_against_what_runs(tree, events):
