@@ -119,12 +119,14 @@ def format_address(address: object) -> str:
 
 def address_type_for(host: str) -> int:
     """The address type an encoder uses for ``host``: IP literals travel as
-    addresses, everything else as a domain name."""
+    addresses, everything else as a domain name; an IPv4-mapped IPv6
+    literal (``::ffff:a.b.c.d``) travels as the IPv4 address, as the
+    original implementation sends it."""
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         return ATYP_DOMAIN
-    return ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
+    return ATYP_IPV4 if ip.version == 4 or ip.ipv4_mapped is not None else ATYP_IPV6
 
 
 def _text(raw: bytes, what: str) -> str:
@@ -226,7 +228,10 @@ def encode_auth(request: AuthRequest) -> bytes:
         raise ValueError(f"port {request.port} is outside 0-65535")
     atyp = request.address_type
     if atyp == ATYP_IPV4:
-        addr = ipaddress.IPv4Address(request.host).packed
+        ip = ipaddress.ip_address(request.host)
+        if ip.version == 6 and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        addr = ipaddress.IPv4Address(ip).packed
     elif atyp == ATYP_IPV6:
         addr = ipaddress.IPv6Address(request.host).packed
     elif atyp == ATYP_DOMAIN:
