@@ -53,6 +53,9 @@ bench: venv
 	@mkdir -p $(BENCH_OUT)
 	$(PY) -m bench --json $(BENCH_OUT)/results.json $(BENCH_ARGS)
 
+# The demo.  mtop/demo.py runs the web page, the server and climber, and
+# stops all three at the first Ctrl-C or on SIGTERM to make (which make
+# passes on to its recipe: exec keeps the supervisor make's own child).
 run: venv
 	@mkdir -p $(STATE)
 	@test -f $(STATE)/server.crt || $(VENV)/bin/mtopctl cert init --host localhost --ip 127.0.0.1 --dir $(STATE) >/dev/null
@@ -101,10 +104,7 @@ run: venv
 	@echo "  curl -x http://127.0.0.1:$(DEMO_HTTP) http://127.0.0.1:$(DEMO_WEB)/"
 	@echo "  $(VENV)/bin/mtopctl check --ca $(STATE)/ca.crt --target 127.0.0.1:$(DEMO_WEB) \"\$$(cat $(STATE)/demo-link)\""
 	@echo "Share link (contains the password): $(STATE)/demo-link.  Stop with Ctrl-C."
-	@trap 'kill $$(jobs -p) 2>/dev/null; wait' EXIT INT TERM; \
-	$(PY) -m http.server --bind 127.0.0.1 --directory $(STATE)/www $(DEMO_WEB) >/dev/null 2>&1 & \
-	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio mtop --config $(STATE)/mtop.yaml & \
-	$(VENV)/bin/twistd --nodaemon --pidfile= -r asyncio climber --config $(STATE)/climber.yaml
+	@exec $(PY) -m mtop.demo --state $(STATE) --web-port $(DEMO_WEB) --twistd $(VENV)/bin/twistd
 
 # Debian packages mtop and climber (see README, "Debian packages"): built
 # with dpkg-buildpackage from a copy of the tree in $(DEB_DIR)/src, so the
