@@ -33,7 +33,6 @@ from dataclasses import dataclass
 
 # SOCKS5 and MTop v1 number their address types alike (1 IPv4, 3 domain,
 # 4 IPv6), so MTop's choice of type for a host serves here too.
-from mtop.wire import address_type_for
 
 VERSION = 0x05
 #: Version byte of the RFC 1929 username/password subnegotiation.
@@ -50,6 +49,18 @@ CMD_UDP_ASSOCIATE = 0x03
 ATYP_IPV4 = 0x01
 ATYP_DOMAIN = 0x03
 ATYP_IPV6 = 0x04
+
+
+def address_type_for(host: str) -> int:
+    """SOCKS5's address type for ``host``: IP literals travel as addresses
+    (an IPv4-mapped IPv6 literal as IPv6, as written), everything else as a
+    domain name.  (MTop's own encoder sends a mapped address as IPv4, as
+    the original does: `mtop.wire.address_type_for`.)"""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return ATYP_DOMAIN
+    return ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
 
 REP_SUCCEEDED = 0x00
 REP_GENERAL_FAILURE = 0x01
