@@ -302,6 +302,7 @@ def warm_up(ctx: Context) -> None:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    host = machine()  # before the run loads the machine
     chosen = select(args.only)
     needs = {n for m in chosen for n in m.needs}
     limit = procs.raise_nofile_limit()
@@ -336,15 +337,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         processes.stop_all()
         ws.cleanup()
-    return report(args, chosen, results, started)
+    return report(args, chosen, results, started, host)
 
 
-def report(args: argparse.Namespace, chosen: list[Measurement], results: dict, started: float) -> dict[str, Any]:
+def report(
+    args: argparse.Namespace, chosen: list[Measurement], results: dict, started: float, host: dict[str, Any]
+) -> dict[str, Any]:
     medians = {name: {k: statistics.median(v) for k, v in metrics.items() if v} for name, metrics in results.items()}
     out: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "machine": machine(),
+        "machine": {**host, "loadavg_at_end": os.getloadavg()},
         "settings": {
             k: getattr(args, k)
             for k in ("repeat", "size", "seconds", "streams", "tunnels", "concurrency", "idle", "used_bytes", "used_rest",
