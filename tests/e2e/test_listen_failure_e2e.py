@@ -38,7 +38,7 @@ def run(plugin: str, config: Path, *twistd_options: str) -> subprocess.Completed
     )
 
 
-def server_config(setup, tmp_path: Path, **server: object) -> dict:
+def server_config(setup, **server: object) -> dict:
     return {
         "server": {
             "listen": "127.0.0.1:0",
@@ -73,7 +73,7 @@ def write(tmp_path: Path, name: str, data: dict) -> Path:
 def test_a_busy_server_port_stops_twistd_with_one_line(e2e_setup, tmp_path, kind, twistd_options, label):
     sock, port = occupied(socket.SOCK_DGRAM if kind == "quic" else socket.SOCK_STREAM)
     try:
-        config = write(tmp_path, "mtop.yaml", server_config(e2e_setup, tmp_path, type=kind, listen=f"127.0.0.1:{port}"))
+        config = write(tmp_path, "mtop.yaml", server_config(e2e_setup, type=kind, listen=f"127.0.0.1:{port}"))
         result = run("mtop", config, *twistd_options)
     finally:
         sock.close()
@@ -83,7 +83,7 @@ def test_a_busy_server_port_stops_twistd_with_one_line(e2e_setup, tmp_path, kind
 def test_a_busy_metrics_port_stops_twistd_with_one_line(e2e_setup, tmp_path):
     sock, port = occupied(socket.SOCK_STREAM)
     try:
-        data = server_config(e2e_setup, tmp_path)
+        data = server_config(e2e_setup)
         data["metrics"] = {"listen": f"127.0.0.1:{port}"}
         result = run("mtop", write(tmp_path, "mtop.yaml", data))
     finally:

@@ -14,6 +14,7 @@ import yaml
 
 from conftest import TWISTD, ClimberProcess, ServerProcess, climber_server_entry, subprocess_env
 from mtop import __version__
+from test_listen_failure_e2e import server_config
 
 
 def twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
@@ -29,16 +30,8 @@ def twistd(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def server_data(setup, **server: object) -> dict:
-    return {
-        "server": {
-            "listen": "127.0.0.1:0",
-            "crt": str(setup.dir / "certs" / "server.crt"),
-            "key": str(setup.dir / "certs" / "server.key"),
-            **server,
-        },
-        "log": {"level": "info"},
-        "db": {"driverName": "sqlite", "dsn": str(setup.dir / "mtop.db")},
-    }
+    """The e2e setup's minimal mtop.yaml (as `test_listen_failure_e2e` uses)."""
+    return server_config(setup, **server)
 
 
 def write(path: Path, data: dict) -> Path:
