@@ -179,17 +179,28 @@ def _parse_list(path: str, text: str) -> list[Network]:
     return networks
 
 
-def load_client_lists(allow: Iterable[str] = (), deny: Iterable[str] = (), base: str | None = None) -> "ClientLists":
+def load_client_lists(
+    allow: Iterable[str] = (),
+    deny: Iterable[str] = (),
+    base: str | None = None,
+    where: Callable[[bool, int], str] | None = None,
+) -> "ClientLists":
     """`ClientLists` from entries (networks, addresses, list file paths;
     relative paths against ``base``, default the working directory).
-    Raises `ClientListError`."""
+    Raises `ClientListError`, its message prefixed with ``where(denied,
+    index)`` (the config key of the entry) when given."""
     if base is not None:
         allow, deny = resolve_entries(allow, base), resolve_entries(deny, base)
     nets: dict[bool, list[Network]] = {False: [], True: []}
     files: dict[str, Signature] = {}
     for denied, entries in ((False, allow), (True, deny)):
-        for entry in entries:
-            networks, signature = read_entry(entry)
+        for index, entry in enumerate(entries):
+            try:
+                networks, signature = read_entry(entry)
+            except ClientListError as e:
+                if where is None:
+                    raise
+                raise ClientListError(f"{where(denied, index)}: {e}") from None
             nets[denied].extend(networks)
             if signature is not None:
                 files[entry] = signature
@@ -282,8 +293,11 @@ class ClientLists:
 
     @classmethod
     def from_config(cls, clients: Any) -> "ClientLists":
-        """From a `mtop.config.ClientsConfig` (its entries, list files
-        read now).  Raises `ClientListError`."""
+        """From a `mtop.config.ClientsConfig`: the lists its loading built
+        (list files read once per config), else its entries read now.
+        Raises `ClientListError`."""
+        if clients.lists is not None:
+            return clients.lists
         return load_client_lists(clients.allow, clients.deny)
 
     @classmethod

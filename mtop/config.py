@@ -21,7 +21,7 @@ from typing import Any, Callable
 import yaml
 
 from mtop.acl import ACLError, DestinationACL, parse_network, parse_port_range
-from mtop.clientlist import ClientListError, is_file_entry, read_entry, resolve_entries
+from mtop.clientlist import ClientListError, is_file_entry, load_client_lists, read_entry, resolve_entries
 from mtop.limits import ThrottleSettings
 from mtop.redact import redact, shown
 
@@ -145,6 +145,9 @@ class ClientsConfig:
 
     allow: tuple[str, ...] = ()
     deny: tuple[str, ...] = ()
+    #: The `ClientLists` built while loading (list files read), or
+    #: ``None`` when the files were not read (mtopctl).
+    lists: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -545,25 +548,32 @@ def _load_acl(section: Section) -> DestinationACL:
 
 def _load_clients(section: Section, base: str, check_files: bool = True) -> ClientsConfig:
     """``clients: {allow, deny}``: networks, addresses or list file paths.
-    Every entry is read here (list files too, unless ``check_files`` is
-    false, as for mtopctl), so a bad network or list file line stops the
-    load rather than the server's start."""
+    Every entry is read here, once (list files too, unless ``check_files``
+    is false, as for mtopctl), into the lists the server uses, so a bad
+    network or list file line stops the load rather than the server's
+    start."""
 
     def entries(key: str, value: Any) -> tuple[str, ...]:
         items = value if isinstance(value, list) else [value]
         resolved = resolve_entries([as_string(f"{key}[{i}]", item) for i, item in enumerate(items)], base)
-        for i, entry in enumerate(resolved):
-            if not check_files and is_file_entry(entry):
-                continue
-            try:
-                read_entry(entry)
-            except ClientListError as e:
-                raise ConfigError(f"{key}[{i}]: {e}") from None
+        if not check_files:
+            for i, entry in enumerate(resolved):
+                if not is_file_entry(entry):
+                    try:
+                        read_entry(entry)
+                    except ClientListError as e:
+                        raise ConfigError(f"{key}[{i}]: {e}") from None
         return resolved
 
-    config = ClientsConfig(allow=section.get("allow", (), entries), deny=section.get("deny", (), entries))
+    allow, deny = section.get("allow", (), entries), section.get("deny", (), entries)
     section.finish()
-    return config
+    lists = None
+    if check_files:
+        try:
+            lists = load_client_lists(allow, deny, where=lambda denied, i: section.key(f"{'deny' if denied else 'allow'}[{i}]"))
+        except ClientListError as e:
+            raise ConfigError(str(e)) from None
+    return ClientsConfig(allow=allow, deny=deny, lists=lists)
 
 
 def _load_limits(section: Section) -> LimitsConfig:
