@@ -55,16 +55,6 @@ TUNNEL_BUFFER_SIZE = 1 << 18
 LINGER_SECONDS = 2.0
 
 
-def _tcp_under(transport: Any) -> Any:
-    """The Twisted TCP connection ``transport`` runs on, or None (a QUIC
-    stream).  A Twisted transport that is not an `IStreamTransport` yet is
-    taken for plain TCP (callers pass streams, `mtop.streams.TCPStream`
-    for plain TCP; this keeps a raw transport working meanwhile)."""
-    if IStreamTransport.providedBy(transport):
-        return transport.tcp
-    return transport
-
-
 def large_buffers(transport: IStreamTransport, size: int = TUNNEL_BUFFER_SIZE) -> None:
     """Give the TCP connection under ``transport`` (``transport.tcp``: the
     connection of plain TCP, the one TLS runs on) ``size`` byte reads,
@@ -72,11 +62,8 @@ def large_buffers(transport: IStreamTransport, size: int = TUNNEL_BUFFER_SIZE) -
     everything on the portable data path (no fast path: Twisted's own
     sizes; see `mtop.fastpath`)."""
     fast = fastpath.active
-    if fast is None:
-        return
-    tcp = _tcp_under(transport)
-    if tcp is not None:
-        fast.tune_buffers(tcp, size)
+    if fast is not None and transport.tcp is not None:
+        fast.tune_buffers(transport.tcp, size)
 
 
 def writer_for(transport: IStreamTransport) -> Callable[[bytes], None]:
@@ -85,23 +72,20 @@ def writer_for(transport: IStreamTransport) -> Callable[[bytes], None]:
     socket when nothing is queued (`mtop.fastpath.FastPath.socket_writer`:
     Twisted's own ``write`` only queues, for the next turn of the loop)."""
     fast = fastpath.active
-    if fast is not None:
-        if not IStreamTransport.providedBy(transport):
-            direct = fast.socket_writer(transport)  # a raw Twisted transport
-        elif transport.kind == "tcp":
-            direct = fast.socket_writer(transport.tcp)
-        else:
-            direct = None  # TLS encrypts first; QUIC has no TCP
+    if fast is not None and transport.kind == "tcp":
+        direct = fast.socket_writer(transport.tcp)
         if direct is not None:
             return direct
-    return transport.write
+    return transport.write  # TLS encrypts first; QUIC has no TCP
 
 
-def no_delay(transport: IStreamTransport) -> None:
+def no_delay(transport: Any) -> None:
     """Turn Nagle's algorithm off, as Go does for every TCP connection: a
     relay's small writes (replies, interactive traffic) must not wait for
     the peer's delayed ACK (about 40 ms).  On the TCP connection under
-    ``transport`` (none for a QUIC stream)."""
+    ``transport`` (an `IStreamTransport`; none for a QUIC stream), or on
+    ``transport`` itself, a Twisted TCP transport as a protocol gets it in
+    ``connectionMade``."""
     if IStreamTransport.providedBy(transport):
         tcp = transport.tcp
     elif ITCPTransport.providedBy(transport):

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from mtop import fastpath, tlstransport
 from mtop.certs import init_certs
 from mtop.relay import writer_for
+from mtop.streams import TCPStream
 from mtop.tls import client_context, server_context
 from mtop.tlstransport import TLSTransport
 
@@ -191,7 +192,7 @@ def test_corrupt_record_fails_the_connection(tmp_path):
 
 def test_writer_for_other_transports_is_their_write():
     transport = StringTransport()
-    write = writer_for(transport)
+    write = writer_for(TCPStream(transport))
     write(b"abc")
     assert transport.value() == b"abc"
 
@@ -211,10 +212,11 @@ async def write_to_a_reset_peer(answer: bytes) -> list:
     @implementer(IHalfCloseableProtocol)
     class Side(Protocol):
         def connectionMade(self):
-            self.write = writer_for(self.transport)
+            stream = TCPStream(self.transport)
+            self.write = writer_for(stream)
             # Straight to the socket on the fast path; Twisted's queue (and
             # its own handling of the reset) on the portable one.
-            assert (self.write != self.transport.write) == fastpath.enabled
+            assert (self.write != stream.write) == fastpath.enabled
             ready.callback(self)
 
         def dataReceived(self, data):
