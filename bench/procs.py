@@ -193,10 +193,10 @@ class Workspace:
         self._serial += 1
         return self.dir / f"{stem}-{self._serial}"
 
-    def mtop_config(self, port: int) -> Path:
+    def mtop_config(self, port: int, transport: str = "tls") -> Path:
         data = {
             "server": {
-                "type": "tls",
+                "type": transport,
                 "listen": f"127.0.0.1:{port}",
                 "crt": "certs/server.crt",
                 "key": "certs/server.key",
@@ -205,7 +205,6 @@ class Workspace:
                 "idle_timeout": "10m",
                 "workers": self.workers,
             },
-            "listeners": [{"type": "tls"}, {"type": "quic"}],
             "log": {"level": "info"},
             "db": {"driverName": "sqlite", "dsn": "mtop.db"},
             # The destination ACL refuses loopback targets by default; the
@@ -242,7 +241,7 @@ class Workspace:
 
 
 class Mtop:
-    """A running ``twistd -r asyncio mtop`` (TLS and QUIC on ``port``)."""
+    """A running ``twistd mtop`` serving one transport on ``port``."""
 
     def __init__(self, process: Process, port: int):
         self.process = process
@@ -250,7 +249,7 @@ class Mtop:
 
 
 class Climber:
-    """A running ``twistd -r asyncio climber`` with its proxy ports."""
+    """A running ``twistd climber`` with its proxy ports."""
 
     def __init__(self, process: Process, socks5: int, http: int):
         self.process = process
@@ -258,18 +257,19 @@ class Climber:
         self.http = http
 
 
-def start_mtop(processes: Processes, ws: Workspace) -> Mtop:
+def start_mtop(processes: Processes, ws: Workspace, transport: str = "tls") -> Mtop:
+    """``twistd mtop`` serving ``transport``, without ``-r``: TLS runs on
+    twistd's default reactor, QUIC on the asyncio one mtop installs."""
     port = free_port_both()
-    config = ws.mtop_config(port)
+    config = ws.mtop_config(port, transport)
     process = processes.add(
         Process(
-            "mtop",
-            [*twistd_command(), "--nodaemon", "--pidfile=", "-r", "asyncio", "mtop", "--config", str(config)],
+            f"mtop ({transport})",
+            [*twistd_command(), "--nodaemon", "--pidfile=", "mtop", "--config", str(config)],
             ws.dir, config.with_suffix(".log"),
         )
     )
-    process.wait_for(MTOP_TLS)
-    process.wait_for(MTOP_QUIC)
+    process.wait_for(MTOP_TLS if transport == "tls" else MTOP_QUIC)
     return Mtop(process, port)
 
 
@@ -278,7 +278,7 @@ def start_climber(processes: Processes, ws: Workspace, mtop: Mtop, transport: st
     process = processes.add(
         Process(
             f"climber ({transport})",
-            [*twistd_command(), "--nodaemon", "--pidfile=", "-r", "asyncio", "climber", "--config", str(config)],
+            [*twistd_command(), "--nodaemon", "--pidfile=", "climber", "--config", str(config)],
             ws.dir, config.with_suffix(".log"),
         )
     )

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ws.prepare()
         _, origin = procs.start_origin(processes, ws)
-        mtop = procs.start_mtop(processes, ws)
+        mtop = procs.start_mtop(processes, ws, args.transport)
         climber = procs.start_climber(processes, ws, mtop, args.transport)
         path = Path(args.front, ("127.0.0.1", climber.socks5 if args.front == "socks5" else climber.http))
         echo = ("127.0.0.1", origin["echo"])

@@ -1,8 +1,9 @@
 """The benchmark run: ``python -m bench`` (``make bench``).
 
-Starts on loopback an origin, the plain relay, ``twistd -r asyncio mtop``
-(TLS and QUIC on one port) and two ``twistd -r asyncio climber`` (one
-through TLS, one through QUIC; SOCKS5 and HTTP front ends each), then
+Starts on loopback an origin, the plain relay, two ``twistd mtop`` (one
+serving TLS, on twistd's default reactor as the shipped config runs; one
+serving QUIC, on the asyncio reactor it installs for it) and two ``twistd
+climber`` (one through each; SOCKS5 and HTTP front ends each), then
 measures, each ``--repeat`` times (interleaved, so a change in the
 machine's load hits every path alike), and reports medians:
 
@@ -46,7 +47,8 @@ class Context:
     processes: procs.Processes
     origin: dict[str, int]
     relay_port: int = 0
-    mtop: procs.Mtop | None = None
+    #: The server of each transport (``tls`` also serves route ``mtop``).
+    servers: dict[str, procs.Mtop] = field(default_factory=dict)
     climbers: dict[str, procs.Climber] = field(default_factory=dict)
 
     def target(self, service: str) -> tuple[str, int]:
@@ -55,10 +57,13 @@ class Context:
     def cpu(self, route: str) -> dict[str, float]:
         """CPU seconds so far of the processes a route goes through."""
         if route == "mtop":
-            return {"mtop": client.cpu_seconds(self.mtop.process.pid)}
+            return {"mtop": client.cpu_seconds(self.servers["tls"].process.pid)}
         if route not in self.climbers:
             return {}
-        return {"mtop": client.cpu_seconds(self.mtop.process.pid), "climber": client.cpu_seconds(self.climbers[route].process.pid)}
+        return {
+            "mtop": client.cpu_seconds(self.servers[route].process.pid),
+            "climber": client.cpu_seconds(self.climbers[route].process.pid),
+        }
 
     def path(self, route: str, front: str = "socks5") -> Path:
         if route == "direct":
@@ -67,7 +72,7 @@ class Context:
             return Path("socks5", ("127.0.0.1", self.relay_port))
         if route == "mtop":
             login = client.MtopLogin(str(self.ws.dir / "certs" / "ca.crt"), procs.USER, self.ws.password)
-            return Path("mtop", ("127.0.0.1", self.mtop.port), login)
+            return Path("mtop", ("127.0.0.1", self.servers["tls"].port), login)
         climber = self.climbers[route]
         return Path(front, ("127.0.0.1", climber.socks5 if front == "socks5" else climber.http))
 
@@ -134,7 +139,7 @@ def _idle_rss(route: str, used: bool = False) -> Callable[[Context], dict[str, f
     tunnel that has carried traffic keeps once it is idle."""
 
     def run(ctx: Context) -> dict[str, float]:
-        mtop = procs.start_mtop(ctx.processes, ctx.ws)
+        mtop = procs.start_mtop(ctx.processes, ctx.ws, route)
         climber = procs.start_climber(ctx.processes, ctx.ws, mtop, route)
         try:
             path = Path("socks5", ("127.0.0.1", climber.socks5))
@@ -294,7 +299,7 @@ def warm_up(ctx: Context) -> None:
     """One tunnel through each front end (full handshake, scrypt, QUIC
     connection), so the first measurement is not the one paying them."""
     paths = [ctx.path(route, front) for route in ctx.climbers for front in ("socks5", "http")]
-    if ctx.mtop is not None:
+    if "tls" in ctx.servers:
         paths.append(ctx.path("mtop"))
     for path in paths:
         with path.open(ctx.target("echo")) as sock:
@@ -318,11 +323,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctx = Context(args, ws, processes, origin)
         if "relay" in needs:
             _, ctx.relay_port = procs.start_relay(processes, ws)
-        if needs & {"tls", "quic", "mtop"}:
-            ctx.mtop = procs.start_mtop(processes, ws)
-            for transport in ("tls", "quic"):
-                if transport in needs:
-                    ctx.climbers[transport] = procs.start_climber(processes, ws, ctx.mtop, transport)
+        for transport in ("tls", "quic"):
+            if transport in needs or (transport == "tls" and "mtop" in needs):
+                ctx.servers[transport] = procs.start_mtop(processes, ws, transport)
+            if transport in needs:
+                ctx.climbers[transport] = procs.start_climber(processes, ws, ctx.servers[transport], transport)
         warm_up(ctx)
         for repeat in range(args.repeat):
             for m in chosen:

@@ -169,13 +169,15 @@ def _has_password(url: str) -> bool:
 
 
 def _check_quic_reactor(config: ClimberConfig, label: str) -> None:
-    """QUIC servers need a reactor that can host QUIC (the asyncio one)."""
+    """QUIC servers need a reactor that can host QUIC (the asyncio one):
+    installed here unless twistd was told another with ``-r``."""
     quic = [s for s in config.usable_servers if s.type == "quic"]
     if not quic:
         return
-    from twisted.internet import reactor
+    from mtop.quic import install_reactor, reactor_problem
 
-    from mtop.quic import reactor_problem
+    install_reactor()
+    from twisted.internet import reactor
 
     command = f"twistd -r asyncio climber --config {config.path}" if config.path else "twistd -r asyncio climber ..."
     problem = reactor_problem(reactor, command)

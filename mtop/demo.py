@@ -94,11 +94,11 @@ def demo_children(state: Path, web_port: int, twistd: str | None = None) -> list
         ),
         Child(
             "the server (twistd mtop)",
-            [twistd, "--nodaemon", "--pidfile=", "-r", "asyncio", "mtop", "--config", str(state / "mtop.yaml")],
+            [twistd, "--nodaemon", "--pidfile=", "mtop", "--config", str(state / "mtop.yaml")],
         ),
         Child(
             "climber (twistd climber)",
-            [twistd, "--nodaemon", "--pidfile=", "-r", "asyncio", "climber", "--config",
+            [twistd, "--nodaemon", "--pidfile=", "climber", "--config",
              str(state / "climber.yaml")],
         ),
     ]

@@ -19,6 +19,7 @@ from twisted.application.service import MultiService, Service
 from mtop.clientlist import ClientListError
 from mtop.config import Config, ConfigError, ListenAddress, load_config, require_database
 from mtop.logs import use_log_format
+from mtop.quic import install_reactor as install_quic_reactor
 from mtop.settings import RuntimeSettings, runtime_settings
 from mtop.startup import ConfigUsageError, TapOptions
 from mtop.tls import TLSConfigError
@@ -45,6 +46,8 @@ class Options(TapOptions):
         path = self["config"]
         try:
             self.config_data = load_config(path)
+            if any(listener.type == "quic" for listener in self.config_data.listeners):
+                install_quic_reactor()
             _check_driver(self.config_data)
             self.settings = runtime_settings(self.config_data)
             require_database(self.config_data)

@@ -37,7 +37,7 @@ def test_units_run_twistd_from_the_bundled_environment_hardened():
         text = (ROOT / "etc" / "systemd" / f"{unit}.service").read_text()
         lines = set(text.splitlines())
         assert (
-            f"ExecStart=/opt/venvs/mtop/bin/twistd --nodaemon --pidfile= --logfile=- -r asyncio {unit} "
+            f"ExecStart=/opt/venvs/mtop/bin/twistd --nodaemon --pidfile= --logfile=- {unit} "
             f"--config /etc/{unit}/{unit}.yaml"
         ) in lines
         for line in (f"User={user}", "NoNewPrivileges=yes", "ProtectSystem=strict", f"StateDirectory={unit}",

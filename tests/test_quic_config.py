@@ -1,6 +1,9 @@
 """QUIC in the configs and taps: ``listeners:``, ``server.type: quic``,
 climber's ``type: quic`` servers, and the reactor check."""
 
+import subprocess
+import sys
+
 import pytest
 import yaml
 from twisted.python import usage
@@ -56,13 +59,16 @@ def test_quic_packet_size(tmp_path):
         load({"server": {**SERVER, "quic_packet_size": 1000}}, tmp_path)
 
 
-def test_server_tap_asks_for_the_asyncio_reactor(tmp_path):
+def test_server_tap_refuses_another_chosen_reactor(tmp_path):
+    # The suite's reactor is installed (and is not asyncio's): as with
+    # ``twistd -r epoll``, the tap cannot change it and says what to run.
     init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
     path = tmp_path / "mtop.yaml"
     path.write_text(yaml.safe_dump({"server": {**SERVER, "type": "quic"}, "db": {"dsn": "mtop.db"}}))
     with pytest.raises(usage.UsageError) as info:
         ServerOptions().parseOptions(["--config", str(path)])
-    assert f"run: twistd -r asyncio mtop --config {path}" in str(info.value)
+    assert "run twistd without -r" in str(info.value)
+    assert f"or: twistd -r asyncio mtop --config {path}" in str(info.value)
 
 
 def test_server_tap_without_quic_needs_no_asyncio(tmp_path):
@@ -75,8 +81,45 @@ def test_server_tap_without_quic_needs_no_asyncio(tmp_path):
     assert [item.config.type for item in options.settings.listeners] == ["tls"]
 
 
-def test_climber_tap_asks_for_the_asyncio_reactor():
+def test_climber_tap_refuses_another_chosen_reactor():
     with pytest.raises(usage.UsageError) as info:
         ClimberOptions().parseOptions(["--server", "mtop://u:p@127.0.0.1:4433/quic?proto=mtop", "--insecure"])
     assert "QUIC runs on Twisted's asyncio reactor" in str(info.value)
     assert "twistd -r asyncio climber" in str(info.value)
+
+
+#: Parses the tap's options in a fresh interpreter (no reactor installed, as
+#: in ``twistd`` without ``-r``) and prints the reactor installed after.
+_REACTOR_AFTER = """
+import sys
+from {module} import Options
+Options().parseOptions(sys.argv[1:])
+from twisted.internet import reactor
+print(type(reactor).__name__)
+"""
+
+
+def _reactor_after(module, args, cwd):
+    result = subprocess.run(
+        [sys.executable, "-c", _REACTOR_AFTER.format(module=module), *args],
+        capture_output=True, text=True, cwd=cwd, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_taps_install_the_asyncio_reactor_for_quic_only(tmp_path):
+    """Without ``-r``: QUIC configured gets the asyncio reactor, TLS alone
+    keeps the default one (epoll), which costs less per connection."""
+    init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    (tmp_path / "mtop.db").touch()
+    both = tmp_path / "both.yaml"
+    both.write_text(yaml.safe_dump({"server": SERVER, "listeners": [{"type": "tls"}, {"type": "quic"}], "db": {"dsn": "mtop.db"}}))
+    tls = tmp_path / "tls.yaml"
+    tls.write_text(yaml.safe_dump({"server": SERVER, "db": {"dsn": "mtop.db"}}))
+    assert _reactor_after("mtop.tap", ["--config", str(both)], tmp_path) == "AsyncioSelectorReactor"
+    assert _reactor_after("mtop.tap", ["--config", str(tls)], tmp_path) == "EPollReactor"
+    quic_link = "mtop://u:p@127.0.0.1:4433/quic?proto=mtop"
+    tls_link = "mtop://u:p@127.0.0.1:4433/?proto=mtop"
+    assert _reactor_after("climber.tap", ["--server", quic_link, "--insecure"], tmp_path) == "AsyncioSelectorReactor"
+    assert _reactor_after("climber.tap", ["--server", tls_link, "--insecure"], tmp_path) == "EPollReactor"

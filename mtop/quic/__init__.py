@@ -15,13 +15,29 @@ Modules:
 ``server``      the UDP listener that accepts connections (``server.type: quic``);
 ``client``      connections to a server, each carrying many streams.
 
-The server and climber taps require Twisted's asyncio reactor when QUIC is
-configured (`reactor_problem` says what to run otherwise).
+QUIC runs on Twisted's asyncio reactor.  When QUIC is configured and no
+reactor is installed yet (``twistd mtop`` without ``-r``), the taps install
+it (`install_reactor`); otherwise twistd's default stays (epoll on Linux,
+which costs less per TCP connection).  A reactor chosen with ``-r`` that
+cannot host QUIC is a usage error (`reactor_problem` says what to run).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+
+def install_reactor() -> None:
+    """Install Twisted's asyncio reactor unless a reactor is installed
+    already (``twistd -r ...``, or an earlier import of
+    ``twisted.internet.reactor``), which is then left as it is."""
+    import sys
+
+    if "twisted.internet.reactor" in sys.modules:
+        return
+    from twisted.internet import asyncioreactor
+
+    asyncioreactor.install()
 
 
 def reactor_problem(reactor: Any, command: str) -> str | None:
@@ -36,6 +52,6 @@ def reactor_problem(reactor: Any, command: str) -> str | None:
     if not isinstance(reactor, AsyncioSelectorReactor):
         return (
             f"QUIC runs on Twisted's asyncio reactor, but this process runs {type(reactor).__name__}; "
-            f"run: {command}"
+            f"run twistd without -r (it picks the asyncio reactor for QUIC by itself) or: {command}"
         )
     return None
