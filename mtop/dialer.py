@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import DNSLookupError
 from twisted.internet.interfaces import (
     IHostnameResolver,
@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtop.acl import DestinationACL, parse_address
+from mtop.connect import connect_address
 from mtop.interfaces import ISettingsConsumer
 
 
@@ -112,8 +113,7 @@ class Dialer:
         # would still send it through getaddrinfo in the thread pool, a
         # thread round trip and about a tenth of the CPU of a tunnel.
         if isIPAddress(host) or isIPv6Address(host):
-            endpoint_class = TCP4ClientEndpoint if isIPAddress(host) else TCP6ClientEndpoint
-            return self._connect(endpoint_class(self.reactor, host, port, timeout=self.connect_timeout), factory)
+            return connect_address(self.reactor, host, port, factory, self.connect_timeout)
         resolver = _FilteringResolver(self.reactor.nameResolver, self.acl)
         reactor = _ReactorWithResolver(self.reactor, resolver)
         d = self._connect(HostnameEndpoint(reactor, host, port, timeout=self.connect_timeout), factory)
