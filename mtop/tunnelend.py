@@ -11,9 +11,12 @@ head); this class owns the rest of the life:
                deadline (`start_deadline`);
 pending        (the subclass names these states, `PENDING_STATES`: the
                server's ``auth``, ``connecting``, ``fallback``; climber's
-               ``opening``) the connection is paused while the other end is
-               opened (`wait_for`); bytes already sent are kept (at most
-               `MAX_EARLY_DATA`) and an end of input is remembered;
+               ``opening``) while the other end is opened (`wait_for`),
+               bytes the peer sends are kept (at most `MAX_EARLY_DATA`) and
+               the connection is paused as they arrive (most peers send
+               nothing before they are answered, and a pause not taken
+               saves a stop and a restart of reading per tunnel); an end
+               of input is remembered;
 ``relay``      `splice` hands both ends to an `mtop.relay.Relay` (flow
                control, half-close, lingering close, idle timeout, counts);
 ``failing``    `close_after` sends a last answer and lingers: our side is
@@ -41,9 +44,9 @@ from mtop.relay import LINGER_SECONDS, Relay
 from mtop.streams import as_stream
 from mtop.timers import cancel
 
-#: Bytes kept from a peer while the other end opens.  It is paused, so only
-#: what one read delivered can arrive; this is a safety net, not a working
-#: limit.
+#: Bytes kept from a peer while the other end opens.  It is paused at the
+#: first bytes, so only what one read delivered can arrive; this is a
+#: safety net, not a working limit.
 MAX_EARLY_DATA = 1 << 20
 
 
@@ -69,6 +72,8 @@ class TunnelEnd(Protocol):
     _deadline: Any = None
     _pending: Deferred | None = None
     _reported = False
+    #: Paused by `keep_early`: bytes arrived while waiting.
+    _paused = False
 
     # IProtocol
 
@@ -148,10 +153,9 @@ class TunnelEnd(Protocol):
 
     def wait_for(self, state: str, pending: Deferred) -> Deferred:
         """Enter ``state`` (one of `PENDING_STATES`) while ``pending`` (the
-        auth, the connect, the tunnel opening) runs: the peer is paused, its
-        bytes kept, and ``pending`` cancelled if the peer leaves."""
-        if self.state not in self.PENDING_STATES:
-            self.transport.pauseProducing()
+        auth, the connect, the tunnel opening) runs: the peer's bytes are
+        kept (and it is paused once they come), and ``pending`` is
+        cancelled if the peer leaves."""
         self.state = state
         self._pending = pending
         return pending
@@ -161,13 +165,17 @@ class TunnelEnd(Protocol):
         self._pending = None
 
     def keep_early(self, data: bytes) -> None:
-        """Keep bytes the peer sent before the splice."""
+        """Keep bytes the peer sent before the splice, and pause it: more
+        waits in its socket until the splice."""
         if not data:
             return
         if len(self._early) + len(data) > MAX_EARLY_DATA:
             self.early_overflow()
             return
         self._early += data
+        if not self._paused:
+            self._paused = True
+            self.transport.pauseProducing()
 
     def early_overflow(self) -> None:
         self.outcome, self.detail = "early-data-overflow", "too much data before the tunnel opened"
@@ -187,7 +195,8 @@ class TunnelEnd(Protocol):
         relay.start()
         if self._client_eof:
             relay.client_eof()
-        else:
+        elif self._paused:
+            self._paused = False
             self.transport.resumeProducing()
         return relay
 

@@ -173,6 +173,24 @@ def test_success_replies_0100_and_delivers_early_data(events):
     assert client.producer.transport is target and target.producer.transport is client
 
 
+def test_a_client_that_waits_for_its_answer_is_never_paused(events):
+    """Pausing is lazy: a client sending nothing after its auth message
+    (every client that waits for ``01 00``) costs no stop and restart of
+    reading; one that sends more is paused at its first early bytes."""
+    protocol, client, clock, dialer, auth, factory = make()
+    states = []
+    pause, resume = client.pauseProducing, client.resumeProducing
+    client.pauseProducing = lambda: (states.append("pause"), pause())
+    client.resumeProducing = lambda: (states.append("resume"), resume())
+    protocol.dataReceived(AUTH)
+    assert client.producerState == "producing"
+    target_protocol, target = dialer.succeed()
+    assert client.value() == b"\x01\x00"
+    assert states == []
+    protocol.dataReceived(b"now")
+    assert target.value() == b"now"
+
+
 def test_half_close_both_ways_then_one_outcome_event(events):
     protocol, client, clock, dialer, auth, factory = make()
     protocol.dataReceived(AUTH)
