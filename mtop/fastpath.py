@@ -274,6 +274,27 @@ class FastPath:
 
         return write
 
+    def half_close(self, tcp: Any) -> None:
+        """``tcp.loseWriteConnection()``, at once when nothing is queued.
+
+        Twisted's half-close registers the socket for writability and
+        sends the FIN on the next turn of the loop, after the queue has
+        drained (two ``epoll_ctl`` calls and a turn, per tunnel, on every
+        tunnel that ends by half-closing).  With an empty queue there is
+        nothing to wait for: this does now what that turn would do
+        (``tcp.Connection._closeWriteConnection``: ``shutdown(SHUT_WR)``,
+        then ``writeConnectionLost`` to a half-closeable protocol), and
+        marks the connection write-closed as that turn would."""
+        if (
+            not isinstance(tcp, self._tcp_connection) or tcp.TLS or not tcp.connected or tcp.disconnecting
+            or tcp._writeDisconnecting or tcp.dataBuffer or tcp._tempDataBuffer or tcp.producer is not None
+        ):
+            tcp.loseWriteConnection()
+            return
+        tcp._writeDisconnecting = True
+        tcp._writeDisconnected = True
+        tcp._closeWriteConnection()
+
     def tune_buffers(self, tcp: Any, size: int) -> None:
         """Give a Twisted TCP connection ``size`` byte reads, write buffer
         (the level at which its producer is paused) and sends; anything

@@ -14,7 +14,18 @@ from typing import Any
 
 from zope.interface import implementer
 
+from mtop import fastpath
+
 from mtop.interfaces import IStreamTransport
+
+
+def half_close(tcp: Any) -> None:
+    """``tcp.loseWriteConnection()``; with the fast path, the FIN goes now
+    when nothing is queued (`mtop.fastpath.FastPath.half_close`)."""
+    if fastpath.active is not None:
+        fastpath.active.half_close(tcp)
+    else:
+        tcp.loseWriteConnection()
 
 
 @implementer(IStreamTransport)
@@ -45,7 +56,7 @@ class TCPStream:
         self.tcp.loseConnection()
 
     def loseWriteConnection(self) -> None:
-        self.tcp.loseWriteConnection()
+        half_close(self.tcp)
 
     def abortConnection(self) -> None:
         self.tcp.abortConnection()

@@ -57,6 +57,7 @@ from zope.interface import implementer
 
 from mtop import fastpath
 from mtop.interfaces import IStreamTransport
+from mtop.streams import half_close
 from mtop.timers import cancel
 
 #: Plaintext delivered to the protocol at most at once, and (on the
@@ -377,7 +378,7 @@ class TLSTransport:
         if self._read_eof:
             self.transport.loseConnection()
         else:
-            self.transport.loseWriteConnection()
+            half_close(self.transport)
 
     def loseConnection(self) -> None:
         """Send ``close_notify`` (after any pending data) and close."""

@@ -379,3 +379,66 @@ async def test_direct_write_to_a_reset_peer_delivers_what_it_sent_before():
     lost."""
     seen = await write_to_a_reset_peer(b"413 too large")
     assert seen == [b"413 too large", "lost"], seen
+
+
+async def fin_arrives(sock: socket.socket, seconds: float = 5.0) -> bool:
+    """Whether the peer's FIN reaches ``sock`` within ``seconds``, looking
+    without blocking the reactor (which has to send it)."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            return sock.recv(10, socket.MSG_DONTWAIT) == b""
+        except BlockingIOError:
+            await deferLater(reactor, 0.01, lambda: None)
+    return False
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_half_close_with_nothing_queued_sends_the_fin_at_once():
+    """`mtop.streams.TCPStream.loseWriteConnection`: on the fast path the
+    FIN leaves during the call (no writability turn of the loop) when
+    nothing is queued, the protocol hears ``writeConnectionLost``, and the
+    connection keeps reading; queued bytes still go first, then the FIN."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Factory
+
+    @implementer(IHalfCloseableProtocol)
+    class Side(Protocol):
+        def connectionMade(self):
+            self.events = []
+            ready.callback(self)
+
+        def dataReceived(self, data):
+            self.events.append(data)
+            if got is not None and not got.called:
+                got.callback(None)
+
+        def readConnectionLost(self):
+            self.events.append("eof")
+
+        def writeConnectionLost(self):
+            self.events.append("write-closed")
+
+    ready, got = Deferred(), None
+    port = reactor.listenTCP(0, Factory.forProtocol(Side), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        side = await ready
+        TCPStream(side.transport).loseWriteConnection()
+        if fastpath.enabled:
+            assert side.events == ["write-closed"]
+            assert side.transport not in reactor.getWriters()  # no writability turn
+            assert peer.recv(10, socket.MSG_DONTWAIT) == b""  # the FIN, already sent
+        got = Deferred()
+        peer.sendall(b"still read")
+        await got
+        assert b"".join(e for e in side.events if isinstance(e, bytes)) == b"still read"
+        assert await fin_arrives(peer)
+        assert "write-closed" in side.events
+    finally:
+        peer.close()
+        port.stopListening()
