@@ -31,6 +31,8 @@ import ipaddress
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from mtop.wire import ip_literal
+
 # SOCKS5 and MTop v1 number their address types alike (1 IPv4, 3 domain,
 # 4 IPv6), so MTop's choice of type for a host serves here too.
 
@@ -56,9 +58,8 @@ def address_type_for(host: str) -> int:
     (an IPv4-mapped IPv6 literal as IPv6, as written), everything else as a
     domain name.  (MTop's own encoder sends a mapped address as IPv4, as
     the original does: `mtop.wire.address_type_for`.)"""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = ip_literal(host)
+    if ip is None:
         return ATYP_DOMAIN
     return ATYP_IPV4 if ip.version == 4 else ATYP_IPV6
 
@@ -216,7 +217,7 @@ def _encode_address(host: str, port: int) -> bytes:
     if atyp == ATYP_DOMAIN:
         addr = _field(host, "domain name")
     else:
-        ip = ipaddress.ip_address(host)
+        ip = ip_literal(host)
         if getattr(ip, "scope_id", None):
             raise ValueError(f"address {host!r} has a scope id, which SOCKS5 cannot carry")
         addr = ip.packed

@@ -19,6 +19,7 @@ wins a tie.  Ports: a port in ``deny_ports`` is refused; with
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
 from dataclasses import dataclass, field
@@ -105,9 +106,11 @@ def embedded_ipv4(address: IPAddress) -> ipaddress.IPv4Address | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_address(text: str) -> IPAddress | None:
     """An IP address from text (a zone index ``%eth0`` is dropped), or
-    ``None`` for a name."""
+    ``None`` for a name.  Cached, as `mtop.wire.ip_literal` is: every
+    tunnel's target is judged, and the same targets come again and again."""
     try:
         return ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:

@@ -24,6 +24,7 @@ All are per process (see ``server.workers``); none keeps more than
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import OrderedDict, deque
 from dataclasses import dataclass
@@ -37,9 +38,11 @@ from mtop.stats import Counters
 MAX_TRACKED = 100_000
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(host: str) -> str:
     """The unit limits and bans apply to: the IPv4 address, or the /64 of
-    an IPv6 address (an IPv4-mapped IPv6 address counts as IPv4)."""
+    an IPv6 address (an IPv4-mapped IPv6 address counts as IPv4).  Cached:
+    it is asked for every connection, and clients come back."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:

@@ -58,6 +58,7 @@ from zope.interface import implementer
 from mtop import fastpath
 from mtop.interfaces import IStreamTransport
 from mtop.streams import half_close
+from mtop.wire import ip_literal
 from mtop.timers import cancel
 
 #: Plaintext delivered to the protocol at most at once, and (on the
@@ -527,17 +528,11 @@ def server_tls_factory(
 def verify_hostname(hostname: str) -> Callable[[SSL.Connection], None]:
     """A post-handshake check that the peer certificate is for ``hostname``
     (DNS name or IP address, via service_identity)."""
-    import ipaddress
-
     from service_identity import VerificationError as SIVerificationError
     from service_identity.pyopenssl import verify_hostname as si_hostname
     from service_identity.pyopenssl import verify_ip_address as si_ip
 
-    try:
-        ipaddress.ip_address(hostname)
-        check = si_ip
-    except ValueError:
-        check = si_hostname
+    check = si_hostname if ip_literal(hostname) is None else si_ip
 
     def verify(connection: SSL.Connection) -> None:
         try:
@@ -577,14 +572,8 @@ def client_tls_factory(
     the certificate must name it (``sni`` overrides the name sent and checked).
     ``session_cache`` (a dict) keeps the last session per name, so repeat
     connections resume instead of doing a full handshake."""
-    import ipaddress
-
     name = sni or hostname
-    try:
-        ipaddress.ip_address(name)
-        send_sni = False
-    except ValueError:
-        send_sni = True
+    send_sni = ip_literal(name) is None
 
     def connection_for() -> SSL.Connection:
         connection = SSL.Connection(context, None)

@@ -18,6 +18,7 @@ caller never needs to buffer more than that before a verdict.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -117,14 +118,25 @@ def format_address(address: object) -> str:
     return format_hostport(host, port)
 
 
+@functools.lru_cache(maxsize=4096)
+def ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """``host`` as an IP address (`ipaddress.ip_address`), or None for
+    anything else (a name).  Cached: tunnels name the same hosts over and
+    over, and `ipaddress` parses in Python (a few microseconds a time, and
+    climber asked up to nine times per tunnel)."""
+    try:
+        return ipaddress.ip_address(host)
+    except ValueError:
+        return None
+
+
 def address_type_for(host: str) -> int:
     """The address type an encoder uses for ``host``: IP literals travel as
     addresses, everything else as a domain name; an IPv4-mapped IPv6
     literal (``::ffff:a.b.c.d``) travels as the IPv4 address, as the
     original implementation sends it."""
-    try:
-        ip = ipaddress.ip_address(host)
-    except ValueError:
+    ip = ip_literal(host)
+    if ip is None:
         return ATYP_DOMAIN
     return ATYP_IPV4 if ip.version == 4 or ip.ipv4_mapped is not None else ATYP_IPV6
 
@@ -228,12 +240,17 @@ def encode_auth(request: AuthRequest) -> bytes:
         raise ValueError(f"port {request.port} is outside 0-65535")
     atyp = request.address_type
     if atyp == ATYP_IPV4:
-        ip = ipaddress.ip_address(request.host)
+        ip = ip_literal(request.host)
+        if ip is None:
+            raise ValueError(f"{request.host!r} is not an IPv4 address")
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
         addr = ipaddress.IPv4Address(ip).packed
     elif atyp == ATYP_IPV6:
-        addr = ipaddress.IPv6Address(request.host).packed
+        ip = ip_literal(request.host)
+        if ip is None or ip.version != 6:
+            raise ValueError(f"{request.host!r} is not an IPv6 address")
+        addr = ip.packed
     elif atyp == ATYP_DOMAIN:
         addr = _field(request.host, "domain name")
     else:
