@@ -32,7 +32,6 @@ wrong password.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 import os
 from datetime import datetime, timezone
@@ -111,11 +110,11 @@ class Authenticator:
 
     def _token(self, username: str, password: str) -> bytes:
         message = username.encode("utf-8") + b"\0" + password.encode("utf-8")
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        return hmac.digest(self._key, message, "sha256")
 
     def _stored_token(self, record: UserRecord) -> bytes:
         message = record.salt.encode("utf-8") + b"\0" + record.password.encode("utf-8")
-        return hmac.new(self._key, message, hashlib.sha256).digest()
+        return hmac.digest(self._key, message, "sha256")
 
     def apply_settings(self, settings: Any) -> None:
         """`ISettingsConsumer`: the cache, timeout and outage grace of
