@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.abstract import isIPAddress, isIPv6Address
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import DNSLookupError
@@ -30,6 +29,7 @@ from zope.interface import implementer
 from mtop.acl import DestinationACL, parse_address
 from mtop.connect import connect_address
 from mtop.interfaces import ISettingsConsumer
+from mtop.wire import ip_literal
 
 
 class DestinationRefused(Exception):
@@ -112,7 +112,7 @@ class Dialer:
         # An address (judged just now) needs no resolution: HostnameEndpoint
         # would still send it through getaddrinfo in the thread pool, a
         # thread round trip and about a tenth of the CPU of a tunnel.
-        if isIPAddress(host) or isIPv6Address(host):
+        if ip_literal(host) is not None:
             return connect_address(self.reactor, host, port, factory, self.connect_timeout)
         resolver = _FilteringResolver(self.reactor.nameResolver, self.acl)
         reactor = _ReactorWithResolver(self.reactor, resolver)
