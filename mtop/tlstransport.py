@@ -559,6 +559,16 @@ def session_reused(connection: SSL.Connection | None) -> bool:
     return connection.get_verified_chain() is None
 
 
+def offer_key_share(connection: SSL.Connection, group: str | None) -> None:
+    """Before a client ``connection``'s handshake: send a key share for
+    ``group`` alone (the group the server chose last time, from
+    ``get_group_name()``) instead of OpenSSL's two
+    (`mtop.fastpath.FastPath.offer_key_share`).  Nothing without a group or
+    on the portable path."""
+    if group and fastpath.active is not None:
+        fastpath.active.offer_key_share(connection, group)
+
+
 def client_tls_factory(
     wrapped_factory: Any,
     context: SSL.Context,

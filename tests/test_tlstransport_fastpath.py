@@ -442,3 +442,42 @@ async def test_a_half_close_with_nothing_queued_sends_the_fin_at_once():
     finally:
         peer.close()
         port.stopListening()
+
+
+def _client_hello_and_group(paths, group):
+    """The size of a client's first flight with ``offer_key_share(group)``,
+    and the group the handshake settled on (against our server)."""
+    server_conn = SSL.Connection(server_context(paths.server_crt, paths.server_key, "mtop"), None)
+    server_conn.set_accept_state()
+    client_conn = SSL.Connection(client_context(paths.ca_crt, "mtop"), None)
+    client_conn.set_connect_state()
+    tlstransport.offer_key_share(client_conn, group)
+    server, client = TLSTransport(Collector(), server_conn), TLSTransport(Collector(), client_conn)
+    server_wire, client_wire = Wire(), Wire()
+    client.makeConnection(client_wire)
+    hello = client_wire.take()
+    server.makeConnection(server_wire)
+    server.dataReceived(hello)
+    while client_wire.out or server_wire.out:
+        if server_wire.out:
+            client.dataReceived(server_wire.take())
+        if client_wire.out:
+            server.dataReceived(client_wire.take())
+    assert client._handshake_done and server._handshake_done
+    return len(hello), client_conn.get_group_name()
+
+
+def test_a_client_can_send_one_key_share_for_the_group_its_server_chose(tmp_path):
+    paths = init_certs(str(tmp_path), ["localhost"], ["127.0.0.1"])
+    default_size, default_group = _client_hello_and_group(paths, None)
+    assert default_group == "X25519MLKEM768"  # hybrid post-quantum, OpenSSL's first choice
+    size, group = _client_hello_and_group(paths, default_group)
+    assert group == default_group
+    if SWITCHED_OFF:
+        assert size == default_size  # nothing changes on the portable path
+        return
+    # The X25519 share (32 bytes and its header) is no longer computed and sent.
+    assert default_size - size >= 32
+    # A server that prefers another group asks for it: still a handshake.
+    _, group = _client_hello_and_group(paths, "x25519")
+    assert group == "X25519MLKEM768"
