@@ -26,6 +26,10 @@ from typing import Any
 
 import yaml
 
+#: The environment variable that sets climber's ``prewarm`` for TLS runs
+#: (e.g. ``BENCH_PREWARM=0`` to measure without prewarmed connections).
+PREWARM_VARIABLE = "BENCH_PREWARM"
+
 ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT = 30.0
 USER = "bench"
@@ -228,6 +232,9 @@ class Workspace:
         }
         if transport == "quic":
             entry["quic_packet_size"] = self.quic_packet_size
+        elif PREWARM_VARIABLE in os.environ:
+            # climber's prewarmed connections per TLS server (its default when unset).
+            entry["prewarm"] = int(os.environ[PREWARM_VARIABLE])
         data = {
             "log": {"level": "info"},
             "socks5": {"listen": "127.0.0.1:0"},

@@ -12,8 +12,9 @@ Our own optional keys: ``strategy`` (random, round_robin, failover,
 fastest), ``forward`` (port forwards), ``idle_timeout``,
 ``handshake_timeout``; per listener ``username``/``password`` (local proxy
 auth) and ``timeout``; per server ``url``/``urls`` (``mtop://`` share links),
-``sni``, ``insecure``, ``pipelining``, and for ``type: quic`` servers
-``max_streams`` and ``quic_packet_size``.
+``sni``, ``insecure``, ``pipelining``, for ``type: tls`` servers
+``prewarm``, ``prewarm_max_age`` and ``tcp_fast_open``, and for ``type:
+quic`` servers ``max_streams`` and ``quic_packet_size``.
 
 A listen address without a host (``":1080"``) means loopback here: climber
 is a local proxy, and an open proxy on every interface would be anyone's.
@@ -55,6 +56,14 @@ STRATEGIES = ("random", "round_robin", "failover", "fastest")
 SERVER_TYPES = ("tls", "quic")
 SUPPORTED_TYPES = ("tls", "quic")
 DEFAULT_MAX_STREAMS = 100
+#: TLS connections kept ready per ``type: tls`` server unless configured
+#: (`climber.prewarm`); the most that can be asked for.
+DEFAULT_PREWARM = 2
+MAX_PREWARM = 16
+#: Age (from the start of its TCP connect) at which an unused prewarmed
+#: connection is closed: under the server's ``handshake_timeout`` (10 s by
+#: default, counted from accept) with room for the auth message to arrive.
+DEFAULT_PREWARM_MAX_AGE = 7.0
 DEFAULT_SOCKS5 = ListenAddress("127.0.0.1", 1080)
 DEFAULT_HTTP = ListenAddress("127.0.0.1", 8080)
 LOOPBACK = "127.0.0.1"
@@ -79,6 +88,13 @@ class ServerEntry:
     max_streams: int = DEFAULT_MAX_STREAMS
     #: QUIC: largest UDP payload sent (no path MTU discovery).
     quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
+    #: TLS: connections kept handshaken for the next tunnels.  0 for an
+    #: entry made in code; a config file's ``type: tls`` entries get
+    #: `DEFAULT_PREWARM` unless they say otherwise.
+    prewarm: int = 0
+    prewarm_max_age: float = DEFAULT_PREWARM_MAX_AGE
+    #: TLS: TCP Fast Open (``TCP_FASTOPEN_CONNECT``) on connections to it.
+    tcp_fast_open: bool = False
 
     @property
     def name(self) -> str:
@@ -210,6 +226,12 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
         require_readable(section.key("ca"), ca)
     max_streams = section.get("max_streams", DEFAULT_MAX_STREAMS, _stream_count)
     packet_size = section.get("quic_packet_size", DEFAULT_QUIC_PACKET_SIZE, as_packet_size)
+    tcp_settings = _TCPSettings(
+        section,
+        section.get("prewarm", None, _prewarm_count),
+        section.get("prewarm_max_age", DEFAULT_PREWARM_MAX_AGE, as_seconds),
+        section.get("tcp_fast_open", False, as_bool),
+    )
 
     entries: list[ServerEntry] = []
     if urls:
@@ -224,9 +246,11 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             proto = section.get("proto", link.proto, as_string)
             server_type = section.get("type", link.type, choice(SERVER_TYPES))
             entries.append(
-                ServerEntry(
-                    link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure,
-                    pipelining, enabled, max_streams, packet_size,
+                tcp_settings.apply(
+                    ServerEntry(
+                        link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure,
+                        pipelining, enabled, max_streams, packet_size,
+                    )
                 )
             )
     else:
@@ -239,28 +263,64 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             raise ConfigError(f"{section.key('username')}: must be 1 to 255 bytes long")
         if len(password.encode()) > 255:
             raise ConfigError(f"{section.key('password')}: must be at most 255 bytes long")
-        entries.append(
-            ServerEntry(
-                host,
-                port,
-                username,
-                password,
-                section.get("type", "tls", choice(SERVER_TYPES)),
-                ca,
-                section.get("proto", DEFAULT_PROTO, as_string),
-                sni,
-                insecure,
-                pipelining,
-                enabled,
-                max_streams,
-                packet_size,
-            )
+        entry = ServerEntry(
+            host,
+            port,
+            username,
+            password,
+            section.get("type", "tls", choice(SERVER_TYPES)),
+            ca,
+            section.get("proto", DEFAULT_PROTO, as_string),
+            sni,
+            insecure,
+            pipelining,
+            enabled,
+            max_streams,
+            packet_size,
         )
+        entries.append(tcp_settings.apply(entry))
     for entry in entries:
         if not entry.proto or len(entry.proto.encode()) > 255:
             raise ConfigError(f"{section.key('proto')}: {entry.proto!r} must be 1 to 255 bytes long")
     section.finish()
     return entries
+
+
+@dataclass(frozen=True)
+class _TCPSettings:
+    """A ``servers:`` item's keys for TLS over TCP: ``prewarm`` (None when
+    not given), ``prewarm_max_age``, ``tcp_fast_open``."""
+
+    section: Section
+    prewarm: int | None
+    prewarm_max_age: float
+    tcp_fast_open: bool
+
+    def apply(self, entry: ServerEntry) -> ServerEntry:
+        """``entry`` with these settings.  A QUIC server's tunnels are
+        streams of one shared connection: asking it for prewarmed
+        connections or TCP Fast Open is a config error (a warning would
+        leave the reader believing it works)."""
+        if entry.type != "quic":
+            prewarm = DEFAULT_PREWARM if self.prewarm is None else self.prewarm
+            return replace(entry, prewarm=prewarm, prewarm_max_age=self.prewarm_max_age, tcp_fast_open=self.tcp_fast_open)
+        if self.prewarm:
+            raise ConfigError(
+                f"{self.section.key('prewarm')}: server {entry.name} is QUIC, whose tunnels share one connection; "
+                "prewarm is for type: tls servers (set 0 or leave it out)"
+            )
+        if self.tcp_fast_open:
+            raise ConfigError(
+                f"{self.section.key('tcp_fast_open')}: server {entry.name} is QUIC (UDP); "
+                "TCP Fast Open is for type: tls servers (set false or leave it out)"
+            )
+        return entry
+
+
+def _prewarm_count(key: str, value: Any) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_PREWARM:
+        return value
+    raise ConfigError(f"{key}: {shown(value)} is not a number of connections from 0 (off) to {MAX_PREWARM}")
 
 
 def _stream_count(key: str, value: Any) -> int:

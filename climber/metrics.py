@@ -15,6 +15,13 @@ time from what climber keeps anyway.
 ``climber_server_handshake_seconds``   its moving-average TLS handshake time
 ``climber_failovers_total``            tunnels tried on another server after
                                        one failed
+``climber_prewarm_ready{server}``      prewarmed connections ready now
+                                       (``type: tls`` servers with
+                                       ``prewarm``)
+``climber_prewarm_used_total{server}``  those taken by tunnels
+``climber_prewarm_wasted_total``       prewarmed connections never used, by
+                                       ``server`` and ``reason``: expired,
+                                       closed (by the server), failed
 ``process_*``                          memory, CPU, open files
 =====================================  ======================================
 """
@@ -26,6 +33,9 @@ from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from climber.prewarm import CLOSED, EXPIRED, FAILED
+from climber.tunnel import ServerConnector
 
 
 class _ClimberCollector:
@@ -71,6 +81,25 @@ class _ClimberCollector:
                 handshake.add_metric([state.name], state.handshake_time)
         yield from (up, opened, unreachable, handshake)
         yield CounterMetricFamily("climber_failovers", "Tunnels tried on another server after one failed.", value=pool.failovers)
+        yield from self._prewarm()
+
+    def _prewarm(self) -> Iterable[Any]:
+        ready = GaugeMetricFamily("climber_prewarm_ready", "Prewarmed TLS connections ready now.", labels=["server"])
+        used = CounterMetricFamily("climber_prewarm_used", "Prewarmed TLS connections taken by tunnels.", labels=["server"])
+        wasted = CounterMetricFamily(
+            "climber_prewarm_wasted",
+            "Prewarmed TLS connections never used: expired, closed by the server, or failed.",
+            labels=["server", "reason"],
+        )
+        for state in self.pool.servers:
+            connector = self.climber.opener.connectors[id(state)]
+            if not isinstance(connector, ServerConnector) or connector.prewarm is None:
+                continue
+            ready.add_metric([state.name], connector.prewarm.ready_count)
+            used.add_metric([state.name], connector.prewarm.used)
+            for reason in (EXPIRED, CLOSED, FAILED):
+                wasted.add_metric([state.name, reason], connector.prewarm.wasted[reason])
+        yield from (ready, used, wasted)
 
 
 def climber_registry(climber: Any, pool: Any) -> CollectorRegistry:

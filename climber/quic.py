@@ -50,7 +50,7 @@ class QuicConnector:
 
         return self.pool.open(protocol, timeout).addCallback(opened)
 
-    def save_session(self, session: Any) -> None:
+    def save_session(self, tls: Any) -> None:
         """Sessions are the pool's business (QUIC tickets)."""
 
     def close(self) -> None:

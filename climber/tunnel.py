@@ -22,31 +22,40 @@ done and the reply is checked as it arrives.
 
 TLS 1.3 session tickets arrive after the handshake, so the session is kept
 for resumption once the reply has been read (by then the tickets are in).
+
+A ``type: tls`` server's connector (`ServerConnector`) keeps a few
+connections handshaken in advance (``prewarm``, `climber.prewarm`): a tunnel
+that takes one sends its auth message at once.  To an address, it connects
+with the reactor's ``connectTCP``, with no endpoint wrapper in the path of
+every read (`connect_server`); optionally with TCP Fast Open.
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any, Callable
 
 from OpenSSL import SSL
-from twisted.internet.defer import CancelledError, Deferred, fail
-from twisted.internet.abstract import isIPAddress, isIPv6Address
-from twisted.internet.endpoints import HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.endpoints import HostnameEndpoint
 from twisted.internet.error import ConnectingCancelledError, DNSLookupError
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
 from twisted.python.failure import Failure
 from twisted.python.reflect import safe_str
-from zope.interface import implementer
+from zope.interface import directlyProvides, implementer, providedBy
 
 from climber.config import ServerEntry
 from climber.pool import ServerPool, ServerState
+from climber.prewarm import Prewarmed, PrewarmPool
 from mtop import wire
+from mtop.wire import ip_literal
+from mtop.connect import connect_address
 from mtop.logs import logger
 from mtop.relay import no_delay
 from mtop.tls import client_context
-from mtop.tlstransport import client_tls_factory, session_reused
+from mtop.tlstransport import client_tls_factory, offer_key_share, session_reused
 
 
 class TunnelError(Exception):
@@ -130,7 +139,14 @@ class ServerTunnel(Protocol):
         self.transport.write(self._auth)
 
     def handshakeCompleted(self) -> None:
-        self.handshake_time = time.monotonic() - self._started
+        self.handshake_done(time.monotonic() - self._started)
+
+    def handshake_done(self, seconds: float) -> None:
+        """The TLS handshake is done; it took ``seconds`` from the start of
+        the TCP connect.  Called by `handshakeCompleted`, or by the
+        connector for a prewarmed connection, whose handshake was done
+        before the tunnel took it (``seconds`` is that connection's own)."""
+        self.handshake_time = seconds
         self.resumed = session_reused(self.transport.tls)
         if self._pipelining:
             self._fire()
@@ -161,10 +177,9 @@ class ServerTunnel(Protocol):
             return
         self._replied = True
         self._buffer = self._buffer[wire.REPLY_LENGTH :]
-        try:
-            self._save_session(self.transport.tls.get_session())
-        except Exception:  # no session to keep; resumption is an optimisation
-            pass
+        tls = self.transport.tls
+        if tls is not None:
+            self._save_session(tls)
         if not self._pipelining:
             self._fire()
         elif self._buffer and self._on_data is not None:
@@ -237,15 +252,29 @@ class _OneProtocol(Factory):
         return self.protocol_instance
 
 
+#: Linux's ``TCP_FASTOPEN_CONNECT`` (4.11 and later), which Python 3.11's
+#: socket module lacks.
+TCP_FASTOPEN_CONNECT = getattr(socket, "TCP_FASTOPEN_CONNECT", 30)
+
+
 class ServerConnector:
-    """TLS settings and the resumable session for one server."""
+    """How tunnels reach one ``type: tls`` server: TLS settings, the
+    resumable session, TCP Fast Open and the prewarmed connections."""
 
     _log = logger()
 
-    def __init__(self, entry: ServerEntry):
+    def __init__(self, entry: ServerEntry, reactor: Any):
         self.entry = entry
+        self.reactor = reactor
         self.context = client_context(entry.ca or None, entry.proto, entry.insecure)
         self.sessions: dict[str, Any] = {}
+        #: The key exchange group the server chose last (``None``: not yet).
+        self.group: str | None = None
+        #: Until the kernel refuses it once (then warned about, and off).
+        self.fast_open = entry.tcp_fast_open
+        self.prewarm: PrewarmPool | None = None
+        if entry.prewarm:
+            self.prewarm = PrewarmPool(reactor, entry.prewarm, entry.prewarm_max_age, self._connect_prewarmed, entry.name)
         if entry.insecure:
             self._log.warn(
                 "INSECURE: server {server} has insecure: true; its certificate is not verified and "
@@ -267,35 +296,136 @@ class ServerConnector:
             session = self.sessions.get(name)
             if session is not None:
                 connection.set_session(session)
+            offer_key_share(connection, self.group)
             return connection
 
         factory.connection_for = connection_for
         return factory
 
-    def save_session(self, session: Any) -> None:
+    def save_session(self, tls: SSL.Connection) -> None:
+        """After a tunnel's reply (the session tickets are in by then): keep
+        its session for the next tunnels to resume, and the group the
+        server chose, for them to send a key share of that group alone
+        (`mtop.tlstransport.offer_key_share`)."""
+        try:
+            session = tls.get_session()
+            self.group = tls.get_group_name() or None
+        except SSL.Error:  # nothing to keep: resumption is an optimisation
+            return
         if session is not None:
             self.sessions[self.entry.sni or self.entry.host] = session
 
-    def connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
-        """Connect ``protocol`` to the server over TCP and TLS."""
-        return server_endpoint(reactor, self.entry.host, self.entry.port, timeout).connect(
-            self.tls_factory(_OneProtocol(protocol), reactor)
-        )
+    def connect(self, reactor: Any, tunnel: ServerTunnel, timeout: float) -> Deferred:
+        """Connect ``tunnel`` to the server: over a prewarmed connection if
+        one is ready (at once), otherwise over a new TCP and TLS connection
+        (``timeout``: the TCP connect's).  Either way, the prewarmed
+        connections are topped up unless the server is marked down."""
+        warm = self.prewarm.take() if self.prewarm is not None else None
+        connecting = None if warm is not None else self._connect(reactor, tunnel, timeout)
+        if self.prewarm is not None and not tunnel.server.down:
+            self.prewarm.refill()
+        if warm is None:
+            return connecting
+        _hand_over(warm, tunnel)
+        return succeed(tunnel)
 
     def close(self) -> None:
-        """Nothing shared to close: each tunnel is its own connection."""
+        """Close the prewarmed connections (climber stops); the tunnels'
+        own connections are their owners' to close."""
+        if self.prewarm is not None:
+            self.prewarm.close()
+
+    def _connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
+        factory = self.tls_factory(_OneProtocol(protocol), reactor)
+        before_connect = self._set_fast_open if self.fast_open else None
+        return connect_server(reactor, self.entry.host, self.entry.port, factory, timeout, before_connect)
+
+    def _connect_prewarmed(self, protocol: Prewarmed) -> Deferred:
+        # It cannot be used after max age anyway (the pool cancels it then).
+        return self._connect(self.reactor, protocol, self.entry.prewarm_max_age)
+
+    def _set_fast_open(self, connector: Any) -> None:
+        """Set ``TCP_FASTOPEN_CONNECT`` on the socket of a TCP attempt that
+        ``connectTCP`` just started (see `connect_server`).  If the kernel
+        refuses (older than 4.11, or ``net.ipv4.tcp_fastopen`` without bit
+        1), warn once and connect without it from then on."""
+        try:
+            # The attempt's TCP transport (``transport``, an attribute of
+            # Twisted's connectors, not of IConnector) and its socket
+            # (ISystemHandle.getHandle): no private name, but Twisted's
+            # behaviour, checked by tests/test_tfo.py with getsockopt.
+            handle = connector.transport.getHandle()
+        except AttributeError:
+            return  # no socket could be made: the attempt fails by itself
+        try:
+            handle.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN_CONNECT, 1)
+        except OSError as e:
+            self.fast_open = False
+            self._log.warn(
+                "server {server}: tcp_fast_open is on but the kernel refused it ({error}); connecting "
+                "without it.  It needs Linux 4.11 or later and sysctl net.ipv4.tcp_fastopen = 1 or 3",
+                server=self.entry.name,
+                error=e.strerror or str(e),
+            )
 
 
-def server_endpoint(reactor: Any, host: str, port: int, timeout: float) -> Any:
-    """A TCP client endpoint for a server: an address is connected to as it
-    is; only a name goes through ``HostnameEndpoint`` (resolution in the
-    reactor's thread pool and Happy Eyeballs), which for an address would
-    cost a thread round trip per tunnel."""
-    if isIPAddress(host):
-        return TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
-    if isIPv6Address(host):
-        return TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
-    return HostnameEndpoint(reactor, host, port, timeout=timeout)
+def _hand_over(warm: Prewarmed, tunnel: ServerTunnel) -> None:
+    """Give a prewarmed connection to ``tunnel``: the tunnel becomes the TLS
+    transport's protocol (`mtop.tlstransport.TLSTransport.wrapped`, which
+    the transport looks up at each event), writes its auth message (the
+    handshake is done: it goes at once) and hears that the handshake is
+    done, with the time the connection's own took."""
+    transport = warm.transport
+    transport.wrapped = tunnel
+    tunnel.makeConnection(transport)
+    tunnel.handshake_done(warm.handshake_time)
+
+
+class _BeforeConnect:
+    """The reactor as a ``HostnameEndpoint`` sees it, except that each TCP
+    attempt it starts goes through ``before_connect(connector)`` first."""
+
+    def __init__(self, reactor: Any, before_connect: Callable[[Any], None]):
+        self._reactor = reactor
+        self._before_connect = before_connect
+        directlyProvides(self, providedBy(reactor))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reactor, name)
+
+    def connectTCP(self, host: str, port: int, factory: Any, timeout: float = 30, bindAddress: Any = None) -> Any:
+        connector = self._reactor.connectTCP(host, port, factory, timeout, bindAddress)
+        self._before_connect(connector)
+        return connector
+
+
+def connect_server(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float,
+    before_connect: Callable[[Any], None] | None = None,
+) -> Deferred:
+    """Connect ``factory``'s protocol to a server over TCP; the Deferred
+    fires once the TCP connection is made, or fails.  Cancelling it stops
+    the attempt.
+
+    An address is connected to by `mtop.connect.connect_address`: the
+    tunnel's protocol is the connection's own, with no endpoint's
+    ``_WrappingProtocol`` on each of its reads, and ``timeout`` is the
+    connector's.  Only a name goes through ``HostnameEndpoint``
+    (resolution in the reactor's thread pool, then Happy Eyeballs).
+
+    ``before_connect(connector)`` is called for each TCP attempt once its
+    socket exists and before it connects, to set socket options: Twisted's
+    TCP client makes the socket in ``connectTCP`` and calls connect() on a
+    later reactor turn."""
+    if ip_literal(host) is not None:
+        return connect_address(reactor, host, port, factory, timeout, before_connect)
+    if before_connect is not None:
+        reactor = _BeforeConnect(reactor, before_connect)
+    return HostnameEndpoint(reactor, host, port, timeout=timeout).connect(factory)
 
 
 def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:
@@ -304,7 +434,7 @@ def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:
         from climber.quic import QuicConnector
 
         return QuicConnector(reactor, entry, idle_timeout)
-    return ServerConnector(entry)
+    return ServerConnector(entry, reactor)
 
 
 class TunnelOpener:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import shlex
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import yaml
@@ -82,6 +82,8 @@ class ServerConfig:
     proxy_protocol: bool = False
     #: Server processes sharing the ports (0: one per CPU).
     workers: int = 1
+    #: TCP Fast Open queue length of the TLS listening sockets (0: off).
+    tcp_fast_open: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ class ListenerConfig:
     key: str
     proto: str
     proxy_protocol: bool = False
+    #: TCP Fast Open queue length of its listening socket (TLS; 0: off).
+    tcp_fast_open: int = 0
 
 
 @dataclass(frozen=True)
@@ -353,6 +357,13 @@ def as_workers(key: str, value: Any) -> int:
     raise ConfigError(f"{key}: {value!r} is not a number of processes from 1 to 256 or 'auto'")
 
 
+def as_fast_open_queue(key: str, value: Any) -> int:
+    """A TCP Fast Open queue length: 0 (off) to 65535."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 0xFFFF:
+        return value
+    raise ConfigError(f"{key}: {shown(value)} is not a TCP Fast Open queue length from 0 (off) to 65535")
+
+
 def as_host_port(key: str, value: Any) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` with a host."""
     if is_bare_port(value):
@@ -489,9 +500,12 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         fallback=section.get("fallback", d.fallback, as_host_port),
         proxy_protocol=section.get("proxy_protocol", d.proxy_protocol, as_bool),
         workers=section.get("workers", d.workers, as_workers),
+        tcp_fast_open=section.get("tcp_fast_open", d.tcp_fast_open, as_fast_open_queue),
     )
     if config.proxy_protocol and config.type == "quic" and not has_listeners:
         raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")
+    if config.tcp_fast_open and config.type == "quic" and not has_listeners:
+        raise ConfigError("server.tcp_fast_open: TCP Fast Open is for TLS on TCP, not for QUIC (UDP)")
     section.finish()
     return config
 
@@ -500,7 +514,8 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     """``listeners:``, each ``{type, listen, crt, key, proto}`` with what it
     leaves out taken from ``server:``; without it, the ``server:`` block."""
     if value is None:
-        return (ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol),)
+        listener = ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol)
+        return (_with_fast_open(listener, server),)
     if not isinstance(value, list) or not value:
         raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {shown(value)}")
     listeners = []
@@ -520,12 +535,19 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
         if proxy_protocol and listener_type == "quic":
             raise ConfigError(f"{section.key('proxy_protocol')}: the PROXY protocol is for TLS on TCP, not for QUIC")
         section.finish()
-        listener = ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol)
+        listener = _with_fast_open(ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol), server)
         for other in listeners:
             if (other.type, other.listen) == (listener.type, listener.listen):
                 raise ConfigError(f"{section.key('listen')}: {listen} is already a {listener_type} listener")
         listeners.append(listener)
     return tuple(listeners)
+
+
+def _with_fast_open(listener: ListenerConfig, server: ServerConfig) -> ListenerConfig:
+    """``listener`` with ``server.tcp_fast_open`` if it is on TCP (TLS)."""
+    if listener.type != "tls" or not server.tcp_fast_open:
+        return listener
+    return replace(listener, tcp_fast_open=server.tcp_fast_open)
 
 
 def _load_log(section: Section) -> LogConfig:

@@ -10,7 +10,7 @@ the one deadline is the connector's.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.internet import error
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
@@ -43,7 +43,14 @@ class _Connecting(ClientFactory):
         self.made.errback(reason)
 
 
-def connect_address(reactor: Any, host: str, port: int, factory: Any, timeout: float) -> Deferred:
+def connect_address(
+    reactor: Any,
+    host: str,
+    port: int,
+    factory: Any,
+    timeout: float,
+    before_connect: Callable[[Any], None] | None = None,
+) -> Deferred:
     """Connect to ``host`` (an IPv4 or IPv6 address, not a name) and
     ``port`` with a protocol from ``factory``.
 
@@ -52,7 +59,12 @@ def connect_address(reactor: Any, host: str, port: int, factory: Any, timeout: f
     (before the protocol is built, so it carries no protocol that has no
     transport yet), or fails with `twisted.internet.defer.TimeoutError`
     after ``timeout`` seconds, or with the connection error.  Cancelling it
-    stops the attempt (`CancelledError`)."""
+    stops the attempt (`CancelledError`).
+
+    ``before_connect(connector)``, if given, is called once the attempt's
+    socket exists and before it connects, to set socket options (climber's
+    TCP Fast Open): Twisted's TCP client makes the socket in ``connectTCP``
+    and calls connect() on a later turn of the reactor."""
 
     def cancel(made: Deferred) -> None:
         # Not fired yet, so the connector is still connecting.
@@ -62,4 +74,6 @@ def connect_address(reactor: Any, host: str, port: int, factory: Any, timeout: f
     made: Deferred = Deferred(cancel)
     connecting = _Connecting(factory, made)
     connector = reactor.connectTCP(host, port, connecting, timeout=timeout)
+    if before_connect is not None:
+        before_connect(connector)
     return made

@@ -9,6 +9,10 @@ Socket activation: a listening TCP socket passed by systemd (a ``.socket``
 unit: ``LISTEN_PID``/``LISTEN_FDS``) that is bound to a listen address is
 adopted for it instead of binding a new one; configs stay as they are.
 
+A server TLS listener with ``server.tcp_fast_open: N`` gets ``TCP_FASTOPEN``
+(queue length N) on its listening socket once it listens; a kernel that
+refuses it gets one warning and the listener goes on without it.
+
 A listener that cannot listen does not stop anything itself: it logs one
 critical line naming the address and the cause and raises `ListenFailed`
 from its start; the tap's root service (`mtop.startup.TapService`) decides
@@ -18,6 +22,7 @@ what that means for the process.
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket
 from collections.abc import Mapping
 from typing import Any
@@ -28,11 +33,13 @@ from twisted.internet.endpoints import AdoptedStreamServerEndpoint, TCP4ServerEn
 from twisted.internet.error import CannotListenError
 from twisted.python.failure import Failure
 
-from mtop.config import ListenAddress
+from mtop.config import ListenAddress, ListenerConfig
 from mtop.logs import logger
 
 #: The accept queue of every listening socket we open.
 BACKLOG = 1024
+#: Linux's ``TCP_FASTOPEN`` (23), should the socket module lack it.
+TCP_FASTOPEN = getattr(socket, "TCP_FASTOPEN", 23)
 
 
 class ListenFailed(Exception):
@@ -154,6 +161,10 @@ class ListeningService(Service):
     logged (nobody is left to raise to)."""
 
     _log = logger()
+    #: The server listener's config, for a server TLS listener
+    #: (`mtop.listeners.TLSListener` sets it): its ``tcp_fast_open`` is
+    #: set on the listening socket.
+    listener: ListenerConfig | None = None
 
     def __init__(self, endpoint: Any, factory: Any, label: str, address: ListenAddress, note: str = ""):
         """``address``: what ``endpoint`` listens on, as configured (for
@@ -189,9 +200,30 @@ class ListeningService(Service):
 
     def _listened(self, port: Any) -> None:
         self.port = port
+        if self.listener is not None and self.listener.tcp_fast_open:
+            self._set_fast_open(port, self.listener.tcp_fast_open)
         host = port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
         self._log.info("{label} listening on {address}{note}", label=self.label, address=shown, port=host.port, note=self.note)
+
+    def _set_fast_open(self, port: Any, queue: int) -> None:
+        """Set ``TCP_FASTOPEN`` (``queue``: pending Fast Open requests at
+        most) on ``port``'s listening socket, which Linux takes after
+        listen() too; through a copy of its descriptor (``fileno`` is
+        public, the port's socket object is not).  Servers issue Fast Open
+        cookies only with bit 2 of ``net.ipv4.tcp_fastopen`` set (2 or 3)."""
+        try:
+            with socket.socket(fileno=os.dup(port.fileno())) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, TCP_FASTOPEN, queue)
+        except OSError as e:
+            self._log.warn(
+                "{label} on {address}: server.tcp_fast_open is {queue} but the kernel refused it ({error}); "
+                "listening without TCP Fast Open",
+                label=self.label,
+                address=str(self.address),
+                queue=queue,
+                error=e.strerror or str(e),
+            )
 
     def stopService(self) -> Deferred | None:
         super().stopService()

@@ -76,12 +76,17 @@ async def test_port_forward_carries_data_and_half_close(forward):
 async def test_repeat_tunnels_resume_the_tls_session(server, echo_target):
     factory, port, paths = server
     climber = make_climber([entry(port, paths)])
-    resumed = []
+    resumed, groups = [], []
+    connector = next(iter(climber.opener.connectors.values()))
     for _ in range(3):
+        groups.append(connector.group)
         tunnel = await climber.opener.open("127.0.0.1", echo_target, 5)
         resumed.append(tunnel.resumed)
         tunnel.transport.loseConnection()
     assert resumed == [False, True, True]
+    # The group the server chose is remembered: later tunnels send a key
+    # share of it alone (tests/test_tlstransport_fastpath.py checks that).
+    assert groups == [None, "X25519MLKEM768", "X25519MLKEM768"]
 
 
 @pytest_twisted.ensureDeferred

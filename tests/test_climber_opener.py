@@ -39,8 +39,8 @@ class FakeConnector:
         self.attempts.append(attempt)
         return attempt.connecting
 
-    def save_session(self, session):
-        self.sessions.append(session)
+    def save_session(self, tls):
+        self.sessions.append(tls)
 
     def close(self):
         pass

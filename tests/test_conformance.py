@@ -96,7 +96,7 @@ from twisted.internet.threads import deferToThread, deferToThreadPool
 
 from helpers import LOOPBACK_ACL
 
-from climber.config import ServerEntry, load_climber_config, load_climber_data
+from climber.config import DEFAULT_PREWARM, ServerEntry, load_climber_config, load_climber_data
 from climber.pool import ServerPool
 from climber.tunnel import TunnelError, TunnelOpener
 from mtop import wire
@@ -1065,8 +1065,10 @@ def test_an_original_share_link_is_the_same_server_in_our_climber(link, host, po
     )
     config = load_climber_data({"servers": [{"url": link}], "socks5": {"listen": ":1080"}})
     assert config.warnings == ()
-    # What the original's climber would use from the same values in climber.yaml.
-    assert config.servers == (ServerEntry(host, port, username, password, type=kind, proto=proto),)
+    # What the original's climber would use from the same values in
+    # climber.yaml, and our default prewarming of TLS servers.
+    prewarm = DEFAULT_PREWARM if kind == "tls" else 0
+    assert config.servers == (ServerEntry(host, port, username, password, type=kind, proto=proto, prewarm=prewarm),)
     assert config.servers[0].pipelining is False
 
 
@@ -1107,7 +1109,7 @@ def test_the_original_climber_yaml_loads_without_a_warning(original_configs):
     first, second = config.servers
     ca = str(original_configs / "keys" / "ca.crt")
     assert first == ServerEntry("127.0.0.1", 4433, "test111", "123456", type="quic", ca=ca, proto="mtop-example")
-    assert second == ServerEntry("example.com", 1312, "test", "123456", type="tls", ca=ca, enabled=False)
+    assert second == ServerEntry("example.com", 1312, "test", "123456", type="tls", ca=ca, enabled=False, prewarm=DEFAULT_PREWARM)
     assert config.usable_servers == (first,)
     assert (config.socks5.listen.port, config.socks5.timeout, config.socks5.username) == (1080, 60, "local")
     assert (config.http.listen.port, config.http.timeout) == (1081, 60)
