@@ -117,6 +117,10 @@ class ServerTunnel(Protocol):
         self._lost = False
         self.error: TunnelError | None = None
         self.resumed = False
+        #: Whether it may take a prewarmed connection (not on the retry of
+        #: a tunnel whose prewarmed connection failed), and whether it did.
+        self.may_prewarm = True
+        self.prewarmed = False
 
     # Owner side
 
@@ -320,7 +324,7 @@ class ServerConnector:
         one is ready (at once), otherwise over a new TCP and TLS connection
         (``timeout``: the TCP connect's).  Either way, the prewarmed
         connections are topped up unless the server is marked down."""
-        warm = self.prewarm.take() if self.prewarm is not None else None
+        warm = self.prewarm.take() if self.prewarm is not None and tunnel.may_prewarm else None
         connecting = None if warm is not None else self._connect(reactor, tunnel, timeout)
         if self.prewarm is not None and not tunnel.server.down:
             self.prewarm.refill()
@@ -376,6 +380,7 @@ def _hand_over(warm: Prewarmed, tunnel: ServerTunnel) -> None:
     handshake is done: it goes at once) and hears that the handshake is
     done, with the time the connection's own took."""
     transport = warm.transport
+    tunnel.prewarmed = True
     transport.wrapped = tunnel
     tunnel.makeConnection(transport)
     tunnel.handshake_done(warm.handshake_time)
@@ -495,16 +500,27 @@ class TunnelOpener:
                     raise
         raise _summarise(errors, request.host, request.port)
 
-    async def _attempt(self, server: ServerState, request: wire.AuthRequest, timeout: float) -> ServerTunnel:
+    async def _attempt(
+        self, server: ServerState, request: wire.AuthRequest, timeout: float, may_prewarm: bool = True
+    ) -> ServerTunnel:
         """One try through ``server``: the open `ServerTunnel`, or
         `TunnelError`; reports the server's health to the pool either way
-        (but not when cancelled)."""
+        (but not when cancelled).
+
+        A tunnel over a prewarmed connection that ends without a reply is
+        tried once more on a new connection, whose answer stands: the
+        server may have ended the prewarmed one as the auth message went
+        out (a restart, an eviction, a deadline shorter than
+        ``prewarm_max_age``), which says nothing of this tunnel.  (Against
+        the original server, which answers a wrong login by closing, that
+        costs a second failed login.)"""
         entry = server.entry
         connector = self.connectors[id(server)]
         auth = wire.encode_auth(
             wire.AuthRequest(entry.username, entry.password, request.host, request.port, request.address_type)
         )
         tunnel = ServerTunnel(server, auth, entry.pipelining, time.monotonic(), connector.save_session)
+        tunnel.may_prewarm = may_prewarm
 
         def too_late(result: Any, seconds: float) -> Failure:
             # However the cancelled wait ended, the server did not answer.
@@ -515,6 +531,13 @@ class TunnelOpener:
         try:
             await answered
         except TunnelError as error:
+            if tunnel.prewarmed and error.kind in ("refused", "unreachable"):
+                self._log.debug(
+                    "tunnel via {server}: its prewarmed connection ended ({error}); trying a new one",
+                    server=server.name,
+                    error=error.message,
+                )
+                return await self._attempt(server, request, timeout, may_prewarm=False)
             if error.kind in ("unreachable", "timeout"):
                 self.pool.report_failure(server, error.reason)
             elif tunnel.handshake_time is not None:

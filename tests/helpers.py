@@ -61,3 +61,19 @@ def send_half_close_read(port: int, data: bytes, timeout: float = 10) -> bytes:
         while chunk := s.recv(65536):
             chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def echo_through(tunnel, payload: bytes) -> bytes:
+    """Send ``payload`` through an open climber ``tunnel`` (a
+    `climber.tunnel.ServerTunnel`) to an echo target, half-close, and
+    return what comes back."""
+    from twisted.internet.defer import Deferred
+
+    answer = []
+    done: Deferred = Deferred()
+    tunnel.attach(answer.append, lambda: done.callback(None), lambda: done.called or done.callback(None))
+    tunnel.transport.write(payload)
+    tunnel.transport.loseWriteConnection()
+    await done
+    tunnel.transport.loseConnection()  # both ways shut: the relay's job otherwise
+    return b"".join(answer)

@@ -25,7 +25,7 @@ from twisted.internet.task import Clock, deferLater
 from twisted.python.failure import Failure
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 
-from helpers import EchoAfterEOF
+from helpers import EchoAfterEOF, echo_through
 
 from climber.config import ConfigError, ServerEntry, load_climber_data
 from climber.frontend import Climber
@@ -366,19 +366,6 @@ async def until(condition, seconds: float = 5.0) -> None:
     assert condition()
 
 
-async def echo(tunnel, payload: bytes) -> bytes:
-    """Send ``payload`` through ``tunnel`` to the echo target, half-close,
-    and return what comes back."""
-    answer = []
-    done: Deferred = Deferred()
-    tunnel.attach(answer.append, lambda: done.callback(None), lambda: done.called or done.callback(None))
-    tunnel.transport.write(payload)
-    tunnel.transport.loseWriteConnection()
-    await done
-    tunnel.transport.loseConnection()  # both ways shut: the relay's job otherwise
-    return b"".join(answer)
-
-
 def client_port(tunnel) -> int:
     return tunnel.transport.getHost().port
 
@@ -407,8 +394,8 @@ async def test_a_tunnel_over_a_prewarmed_connection_works_and_the_server_saw_not
         assert opener.pool.servers[0].opened == 2
         auth = wire.encode_auth(wire.AuthRequest("alice", "pw", "127.0.0.1", echo_target, wire.address_type_for("127.0.0.1")))
         assert b"".join(seen[client_port(second)]).startswith(auth)
-        assert await echo(second, b"warm" * 1000) == b"got:" + b"warm" * 1000
-        assert await echo(first, b"cold") == b"got:cold"
+        assert await echo_through(second, b"warm" * 1000) == b"got:" + b"warm" * 1000
+        assert await echo_through(first, b"cold") == b"got:cold"
         # The tunnel took one, and the pool was topped up again.
         await until(lambda: pool.ready_count == SIZE)
         assert sum(pool.wasted.values()) == 0
@@ -440,9 +427,39 @@ async def test_prewarmed_connections_the_server_closes_are_dropped(recorded_serv
         # a max age before it tries again.
         factory.settings = TunnelSettings(handshake_timeout=5)
         second = await opener.open("127.0.0.1", echo_target, 5)
-        assert await echo(second, b"x") == b"got:x"
+        assert await echo_through(second, b"x") == b"got:x"
         assert pool.used == 0 and pool.ready_count == 0
         assert not opener.pool.servers[0].down
+    finally:
+        opener.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_prewarmed_connection_the_server_drops_as_the_auth_goes_out_is_retried_afresh(recorded_server, echo_target):
+    """The race the pool cannot see: the server ends a ready connection (a
+    restart, an eviction, a deadline shorter than prewarm_max_age) just as
+    a tunnel takes it.  The tunnel is tried once more on a new connection
+    to the same server, whose answer stands; the server is not marked
+    down and no failover is counted."""
+    factory, port, paths, seen = recorded_server
+    opener = prewarm_opener(port, paths)
+    (connector,) = opener.connectors.values()
+    pool = connector.prewarm
+    try:
+        first = await opener.open("127.0.0.1", echo_target, 5)
+        await until(lambda: pool.ready_count == SIZE)
+        warm = [p for p in seen if p != client_port(first)]
+        # The server resets every connection still before its login, and
+        # climber has not heard of it when the next tunnel takes one.
+        for tunnel in [t for t in factory.tunnels if t.state == "handshake"]:
+            tunnel.transport.abortConnection()
+        second = await opener.open("127.0.0.1", echo_target, 5)
+        assert pool.used == 1
+        assert client_port(second) not in warm  # a new connection
+        assert await echo_through(second, b"again") == b"got:again"
+        assert await echo_through(first, b"first") == b"got:first"
+        assert not opener.pool.servers[0].down
+        assert opener.pool.failovers == 0
     finally:
         opener.close()
 
@@ -461,11 +478,11 @@ async def test_ipv6_literal_server(server, echo_target):
     try:
         first = await opener.open("127.0.0.1", echo_target, 5)
         assert first.transport.getPeer().host == "::1"
-        assert await echo(first, b"six") == b"got:six"
+        assert await echo_through(first, b"six") == b"got:six"
         await until(lambda: connector.prewarm.ready_count == 1)
         second = await opener.open("127.0.0.1", echo_target, 5)
         assert connector.prewarm.used == 1
-        assert await echo(second, b"six") == b"got:six"
+        assert await echo_through(second, b"six") == b"got:six"
     finally:
         opener.close()
         v6.stopListening()

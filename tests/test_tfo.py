@@ -20,10 +20,9 @@ import socket
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
 from twisted.internet.protocol import Factory
 
-from helpers import EchoAfterEOF
+from helpers import EchoAfterEOF, echo_through
 
 import climber.tunnel
 import mtop.listening
@@ -156,17 +155,6 @@ def fast_open_opener(port, paths, host="127.0.0.1"):
     return TunnelOpener(reactor, ServerPool((entry,), "failover", reactor))
 
 
-async def echo(tunnel, payload: bytes) -> bytes:
-    answer = []
-    done: Deferred = Deferred()
-    tunnel.attach(answer.append, lambda: done.callback(None), lambda: done.called or done.callback(None))
-    tunnel.transport.write(payload)
-    tunnel.transport.loseWriteConnection()
-    await done
-    tunnel.transport.loseConnection()  # both ways shut: the relay's job otherwise
-    return b"".join(answer)
-
-
 def fast_open_warnings(events) -> list:
     return [e for e in events if "tcp_fast_open" in e.get("log_format", "")]
 
@@ -218,7 +206,7 @@ async def test_tunnels_with_fast_open_on_both_sides(fast_open_listener, echo_tar
         tcp = tunnel.transport.tcp.getHandle().fileno()
         if CLIENT_ALLOWED:
             assert option(tcp, TCP_FASTOPEN_CONNECT) == 1, f"net.ipv4.tcp_fastopen is {SYSCTL}"
-        assert await echo(tunnel, payload) == b"got:" + payload
+        assert await echo_through(tunnel, payload) == b"got:" + payload
     (connector,) = opener.connectors.values()
     if CLIENT_ALLOWED:
         assert connector.fast_open and fast_open_warnings(events) == []
@@ -237,7 +225,7 @@ async def test_a_kernel_refusing_the_client_option_gets_one_warning_and_tunnels_
     for payload in (b"one", b"two"):
         tunnel = await opener.open("127.0.0.1", echo_target, 5)
         assert option(tunnel.transport.tcp.getHandle().fileno(), TCP_FASTOPEN_CONNECT) == 0
-        assert await echo(tunnel, payload) == b"got:" + payload
+        assert await echo_through(tunnel, payload) == b"got:" + payload
     (warning,) = fast_open_warnings(events)
     assert warning["log_level"].name == "warn" and warning["server"] == f"127.0.0.1:{port}"
     (connector,) = opener.connectors.values()
