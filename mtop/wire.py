@@ -245,7 +245,9 @@ def encode_auth(request: AuthRequest) -> bytes:
             raise ValueError(f"{request.host!r} is not an IPv4 address")
         if ip.version == 6 and ip.ipv4_mapped is not None:
             ip = ip.ipv4_mapped
-        addr = ipaddress.IPv4Address(ip).packed
+        if ip.version != 4:
+            raise ValueError(f"{request.host!r} is not an IPv4 address")
+        addr = ip.packed
     elif atyp == ATYP_IPV6:
         ip = ip_literal(request.host)
         if ip is None or ip.version != 6:
