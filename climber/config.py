@@ -28,6 +28,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from mtop.config import (
+    load_quic,
     DEFAULT_QUIC_PACKET_SIZE,
     LOG_LEVELS,
     ConfigError,
@@ -95,6 +96,8 @@ class ServerEntry:
     prewarm_max_age: float = DEFAULT_PREWARM_MAX_AGE
     #: TLS: TCP Fast Open (``TCP_FASTOPEN_CONNECT``) on connections to it.
     tcp_fast_open: bool = False
+    #: QUIC: the library (``quic.backend``: auto, qh3 or aioquic).
+    quic_backend: str = "auto"
 
     @property
     def name(self) -> str:
@@ -360,6 +363,8 @@ def load_climber_data(data: Any, path: str | None = None) -> ClimberConfig:
     servers: list[ServerEntry] = []
     for i, item in enumerate(top.get("servers", [], _list)):
         servers.extend(_server_entries(Section(f"servers[{i}]", item, warnings), base))
+    quic = load_quic(Section("quic", top.get("quic", {}, lambda k, v: v), warnings), server=False)
+    servers = [replace(entry, quic_backend=quic.backend) for entry in servers]
 
     socks5 = http = None
     if "socks5" in top.data:

@@ -30,7 +30,7 @@ class QuicConnector:
         self.entry = entry
         configuration = client_configuration(
             entry.sni or entry.host, entry.proto, entry.ca or None, entry.insecure, idle_timeout or DEFAULT_IDLE,
-            entry.quic_packet_size,
+            entry.quic_packet_size, entry.quic_backend,
         )
         self.pool = QuicClientPool(reactor, entry.host, entry.port, configuration, entry.max_streams)
         if entry.insecure:

@@ -183,6 +183,12 @@ def _check_quic_reactor(config: ClimberConfig, label: str) -> None:
     problem = reactor_problem(reactor, command)
     if problem:
         raise ConfigError(f"server {quic[0].name} is QUIC: {problem}")
+    from mtop.quic.backend import BackendUnavailable, load
+
+    try:
+        load(quic[0].quic_backend)
+    except BackendUnavailable as e:
+        raise ConfigError(str(e)) from None
 
 
 class _Lifecycle(Service):
@@ -204,6 +210,11 @@ class _Lifecycle(Service):
             strategy=self.config.strategy,
             servers=", ".join(s.name for s in servers),
         )
+        quic = [s for s in servers if s.type == "quic"]
+        if quic:
+            from mtop.quic.backend import describe, load
+
+            self._log.info("QUIC with {library}", library=describe(load(quic[0].quic_backend)))
 
     def stopService(self) -> None:
         super().stopService()

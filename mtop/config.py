@@ -123,6 +123,16 @@ class DBConfig:
 
 
 @dataclass(frozen=True)
+class QuicConfig:
+    """``quic:``: the QUIC library (``backend``: auto, qh3 or aioquic; both
+    configs) and, for the server, the concurrent tunnels (streams) a client
+    may open on one QUIC connection."""
+
+    backend: str = "auto"
+    max_streams: int = 512
+
+
+@dataclass(frozen=True)
 class LimitsConfig:
     """``limits:``; ``max_tunnels`` ``None`` means derived from the open
     files limit at start, 0 means no limit."""
@@ -164,6 +174,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     auth_throttle: ThrottleSettings = ThrottleSettings()
     metrics: MetricsConfig = MetricsConfig()
+    quic: QuicConfig = QuicConfig()
     #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
     listeners: tuple[ListenerConfig, ...] = ()
     path: str | None = None
@@ -610,6 +621,30 @@ def _load_limits(section: Section) -> LimitsConfig:
     return config
 
 
+#: ``quic.backend`` values (`mtop.quic.backend.CHOICES`; not imported from
+#: there, so reading a config needs no QUIC library).
+QUIC_BACKENDS = ("auto", "qh3", "aioquic")
+#: Bounds of ``quic.max_streams``.
+QUIC_MAX_STREAMS = (1, 65535)
+
+
+def _stream_limit(key: str, value: Any) -> int:
+    count = as_count(key, value)
+    low, high = QUIC_MAX_STREAMS
+    if not low <= count <= high:
+        raise ConfigError(f"{key}: must be {low} to {high}, got {shown(value)}")
+    return count
+
+
+def load_quic(section: Section, server: bool = True) -> QuicConfig:
+    """``quic: {backend, max_streams}`` (climber's config has ``backend``)."""
+    d = QuicConfig()
+    backend = section.get("backend", d.backend, choice(QUIC_BACKENDS))
+    max_streams = section.get("max_streams", d.max_streams, _stream_limit) if server else d.max_streams
+    section.finish()
+    return QuicConfig(backend=backend, max_streams=max_streams)
+
+
 def _load_throttle(section: Section) -> ThrottleSettings:
     d = ThrottleSettings()
     config = ThrottleSettings(
@@ -703,8 +738,10 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     limits = _load_limits(Section("limits", top.get("limits", {}, lambda k, v: v), warnings))
     throttle = _load_throttle(Section("auth_throttle", top.get("auth_throttle", {}, lambda k, v: v), warnings))
     metrics = load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings))
+    quic = load_quic(Section("quic", top.get("quic", {}, lambda k, v: v), warnings))
     top.finish()
     return Config(
+        quic=quic,
         server=server,
         log=log,
         db=db,

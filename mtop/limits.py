@@ -130,13 +130,18 @@ class ConnectionLimits:
         held = self._pre_login.get(key)
         return len(held) if held else 0
 
-    def refusal(self, key: str) -> str | None:
-        """Why a new connection from ``key`` is refused now, or ``None``."""
+    def refusal(self, key: str, pre_login: bool = True) -> str | None:
+        """Why a new connection from ``key`` is refused now, or ``None``;
+        ``pre_login`` False: a tunnel that takes no pre-login slot (a stream
+        of a QUIC connection, which holds one itself until its first login),
+        held to the tunnel limits only."""
         s = self.settings
         if s.max_tunnels and self.open >= s.max_tunnels:
             return "max-tunnels"
         if s.max_per_client and self.per_client.get(key, 0) >= s.max_per_client:
             return "max-per-client"
+        if not pre_login:
+            return None
         held = self.pre_login(key)
         if s.max_handshakes_per_client and held >= s.max_handshakes_per_client:
             return "max-handshakes-per-client"
@@ -153,10 +158,15 @@ class ConnectionLimits:
                 best, most = key, len(holders)
         return best
 
-    def opened(self, holder: Holder) -> None:
+    def opened(self, holder: Holder, pre_login: bool = True) -> None:
         """``holder`` starts, before its login; if the pre-login pool is
-        full, the oldest holder of the busiest address makes room."""
+        full, the oldest holder of the busiest address makes room
+        (``pre_login`` False: it takes no pre-login slot)."""
         key = holder.client_key
+        if not pre_login:
+            self.open += 1
+            self.per_client[key] = self.per_client.get(key, 0) + 1
+            return
         s = self.settings
         if s.max_handshakes and self.handshaking >= s.max_handshakes:
             busiest = self._busiest(self.pre_login(key))

@@ -70,13 +70,15 @@ def prepare_listeners(config: Config, reactor: Any = None) -> list[PreparedListe
             problem = reactor_problem(reactor, QUIC_COMMAND.replace("FILE", config.path or "FILE"))
             if problem:
                 raise ConfigError(f"{_name(config, listener)} is QUIC: {problem}")
+            from mtop.quic.backend import BackendUnavailable
             from mtop.quic.server import QuicConfigError, server_configuration
 
             try:
                 security = server_configuration(
-                    listener.crt, listener.key, listener.proto, quic_idle_timeout(server), server.quic_packet_size
+                    listener.crt, listener.key, listener.proto, quic_idle_timeout(server), server.quic_packet_size,
+                    config.quic.backend,
                 )
-            except QuicConfigError as e:
+            except (QuicConfigError, BackendUnavailable) as e:
                 raise ConfigError(str(e)) from None
         else:
             security = server_context(
@@ -98,11 +100,13 @@ def listener_services(
     reactor: Any,
     handshake_timeout: float,
     worker_ports: dict[int, int] | None = None,
+    quic_max_streams: int = 512,
 ) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
     tunnel protocols; each has ``listener`` (its `ListenerConfig`) and
     ``index`` (its place in the config).  In a worker (``worker_ports``:
-    listener index -> port), listeners bind with ``SO_REUSEPORT``."""
+    listener index -> port), listeners bind with ``SO_REUSEPORT``.
+    ``quic_max_streams``: concurrent tunnels per QUIC connection."""
     services: list[Any] = []
     for index, item in enumerate(prepared):
         listener = item.config
@@ -110,7 +114,7 @@ def listener_services(
         if listener.type == "quic":
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
-            protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout)
+            protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout, quic_max_streams)
             services.append(QuicListenerService(reactor, protocol, listener, index, port, reuse_port=worker_ports is not None))
             continue
         if worker_ports is None:

@@ -165,7 +165,7 @@ class TunnelProtocol(TunnelEnd):
         self.started = self.clock.seconds()
         self.peer = wire.format_address(self.transport.getPeer())
         self.factory.tunnels.add(self)
-        self.factory.limits.opened(self)
+        self.factory.limits.opened(self, pre_login=self.parent is None)
         self.start_deadline(self.factory.settings.handshake_timeout, self._handshake_expired)
 
     @property
@@ -540,9 +540,24 @@ class TunnelFactory(Factory):
             return None
         return TunnelProtocol(self, key)
 
-    def admission_refusal(self, addr: Any, key: str | None = None) -> str | None:
+    def build_stream_protocol(self, addr: Any, parent: Any) -> TunnelProtocol | None:
+        """A protocol for a new stream of the QUIC connection ``parent``
+        (from ``addr``), or ``None`` to refuse it.  The connection holds a
+        pre-login slot until its first login, so its streams take none:
+        a client opening hundreds of tunnels at once on one connection (the
+        original's does) is held to the tunnel limits, not the handshake
+        ones."""
+        key = client_key(peer_host(addr))
+        if self.admission_refusal(addr, key, pre_login=False) is not None:
+            return None
+        protocol = TunnelProtocol(self, key)
+        protocol.parent = parent
+        return protocol
+
+    def admission_refusal(self, addr: Any, key: str | None = None, pre_login: bool = True) -> str | None:
         """Why a new connection from ``addr`` is refused now (counted and
-        logged at debug level), or ``None``."""
+        logged at debug level), or ``None``; ``pre_login``: whether it
+        would take a pre-login slot (`ConnectionLimits.refusal`)."""
         host = peer_host(addr)
         if key is None:
             key = client_key(host)
@@ -551,7 +566,7 @@ class TunnelFactory(Factory):
         elif self.throttle.banned(key):
             refusal = "banned"
         else:
-            refusal = self.limits.refusal(key)
+            refusal = self.limits.refusal(key, pre_login)
             if refusal is None:
                 return None
         self.counters.inc(f"refused.{refusal}")

@@ -119,3 +119,19 @@ def mysql_dsn():
     with admin.cursor() as cursor:
         cursor.execute(f"DROP DATABASE IF EXISTS {name}")
     admin.close()
+
+
+#: The QUIC libraries the suite runs the QUIC tests on (both are test
+#: requirements; ``quic.backend`` chooses one in a config).
+QUIC_BACKENDS = ("qh3", "aioquic")
+
+
+@pytest.fixture(params=QUIC_BACKENDS)
+def quic_backend(request, monkeypatch):
+    """Runs the test once per QUIC library: ``auto`` (what the code under
+    test asks for unless told otherwise) means this one."""
+    from mtop.quic import backend
+
+    backend.load(request.param)  # fails loudly when it is not installed
+    monkeypatch.setattr(backend, "PREFERENCE", (request.param,))
+    return request.param

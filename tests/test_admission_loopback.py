@@ -405,7 +405,7 @@ async def test_denied_clients_are_closed_before_tls_and_others_get_in(servers, t
 
 
 @pytest_twisted.ensureDeferred
-async def test_denied_clients_get_no_quic_connection(server, tmp_path):
+async def test_denied_clients_get_no_quic_connection(quic_backend, server, tmp_path):
     from mtop.clientlist import ClientLists
     from mtop.quic.client import QuicClientConnection, client_configuration
     from mtop.quic.server import QuicServerProtocol, server_configuration

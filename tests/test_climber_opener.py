@@ -408,7 +408,7 @@ async def test_a_silent_tls_server_times_out_and_is_marked_down(silent_tcp):
 
 
 @pytest_twisted.ensureDeferred
-async def test_cancelling_while_a_quic_connection_is_made_gives_its_stream_back(silent_udp):
+async def test_cancelling_while_a_quic_connection_is_made_gives_its_stream_back(quic_backend, silent_udp):
     opener = real_opener([ServerEntry("127.0.0.1", silent_udp, "alice", "pw", type="quic", insecure=True)])
     try:
         (connector,) = opener.connectors.values()

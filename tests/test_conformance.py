@@ -580,7 +580,7 @@ async def test_auth_message_and_first_bytes_in_one_write(ours, targets):
 
 @pytest.mark.parametrize("ours", ["quic"], indirect=True)
 @pytest_twisted.ensureDeferred
-async def test_quic_tunnels_are_streams_of_one_connection(ours, targets):
+async def test_quic_tunnels_are_streams_of_one_connection(quic_backend, ours, targets):
     climber = ours.climber()
 
     def climb():
@@ -927,7 +927,7 @@ async def test_our_climber_takes_a_close_without_reply_as_failure(fake_original,
 
 
 @pytest_twisted.ensureDeferred
-async def test_our_climber_opens_quic_tunnels_as_streams_of_one_connection(fake_original, our_climber, certificates):
+async def test_our_climber_opens_quic_tunnels_as_streams_of_one_connection(quic_backend, fake_original, our_climber, certificates):
     fake = fake_original("quic", certificates)
     opener = our_climber(entry_for(fake, certificates))
     tunnels = [await opener.open("example.com", 443, 5) for _ in range(3)]

@@ -420,7 +420,7 @@ def check_process(*argv):
 
 @pytest.mark.parametrize("kind", ["tls", "quic"])
 @pytest_twisted.ensureDeferred
-async def test_check_reports_one_line_for_tls_and_quic(server, quic_port, target_port, kind):
+async def test_check_reports_one_line_for_tls_and_quic(quic_backend, server, quic_port, target_port, kind):
     import re
 
     port = quic_port if kind == "quic" else server[1]

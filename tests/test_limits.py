@@ -73,6 +73,25 @@ def test_pre_login_budget_per_address():
     assert limits.pre_login("a") == 2 and limits.open == 3
 
 
+def test_quic_streams_take_no_pre_login_slot_but_count_as_tunnels():
+    """A QUIC connection holds one pre-login slot; its streams are held to
+    the tunnel limits only, so 300 logins at once on one connection fit."""
+    limits = ConnectionLimits(LimitSettings(max_handshakes=100, max_handshakes_per_client=3, max_per_client=301))
+    connection = Conn("a")
+    limits.opened(connection)
+    streams = [Conn("a") for _ in range(300)]
+    for stream in streams:
+        assert limits.refusal("a", pre_login=False) is None
+        limits.opened(stream, pre_login=False)
+    assert limits.pre_login("a") == 1 and limits.handshaking == 1 and limits.open == 301
+    assert limits.refusal("a", pre_login=False) == "max-per-client"
+    for stream in streams:
+        limits.logged_in(stream)
+        limits.closed(stream)
+    limits.closed(connection)
+    assert (limits.open, limits.handshaking, limits.per_client) == (0, 0, {})
+
+
 def test_full_pool_evicts_the_oldest_of_the_busiest_address():
     limits = ConnectionLimits(LimitSettings(max_handshakes=6))
     a = [Conn("a") for _ in range(4)]

@@ -1,7 +1,8 @@
 """MTop over QUIC in this process: the adapter's server listener with the
 server's own `TunnelFactory`, and climber's QUIC connector, on 127.0.0.1
-(real QUIC via aioquic, real SQLite).  The adapter is sans-IO on a Twisted
-UDP port, so these run on the test reactor."""
+(real QUIC, real SQLite).  The adapter is sans-IO on a Twisted UDP port,
+so these run on the test reactor.  Every test runs once per QUIC library
+(``quic_backend``: qh3 and aioquic)."""
 
 import hashlib
 import socket
@@ -21,6 +22,8 @@ from climber.frontend import Climber, LocalFactory
 from climber.pool import ServerPool
 from climber.tunnel import TunnelError, TunnelOpener
 from mtop.quic.server import QuicServerProtocol, server_configuration
+
+pytestmark = pytest.mark.usefixtures("quic_backend")
 
 
 def sleep(seconds):

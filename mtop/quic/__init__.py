@@ -1,14 +1,17 @@
-"""The QUIC adapter: MTop over QUIC (aioquic), presented to Twisted.
+"""The QUIC adapter: MTop over QUIC (qh3 or aioquic), presented to Twisted.
 
-Every ``asyncio`` and ``aioquic`` import of the project lives in this
-subpackage.  aioquic's `QuicConnection` is sans-IO; here it is driven from a
-Twisted `DatagramProtocol`, with timers on the reactor, and each
+Every ``asyncio``, ``aioquic`` and ``qh3`` import of the project lives in
+this subpackage.  Both libraries are sans-IO (`backend` chooses one: qh3,
+whose packet path is native code, when installed); here a connection is
+driven from a Twisted `DatagramProtocol`, with timers on the reactor, and each
 bidirectional stream is presented to the existing protocol code (the
 server's `TunnelProtocol`, climber's `ServerTunnel`) as a Twisted transport with
 half-close and producer/consumer flow control.
 
 Modules:
 
+``backend``     which library: ``quic.backend`` (``_qh3``, ``_aioquic``:
+                the only modules that import one);
 ``connection``  one QUIC connection: datagrams in and out, timers, events,
                 stream flow control in both directions;
 ``stream``      `QuicStreamTransport`, one stream as a Twisted transport;
@@ -43,10 +46,10 @@ def install_reactor() -> None:
 def reactor_problem(reactor: Any, command: str) -> str | None:
     """Why ``reactor`` cannot serve QUIC (with ``command``, the line to run
     instead), or None when it can."""
-    try:
-        import aioquic  # noqa: F401
-    except ImportError:
-        return "QUIC needs the aioquic package: pip install 'mtop[quic]'"
+    from mtop.quic.backend import installed
+
+    if not installed():
+        return "QUIC needs the qh3 or the aioquic package: pip install 'mtop[quic]'"
     from twisted.internet.asyncioreactor import AsyncioSelectorReactor
 
     if not isinstance(reactor, AsyncioSelectorReactor):

@@ -21,7 +21,6 @@ import socket
 from dataclasses import replace
 from typing import Any, Callable
 
-from aioquic.tls import SessionTicket
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import DatagramProtocol
@@ -31,8 +30,8 @@ from twisted.python.failure import Failure
 from mtop.logs import logger
 from mtop.quic.connection import (
     MAX_DATAGRAM_SIZE,
-    FlowControlledConnection,
     QuicDriver,
+    new_connection,
     size_socket_buffers,
     tuned_configuration,
 )
@@ -54,12 +53,14 @@ class QuicConnectError(Exception):
 
 def client_configuration(
     server_name: str, proto: str, ca: str | None, insecure: bool, idle_timeout: float,
-    packet_size: int = MAX_DATAGRAM_SIZE,
+    packet_size: int = MAX_DATAGRAM_SIZE, backend: str = "auto",
 ) -> Any:
-    """The aioquic client configuration for one server."""
+    """The client configuration for one server, of the library ``backend``
+    names (`mtop.quic.backend`)."""
     import ssl
 
     configuration = tuned_configuration(
+        backend,
         is_client=True,
         max_datagram_size=packet_size,
         alpn_protocols=[proto],
@@ -68,7 +69,7 @@ def client_configuration(
         verify_mode=ssl.CERT_NONE if insecure else ssl.CERT_REQUIRED,
     )
     if ca and not insecure:
-        # Without a CA file aioquic trusts certifi's store.
+        # Without a CA file the library's default store is trusted.
         configuration.load_verify_locations(cafile=ca)
     return configuration
 
@@ -96,9 +97,9 @@ class QuicClientConnection(QuicDriver):
         port: int,
         handshake_timeout: float,
         on_ended: Callable[["QuicClientConnection"], None],
-        on_ticket: Callable[[SessionTicket], None],
+        on_ticket: Callable[[Any], None],
     ):
-        quic = FlowControlledConnection(configuration=configuration, session_ticket_handler=on_ticket)
+        quic = new_connection(configuration, session_ticket_handler=on_ticket)
         super().__init__(reactor, quic, self._send_datagram, None)
         self.server = (host, port)
         self.on_ended = on_ended
@@ -113,7 +114,7 @@ class QuicClientConnection(QuicDriver):
 
     @property
     def usable(self) -> bool:
-        return not self.terminated and not self.quic._close_pending
+        return not self.terminated and not self.quic.closing
 
     # Connecting
 
@@ -162,7 +163,7 @@ class QuicClientConnection(QuicDriver):
         the pool."""
         if self.terminated:
             return
-        if self._udp_port is not None and not self.quic._close_pending:
+        if self._udp_port is not None and not self.quic.closing:
             self.close(reason=reason)
         self._end(reason)
 
@@ -236,7 +237,7 @@ class QuicClientConnection(QuicDriver):
 
     def _end(self, reason: str) -> None:
         """Leave the pool; fail whoever waits; give the UDP port back once
-        aioquic has nothing more to send."""
+        the library has nothing more to send."""
         first = not self._ended
         self._ended = True
         self.close_reason = self.close_reason or reason
@@ -272,7 +273,7 @@ class QuicClientPool:
         self.configuration = configuration
         self.max_streams = max_streams
         self.connections: list[QuicClientConnection] = []
-        self.ticket: SessionTicket | None = None
+        self.ticket: Any = None
 
     def open(self, protocol: Any, timeout: float) -> Deferred:
         """A Deferred that fires with the stream transport once ``protocol``
@@ -311,7 +312,7 @@ class QuicClientPool:
         self.connections.append(connection)
         return connection
 
-    def _keep_ticket(self, ticket: SessionTicket) -> None:
+    def _keep_ticket(self, ticket: Any) -> None:
         ticket.max_early_data_size = None  # no 0-RTT
         self.ticket = ticket
 

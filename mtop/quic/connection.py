@@ -1,8 +1,9 @@
 """One QUIC connection driven from Twisted: `QuicDriver`.
 
-aioquic's `QuicConnection` is sans-IO.  The driver feeds it the datagrams a
-UDP port receives, sends what it produces, keeps its timer on the reactor,
-and turns its events into calls on `QuicStreamTransport`\\ s.
+The QUIC library (aioquic or qh3, `mtop.quic.backend`) is sans-IO.  The
+driver feeds its connection the datagrams a UDP port receives, sends what
+it produces, keeps its timer on the reactor, and turns its events into
+calls on `QuicStreamTransport`\\ s.
 
 Sending is batched: a datagram received, or a stream write, only schedules
 a flush for the next turn of the event loop, so a burst of incoming
@@ -11,16 +12,22 @@ answered by one call to ``datagrams_to_send``.
 
 Flow control, both ways, per stream:
 
-* **receiving**: aioquic doubles a stream's receive window whenever the
-  peer has sent half of it, whatever the application did with the data, so
-  a stream whose consumer stopped reading would buffer without bound.
-  `FlowControlledConnection` instead keeps each window at "bytes the
-  application consumed + ``stream_window``", so a paused stream stops the
-  peer after at most one window;
-* **sending**: aioquic buffers whatever is written.  The stream transport
-  pauses its registered producer once aioquic holds more than
-  ``SEND_HIGH_WATER`` unacknowledged bytes for the stream, and the driver
-  resumes it below ``SEND_LOW_WATER`` after acknowledgements come in.
+* **receiving**: both libraries extend a stream's receive window as data
+  arrives, whatever the application did with it, so a stream whose
+  consumer stopped reading would buffer without bound.  The aioquic
+  backend keeps each window at "bytes the application consumed +
+  ``stream_window``", so a paused stream stops the peer after one window.
+  qh3 has no such hook: the driver holds the connection's input while a
+  stream has more than `HOLD_HIGH` bytes waiting (`QuicDriver.hold_input`);
+* **sending**: the library buffers whatever is written.  The stream
+  transport pauses its registered producer once more than
+  ``SEND_HIGH_WATER`` bytes of the stream wait (unacknowledged with
+  aioquic, unsent with qh3), and the driver resumes it below
+  ``SEND_LOW_WATER``.
+
+A stream's FIN is sent once the data before it is acknowledged, in a frame
+of its own (`QuicDriver.send_fin`): the original's client loses the bytes
+that arrive together with a stream's end.
 """
 
 from __future__ import annotations
@@ -29,12 +36,7 @@ import errno
 import socket
 from typing import TYPE_CHECKING, Any, Callable
 
-from aioquic import tls
-from aioquic.quic import events
-from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import MAX_STREAM_DATA_FRAME_CAPACITY, QuicConnection
-from aioquic.quic.packet import QuicFrameType
-
+from mtop.quic import backend as backends
 from mtop.config import DEFAULT_QUIC_PACKET_SIZE
 from mtop.logs import logger
 from mtop.timers import cancel
@@ -61,16 +63,41 @@ SOCKET_BUFFER = 4 << 20
 
 #: Application error code for streams we abort (the original uses 0 too).
 STREAM_ABORTED = 0
+#: Concurrent bidirectional streams a server lets a client open on one
+#: connection (``quic.max_streams``); the original's client opens streams
+#: on one connection without a deadline, and one past the limit stalls it.
+DEFAULT_MAX_STREAMS = 512
+#: A backend that does not hold windows to consumption (qh3): a
+#: connection's input is held while one of its streams has more than this
+#: many bytes waiting for a paused reader...
+HOLD_HIGH = STREAM_WINDOW
+#: ... and let go below this.
+HOLD_LOW = STREAM_WINDOW // 4
+#: Datagrams kept while input is held (later ones are dropped; the peer
+#: sends them again).
+HOLD_QUEUE = 1 << 20
+#: While input is held, one kept datagram is let through this often, so
+#: neither side's idle timeout ends the connection.
+HOLD_TRICKLE = 1.0
 
 
-def tuned_configuration(**settings: Any) -> QuicConfiguration:
-    """A `QuicConfiguration` with our windows, packet size and congestion
-    control; ``settings`` are further `QuicConfiguration` fields."""
+def tuned_configuration(backend: str = "auto", **settings: Any) -> Any:
+    """A QUIC configuration of the library ``backend`` names
+    (`mtop.quic.backend`), with our windows and packet size; ``settings``
+    are further fields of it."""
     settings.setdefault("max_datagram_size", MAX_DATAGRAM_SIZE)
     settings.setdefault("max_data", CONNECTION_WINDOW)
     settings.setdefault("max_stream_data", STREAM_WINDOW)
-    settings.setdefault("congestion_control_algorithm", "reno")
-    return QuicConfiguration(**settings)
+    return backends.load(backend).configuration(**settings)
+
+
+def new_connection(configuration: Any, max_streams: int = DEFAULT_MAX_STREAMS, **kwargs: Any) -> Any:
+    """A sans-IO connection (the backend's ``Connection``) for
+    ``configuration``, with our stream window; ``kwargs`` go to the
+    library's ``QuicConnection``."""
+    return backends.of(configuration).Connection(
+        configuration=configuration, stream_window=STREAM_WINDOW, max_streams=max_streams, **kwargs
+    )
 
 
 def size_socket_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
@@ -89,64 +116,9 @@ def size_socket_buffers(port: Any, size: int = SOCKET_BUFFER) -> None:
                 continue
 
 
-class FlowControlledConnection(QuicConnection):
-    """A `QuicConnection` whose stream receive windows follow what the
-    application consumed (``consumed[stream_id]``), instead of doubling as
-    data arrives."""
-
-    def __init__(self, *, stream_window: int = STREAM_WINDOW, **kwargs: Any):
-        super().__init__(**kwargs)
-        self.stream_window = stream_window
-        self.consumed: dict[int, int] = {}
-
-    # No 0-RTT: a tunnel's first bytes are a login, and early data can be
-    # replayed.  Servers issue tickets without the early-data permission and
-    # decline early data a client offers anyway (the client then sends it
-    # again as ordinary 1-RTT data).
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client:
-            self.tls._max_early_data = None
-
-    def _update_traffic_key(self, direction: Any, epoch: Any, cipher_suite: Any, secret: bytes) -> None:
-        if epoch == tls.Epoch.ZERO_RTT and not self._is_client:
-            self.tls.early_data_accepted = False
-            return
-        super()._update_traffic_key(direction, epoch, cipher_suite, secret)
-
-    def _write_stream_limits(self, builder: Any, space: Any, stream: Any) -> None:
-        # Overrides aioquic's private hook (aioquic 1.x); the frame is built
-        # exactly as aioquic builds it.
-        if not stream.max_stream_data_local:
-            return
-        window = self.stream_window
-        consumed = self.consumed.get(stream.stream_id, stream.receiver.highest_offset)
-        wanted = consumed + window
-        # Announce in steps of a quarter window, not per packet.
-        if wanted - stream.max_stream_data_local >= window // 4:
-            stream.max_stream_data_local = wanted
-        if stream.max_stream_data_local_sent != stream.max_stream_data_local:
-            buf = builder.start_frame(
-                QuicFrameType.MAX_STREAM_DATA,
-                capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
-                handler=self._on_max_stream_data_delivery,
-                handler_args=(stream,),
-            )
-            buf.push_uint_var(stream.stream_id)
-            buf.push_uint_var(stream.max_stream_data_local)
-            stream.max_stream_data_local_sent = stream.max_stream_data_local
-
-    def send_buffered(self, stream_id: int) -> int:
-        """Bytes written to ``stream_id`` and not yet acknowledged."""
-        stream = self._streams.get(stream_id)
-        if stream is None:
-            return 0
-        return len(stream.sender._buffer)
-
-
 class QuicDriver:
-    """Runs one `FlowControlledConnection` on the reactor.
+    """Runs one sans-IO connection (the backend's ``Connection``) on the
+    reactor.
 
     ``send(datagram, address)`` puts a datagram on the wire.  Subclasses
     (server and client side) say what happens when the handshake completes,
@@ -155,15 +127,25 @@ class QuicDriver:
 
     _log = logger()
 
-    def __init__(self, reactor: Any, quic: FlowControlledConnection, send: Callable[[bytes, Any], None], peer: Any):
+    def __init__(self, reactor: Any, quic: Any, send: Callable[[bytes, Any], None], peer: Any):
         self.reactor = reactor
         self.quic = quic
+        self.events = backends.of(quic.configuration).events
+        self._holds_windows = backends.of(quic.configuration).HOLDS_WINDOWS
         self._send = send
         self.peer = peer  # a Twisted address, for getPeer
         self.host: Any = None
         self.streams: dict[int, QuicStreamTransport] = {}
         self._finished_ids: set[int] = set()
         self._write_blocked: set[QuicStreamTransport] = set()
+        #: Streams whose FIN waits until their data is acknowledged.
+        self._fins: set[int] = set()
+        #: Streams with more than `HOLD_HIGH` bytes waiting (qh3), and the
+        #: datagrams kept meanwhile.
+        self._holding: set[QuicStreamTransport] = set()
+        self._held: list[tuple[bytes, Any]] = []
+        self._held_size = 0
+        self._trickle: Any = None
         self._timer: Any = None
         self._timer_at: float | None = None
         self._flush_call: Any = None
@@ -176,6 +158,18 @@ class QuicDriver:
     def datagram_received(self, data: bytes, address: Any) -> None:
         if self.terminated:
             return
+        if self._holding:
+            if self._held_size + len(data) <= HOLD_QUEUE:
+                self._held.append((data, address))
+                self._held_size += len(data)
+            return
+        self._feed(data, address)
+        if self.quic.close_event is not None:
+            self.flush()
+        else:
+            self.schedule_flush()
+
+    def _feed(self, data: bytes, address: Any) -> None:
         try:
             self.quic.receive_datagram(data, address, self.reactor.seconds())
         except Exception as e:  # malformed input must close, never escape
@@ -183,23 +177,65 @@ class QuicDriver:
             self.close(reason="bad packet")
             return
         self._process_events()
-        if self.quic._close_event is not None:
-            self.flush()
-        else:
+
+    # Holding input (backends that extend windows as data arrives)
+
+    def hold_input(self, stream: "QuicStreamTransport") -> None:
+        """``stream`` has more than `HOLD_HIGH` bytes its reader has not
+        taken: stop feeding the connection's datagrams to the library (they
+        are kept, up to `HOLD_QUEUE` bytes) until it drains, so the peer is
+        slowed by missing acknowledgements instead of filling memory."""
+        if self._holds_windows or self.terminated:
+            return
+        self._holding.add(stream)
+        if self._trickle is None:
+            self._trickle = self.reactor.callLater(HOLD_TRICKLE, self._let_one_through)
+
+    def release_input(self, stream: "QuicStreamTransport") -> None:
+        """``stream`` drained (or ended): feed what was kept once no stream
+        holds the connection."""
+        self._holding.discard(stream)
+        if self._holding or self.terminated:
+            return
+        cancel(self._trickle)
+        self._trickle = None
+        held, self._held, self._held_size = self._held, [], 0
+        for data, address in held:
+            if self.terminated:
+                return
+            self._feed(data, address)
+        self.schedule_flush()
+
+    def _let_one_through(self) -> None:
+        self._trickle = None
+        if not self._holding or self.terminated:
+            return
+        if self._held:
+            data, address = self._held.pop(0)
+            self._held_size -= len(data)
+            self._feed(data, address)
             self.schedule_flush()
+        self._trickle = self.reactor.callLater(HOLD_TRICKLE, self._let_one_through)
 
     # Output
 
     def schedule_flush(self) -> None:
-        """Send what aioquic has to send, on the next turn of the loop (so
-        many writes or datagrams give one batch)."""
+        """Send what the library has to send, on the next turn of the loop
+        (so many writes or datagrams give one batch)."""
         if self._flush_call is None and not self.terminated:
             self._flush_call = self.reactor.callLater(0, self.flush)
 
     def flush(self) -> None:
         self._flush_call = None
+        if self._fins:
+            self._send_fins()
         send = self._send
-        for data, address in self.quic.datagrams_to_send(self.reactor.seconds()):
+        try:
+            datagrams = self.quic.datagrams_to_send(self.reactor.seconds())
+        except Exception as e:  # the library failed on its own state: end it
+            self._library_failed("send", e)
+            return
+        for data, address in datagrams:
             try:
                 send(data, address)
             except OSError as e:
@@ -210,10 +246,10 @@ class QuicDriver:
         if self._write_blocked:
             self._resume_writers()
         self._process_events()
-        closing = self.quic._close_event
+        closing = self.quic.close_event
         if closing is not None:
-            # aioquic reports the end only after the closing period (three
-            # probe timeouts); the tunnels end now.
+            # The library reports the end only after the closing period
+            # (three probe timeouts); the tunnels end now.
             self.abandon(describe_close(closing))
             return
         self._set_timer()
@@ -228,12 +264,47 @@ class QuicDriver:
         if at is not None:
             self._timer = self.reactor.callLater(max(0.0, at - self.reactor.seconds()), self._timer_fired)
 
+    def _library_failed(self, doing: str, error: Exception) -> None:
+        self._log.debug("QUIC library error ({doing}) with {peer}: {error!r}", doing=doing, peer=self.peer, error=error)
+        self.abandon(f"QUIC library error: {error}")
+
     def _timer_fired(self) -> None:
         self._timer = None
         self._timer_at = None
-        self.quic.handle_timer(self.reactor.seconds())
+        try:
+            self.quic.handle_timer(self.reactor.seconds())
+        except Exception as e:
+            self._library_failed("timer", e)
+            return
         self._process_events()
         self.flush()
+
+    # FIN after the data is acknowledged
+
+    def send_fin(self, stream_id: int) -> None:
+        """End ``stream_id``'s sending side: the FIN goes in a frame of its
+        own once everything written before it is acknowledged.  The
+        original's client drops the bytes that arrive together with a
+        stream's end; this way none do."""
+        self._fins.add(stream_id)
+        self.schedule_flush()
+
+    def _send_fins(self) -> None:
+        quic = self.quic
+        for stream_id in [i for i in self._fins if quic.data_acked(i)]:
+            self._fins.discard(stream_id)
+            try:
+                quic.send_stream_data(stream_id, b"", end_stream=True)
+            except Exception:  # the stream was reset meanwhile
+                pass
+
+    def cancel_fin(self, stream_id: int) -> bool:
+        """No FIN for ``stream_id`` after all (it is being reset); whether
+        one was waiting."""
+        if stream_id in self._fins:
+            self._fins.discard(stream_id)
+            return True
+        return False
 
     # Flow control of writers
 
@@ -241,9 +312,9 @@ class QuicDriver:
         self._write_blocked.add(stream)
 
     def _resume_writers(self) -> None:
-        buffered = self.quic.send_buffered
+        backlog = self.quic.send_backlog
         for stream in list(self._write_blocked):
-            if stream.lost or buffered(stream.stream_id) <= SEND_LOW_WATER:
+            if stream.lost or backlog(stream.stream_id) <= SEND_LOW_WATER:
                 self._write_blocked.discard(stream)
                 stream.resume_writer()
 
@@ -251,6 +322,7 @@ class QuicDriver:
 
     def _process_events(self) -> None:
         quic = self.quic
+        events = self.events
         while True:
             event = quic.next_event()
             if event is None:
@@ -265,6 +337,7 @@ class QuicDriver:
                 if stream is not None:
                     stream.reset_by_peer(event.error_code)
             elif kind is events.StopSendingReceived:
+                self._fins.discard(event.stream_id)
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.stopped_by_peer(event.error_code)
@@ -292,33 +365,37 @@ class QuicDriver:
     def _refuse(self, stream_id: int) -> None:
         try:
             self.quic.stop_stream(stream_id, STREAM_ABORTED)
-        except ValueError:
+        except Exception:
             pass
         try:
             self.quic.reset_stream(stream_id, STREAM_ABORTED)
-        except ValueError:
+        except Exception:
             pass
         self.schedule_flush()
 
     def add_stream(self, stream: "QuicStreamTransport") -> None:
         self.streams[stream.stream_id] = stream
-        self.quic.consumed[stream.stream_id] = 0
+        self.quic.track(stream.stream_id)
 
     def forget_stream(self, stream: "QuicStreamTransport") -> None:
         """``stream`` is closed for the application; data still arriving
         for it is dropped."""
         self.streams.pop(stream.stream_id, None)
-        self.quic.consumed.pop(stream.stream_id, None)
+        self.quic.untrack(stream.stream_id)
         self._write_blocked.discard(stream)
-        self._finished_ids.add(stream.stream_id)
-        if len(self._finished_ids) > 4096:
-            # aioquic discards finished streams and ignores their frames, so
-            # only ids it still knows need remembering.
-            known = self.quic._streams
-            self._finished_ids = {i for i in self._finished_ids if i in known}
+        if stream in self._holding:
+            self.release_input(stream)
+        finished = self._finished_ids
+        finished.add(stream.stream_id)
+        if len(finished) > 4096:
+            # Only ids the library still knows, or recent ones, need
+            # remembering: it ignores frames of streams it has discarded.
+            known = self.quic.knows_stream
+            recent = max(finished) - 4 * 4096
+            self._finished_ids = {i for i in finished if i > recent or known(i)}
         self.stream_closed(stream)
 
-    def _terminated(self, event: events.ConnectionTerminated) -> None:
+    def _terminated(self, event: Any) -> None:
         self.abandon(describe_close(event))
 
     def abandon(self, reason: str) -> None:
@@ -328,9 +405,10 @@ class QuicDriver:
             return
         self.terminated = True
         self.close_reason = reason
-        for call in (self._timer, self._flush_call):
+        for call in (self._timer, self._flush_call, self._trickle):
             cancel(call)
-        self._timer = self._flush_call = None
+        self._timer = self._flush_call = self._trickle = None
+        self._held, self._held_size, self._fins = [], 0, set()
         for stream in list(self.streams.values()):
             stream.connection_lost(reason)
         self.connection_terminated(reason)
@@ -349,7 +427,7 @@ class QuicDriver:
         refuse it."""
         return None
 
-    def handshake_completed(self, event: events.HandshakeCompleted) -> None:
+    def handshake_completed(self, event: Any) -> None:
         pass
 
     def stream_closed(self, stream: "QuicStreamTransport") -> None:
@@ -365,7 +443,7 @@ class QuicDriver:
         pass
 
 
-def describe_close(event: events.ConnectionTerminated) -> str:
+def describe_close(event: Any) -> str:
     """A sentence for why a connection ended."""
     phrase = event.reason_phrase or "no reason given"
     if event.error_code == 0 and not event.reason_phrase:

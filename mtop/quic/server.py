@@ -22,10 +22,6 @@ import ipaddress
 from collections import OrderedDict
 from typing import Any
 
-from aioquic.buffer import Buffer
-from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE
-from aioquic.quic.packet import QuicPacketType, encode_quic_version_negotiation, pull_quic_header
-from aioquic.tls import SessionTicket
 from twisted.application.service import Service
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.protocol import DatagramProtocol
@@ -37,10 +33,12 @@ from mtop.limits import client_key
 from mtop.listening import ipv6_available, listen_failed
 from mtop.logs import logger
 from mtop.wire import format_address
+from mtop.quic import backend as backends
 from mtop.quic.connection import (
+    DEFAULT_MAX_STREAMS,
     MAX_DATAGRAM_SIZE,
-    FlowControlledConnection,
     QuicDriver,
+    new_connection,
     size_socket_buffers,
     tuned_configuration,
 )
@@ -61,12 +59,15 @@ class QuicConfigError(ValueError):
 
 
 def server_configuration(
-    crt: str, key: str, proto: str, quic_idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE
+    crt: str, key: str, proto: str, quic_idle_timeout: float, packet_size: int = MAX_DATAGRAM_SIZE,
+    backend: str = "auto",
 ) -> Any:
-    """The aioquic server configuration for ``server.crt``/``key``/``proto``;
+    """The QUIC server configuration for ``server.crt``/``key``/``proto``,
+    of the library ``backend`` names (`mtop.quic.backend`);
     ``quic_idle_timeout``: seconds without packets that close a connection
     (`mtop.listeners.quic_idle_timeout` derives it from the config)."""
     configuration = tuned_configuration(
+        backend,
         is_client=False,
         max_datagram_size=packet_size,
         alpn_protocols=[proto],
@@ -97,14 +98,14 @@ class TicketStore:
 
     def __init__(self, limit: int = MAX_TICKETS):
         self.limit = limit
-        self._tickets: OrderedDict[bytes, SessionTicket] = OrderedDict()
+        self._tickets: OrderedDict[bytes, Any] = OrderedDict()
 
-    def add(self, ticket: SessionTicket) -> None:
+    def add(self, ticket: Any) -> None:
         self._tickets[ticket.ticket] = ticket
         while len(self._tickets) > self.limit:
             self._tickets.popitem(last=False)
 
-    def pop(self, label: bytes) -> SessionTicket | None:
+    def pop(self, label: bytes) -> Any:
         return self._tickets.pop(label, None)
 
 
@@ -127,7 +128,7 @@ class _ServerConnection(QuicDriver):
     logged_in = False
     _requests = 0
 
-    def __init__(self, listener: "QuicServerProtocol", quic: FlowControlledConnection, address: Any, client_key: str):
+    def __init__(self, listener: "QuicServerProtocol", quic: Any, address: Any, client_key: str):
         super().__init__(listener.reactor, quic, listener.send, twisted_address(address))
         self.listener = listener
         self.host = listener.host
@@ -207,10 +208,9 @@ class _ServerConnection(QuicDriver):
         # Only client-initiated bidirectional streams carry tunnels.
         if stream_id & 3 != 0 or not self.handshake_complete or self.listener.stopping:
             return None
-        protocol = self.listener.factory.buildProtocol(self.peer)
+        protocol = self.listener.factory.build_stream_protocol(self.peer, self)
         if protocol is None:
             return None
-        protocol.parent = self
         self._tunnels += 1
         self._cancel_linger()
         stream = QuicStreamTransport(self, stream_id, protocol)
@@ -257,11 +257,18 @@ class QuicServerProtocol(DatagramProtocol):
     noisy = False
     stopping = False
 
-    def __init__(self, reactor: Any, factory: Any, configuration: Any, handshake_timeout: float):
+    def __init__(
+        self, reactor: Any, factory: Any, configuration: Any, handshake_timeout: float,
+        max_streams: int = DEFAULT_MAX_STREAMS,
+    ):
+        """``configuration``: the library's server configuration (its type
+        says which library, `mtop.quic.backend.of`); ``max_streams``:
+        concurrent tunnels a client may open on one connection."""
         self.reactor = reactor
         self.factory = factory
         self.configuration = configuration
         self.handshake_timeout = handshake_timeout
+        self.max_streams = max_streams
         self.connections: dict[bytes, _ServerConnection] = {}
         self.tickets = TicketStore()
         self.host: Any = None
@@ -276,35 +283,33 @@ class QuicServerProtocol(DatagramProtocol):
         self.transport.socket.sendto(data, address)
 
     def datagramReceived(self, data: bytes, address: Any) -> None:
+        configuration = self.configuration
+        library = backends.of(configuration)
         try:
-            header = pull_quic_header(Buffer(data=data), host_cid_length=self.configuration.connection_id_length)
+            header = library.header(data, configuration.connection_id_length)
         except ValueError:
             return
-        supported = self.configuration.supported_versions
+        supported = configuration.supported_versions
         if header.version is not None and header.version not in supported:
             # Never answer a Version Negotiation packet (reflection loops).
-            if header.packet_type != QuicPacketType.VERSION_NEGOTIATION:
+            if not header.version_negotiation:
                 self._send_quietly(
-                    encode_quic_version_negotiation(
-                        source_cid=header.destination_cid,
-                        destination_cid=header.source_cid,
-                        supported_versions=supported,
-                    ),
-                    address,
+                    library.version_negotiation(header.destination_cid, header.source_cid, supported), address
                 )
             return
         connection = self.connections.get(header.destination_cid)
         if connection is None:
             if (
                 self.stopping
-                or header.packet_type != QuicPacketType.INITIAL
-                or len(data) < SMALLEST_MAX_DATAGRAM_SIZE
+                or not header.initial
+                or len(data) < library.SMALLEST_MAX_DATAGRAM_SIZE
                 or not self._admissible(address)
             ):
                 return
             try:
-                quic = FlowControlledConnection(
-                    configuration=self.configuration,
+                quic = new_connection(
+                    configuration,
+                    self.max_streams,
                     original_destination_connection_id=header.destination_cid,
                     session_ticket_fetcher=self.tickets.pop,
                     session_ticket_handler=self.tickets.add,
@@ -406,7 +411,11 @@ class QuicListenerService(Service):
             raise listen_failed(self._log, self.label, ListenAddress(self.interface, self.port_number), e) from None
         host = self.port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
-        self._log.info("{label} listening on {address}", label=self.label, address=shown, port=host.port)
+        self._log.info(
+            "{label} listening on {address} ({library})",
+            label=self.label, address=shown, port=host.port,
+            library=backends.describe(backends.of(self.protocol.configuration)),
+        )
 
     def _adopt_reuseport(self) -> Any:
         import socket

@@ -14,8 +14,10 @@ What maps to what:
   directions finished -> ``connectionLost`` with `ConnectionDone`;
 * ``pauseProducing`` stops delivering data (kept here, at most one receive
   window, since the window is only extended as data is delivered);
-  ``registerProducer`` producers are paused while aioquic holds more than
-  a high-water mark of unacknowledged data for the stream.
+  ``registerProducer`` producers are paused while the library holds more
+  than a high-water mark of the stream's data;
+* ``loseWriteConnection`` and ``loseConnection`` send the FIN once what
+  was written is acknowledged (`QuicDriver.send_fin`).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtop.interfaces import IStreamTransport
-from mtop.quic.connection import SEND_HIGH_WATER, STREAM_ABORTED, QuicDriver
+from mtop.quic.connection import HOLD_HIGH, HOLD_LOW, SEND_HIGH_WATER, STREAM_ABORTED, QuicDriver
 from mtop.timers import cancel
 
 
@@ -56,6 +58,9 @@ class QuicStreamTransport:
     _inbox_fin = False
     _producer: Any = None
     _producer_paused = False
+    #: Bytes in ``_inbox``, and whether they hold the connection's input.
+    _inbox_size = 0
+    _holding = False
 
     def __init__(self, driver: QuicDriver, stream_id: int, protocol: IProtocol):
         self.driver = driver
@@ -77,6 +82,10 @@ class QuicStreamTransport:
         if self._paused or self._inbox:
             if data:
                 self._inbox.append(data)
+                self._inbox_size += len(data)
+                if self._inbox_size > HOLD_HIGH and not self._holding:
+                    self._holding = True
+                    self.driver.hold_input(self)
             self._inbox_fin = self._inbox_fin or fin
             return
         if data:
@@ -106,8 +115,7 @@ class QuicStreamTransport:
     # Delivery
 
     def _deliver(self, data: bytes) -> None:
-        quic = self.driver.quic
-        quic.consumed[self.stream_id] = quic.consumed.get(self.stream_id, 0) + len(data)
+        self.driver.quic.delivered(self.stream_id, len(data))
         self.protocol.dataReceived(data)
 
     def _end_of_input(self) -> None:
@@ -133,7 +141,7 @@ class QuicStreamTransport:
         if (
             self._producer is not None
             and not self._producer_paused
-            and driver.quic.send_buffered(self.stream_id) > SEND_HIGH_WATER
+            and driver.quic.send_backlog(self.stream_id) > SEND_HIGH_WATER
         ):
             self._producer_paused = True
             driver.write_blocked(self)
@@ -197,7 +205,11 @@ class QuicStreamTransport:
         if self._inbox and not self.lost:
             data = b"".join(self._inbox)
             self._inbox.clear()
+            self._inbox_size = 0
             self._deliver(data)
+        if self._holding and self._inbox_size <= HOLD_LOW:
+            self._holding = False
+            self.driver.release_input(self)
         if self._inbox_fin and not self._inbox and not self._paused and not self.lost and not self._read_done:
             self._inbox_fin = False
             self._end_of_input()
@@ -211,27 +223,25 @@ class QuicStreamTransport:
 
     def _send_fin(self) -> None:
         self._write_done = True
-        try:
-            self.driver.quic.send_stream_data(self.stream_id, b"", end_stream=True)
-        except Exception:  # the stream is already reset
-            pass
-        self.driver.schedule_flush()
+        self.driver.send_fin(self.stream_id)
 
     def _stop_reading(self) -> None:
         self._read_done = True
         self._inbox.clear()
+        self._inbox_size = 0
         try:
             self.driver.quic.stop_stream(self.stream_id, STREAM_ABORTED)
-        except ValueError:
+        except Exception:  # the library refuses (the stream is gone)
             pass
         self.driver.schedule_flush()
 
     def _abort_both(self) -> None:
-        if not self._write_done:
+        # A FIN still waiting for acknowledgements is replaced by a reset.
+        if self.driver.cancel_fin(self.stream_id) or not self._write_done:
             self._write_done = True
             try:
                 self.driver.quic.reset_stream(self.stream_id, STREAM_ABORTED)
-            except ValueError:
+            except Exception:  # the library refuses (the stream is gone)
                 pass
         if not self._read_done:
             self._stop_reading()
@@ -252,6 +262,7 @@ class QuicStreamTransport:
         self.connected = False
         self._read_done = self._write_done = True
         self._inbox.clear()
+        self._inbox_size = 0
         self._producer = None
         self.driver.forget_stream(self)
         self.protocol.connectionLost(reason)

@@ -1,6 +1,7 @@
 """End to end over QUIC: ``twistd -r asyncio mtop`` serving TLS and QUIC on
 the same port number, ``twistd -r asyncio climber`` with a ``type: quic``
-server, driven through climber's SOCKS5 proxy with plain sockets."""
+server, driven through climber's SOCKS5 proxy with plain sockets; the whole
+module once per QUIC library (``quic.backend`` in both configs)."""
 
 from __future__ import annotations
 
@@ -71,6 +72,17 @@ def free_port_both() -> int:
     raise AssertionError("no port free for both TCP and UDP")
 
 
+#: The QUIC library of the module's current round (``quic_backend``).
+BACKEND = ["auto"]
+
+
+@pytest.fixture(scope="module", params=("qh3", "aioquic"), autouse=True)
+def quic_backend(request):
+    BACKEND[0] = request.param
+    yield request.param
+    BACKEND[0] = "auto"
+
+
 def write_server_config(directory: Path, setup, port: int, **server) -> Path:
     data = {
         "server": {
@@ -84,6 +96,7 @@ def write_server_config(directory: Path, setup, port: int, **server) -> Path:
         },
         "listeners": [{"type": "tls"}, {"type": "quic"}],
         "log": {"level": "info"},
+        "quic": {"backend": BACKEND[0]},
         "db": {"driverName": "sqlite", "dsn": str(setup.dir / "mtop.db")},
         **yaml.safe_load(TEST_POLICY),
     }
@@ -114,6 +127,7 @@ def start_server(setup, directory: Path, **server) -> QuicServerProcess:
 
 def start_climber(setup, directory: Path, server_port: int, top: dict | None = None, **entry) -> QuicClimberProcess:
     data = {
+        "quic": {"backend": BACKEND[0]},
         **(top or {}),
         "log": {"level": "info"},
         "socks5": {"listen": "127.0.0.1:0"},
@@ -135,7 +149,7 @@ def start_climber(setup, directory: Path, server_port: int, top: dict | None = N
 
 
 @pytest.fixture(scope="module")
-def quic_server(e2e_setup, tmp_path_factory):
+def quic_server(quic_backend, e2e_setup, tmp_path_factory):
     process = start_server(e2e_setup, tmp_path_factory.mktemp("quic-server"))
     yield process
     stop(process)
@@ -227,22 +241,30 @@ def test_target_half_close(quic_climber, make_target):
     assert target.result() == b"after the banner"
 
 
-def test_100_concurrent_tunnels_on_one_connection(quic_climber, quic_server, make_target):
+def concurrent_tunnels(climber, server, make_target, count: int, hold: float = 0.0) -> None:
+    """``count`` tunnels through ``climber`` open at the same time, each
+    echoing a payload, then (after ``hold`` seconds, all still open) a
+    second one; all must come back whole, over one QUIC connection."""
     target = make_target(echo)
-    target.listener.listen(128)
-    since = quic_server.mark()
-    count = 100
+    target.listener.listen(count + 16)
+    since = server.mark()
     outcomes: dict[int, object] = {}
     barrier = threading.Barrier(count, timeout=SOCKET_TIMEOUT)
 
     def one(i: int) -> None:
         try:
-            with open_tunnel(quic_climber, target.port) as sock:
-                barrier.wait()  # all 100 tunnels open at the same time
-                payload = bytes([i]) * (1000 + i)
-                sock.sendall(payload)
+            with open_tunnel(climber, target.port) as sock:
+                barrier.wait()  # all tunnels open at the same time
+                first = bytes([i % 256]) * (1000 + i)
+                sock.sendall(first)
+                outcomes[i] = recv_exactly(sock, len(first)) == first
+                if hold:
+                    barrier.wait()  # every first echo is back: all are open now
+                    time.sleep(hold)
+                second = bytes([(i + 1) % 256]) * (500 + i)
+                sock.sendall(second)
                 sock.shutdown(socket.SHUT_WR)
-                outcomes[i] = recv_to_eof(sock) == payload
+                outcomes[i] = outcomes[i] and recv_to_eof(sock) == second
         except BaseException as e:
             outcomes[i] = e
 
@@ -250,19 +272,38 @@ def test_100_concurrent_tunnels_on_one_connection(quic_climber, quic_server, mak
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(SOCKET_TIMEOUT * 2)
+        thread.join(SOCKET_TIMEOUT * 2 + hold)
     failed = {i: v for i, v in outcomes.items() if v is not True}
-    assert len(outcomes) == count and not failed, f"failed: {failed}" + quic_climber.describe()
+    alive = count - len(failed) - (count - len(outcomes))
+    print(f"{alive} of {count} tunnels alive after {hold:.0f} s")
+    assert len(outcomes) == count and not failed, f"failed: {failed}" + climber.describe()
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        done = [m for m in TUNNEL_DONE.finditer(quic_server.log(since)) if int(m.group(3)) == target.port]
+        done = [m for m in TUNNEL_DONE.finditer(server.log(since)) if int(m.group(3)) == target.port]
         if len(done) >= count:
             break
         time.sleep(0.2)
-    assert len(done) == count, quic_server.describe(since)
+    assert len(done) == count, server.describe(since)
     assert {m.group(1) for m in done} == {"done"}
     # One QUIC connection (one client UDP port) carried them all.
-    assert len({m.group(2) for m in done}) == 1, quic_server.describe(since)
+    assert len({m.group(2) for m in done}) == 1, server.describe(since)
+
+
+def test_100_concurrent_tunnels_on_one_connection(quic_climber, quic_server, make_target):
+    concurrent_tunnels(quic_climber, quic_server, make_target, 100)
+
+
+def test_300_tunnels_on_one_connection_stay_alive_for_30_seconds(quic_server, e2e_setup, tmp_path, make_target):
+    """The original's client opens every tunnel as a stream of one
+    connection, with no deadline: past the server's stream limit it stalls
+    until its idle timeout kills them all.  A client doing the same (climber
+    with ``max_streams: 300``) holds 300 tunnels open for 30 s."""
+    climber = start_climber(e2e_setup, tmp_path / "climber", quic_server.port, max_streams=300)
+    try:
+        concurrent_tunnels(climber, quic_server, make_target, 300, hold=30.0)
+        assert_no_traceback(climber, quic_server)
+    finally:
+        stop(climber)
 
 
 def sender_of(size: int):
