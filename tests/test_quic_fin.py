@@ -200,3 +200,15 @@ def test_a_paused_reader_bounds_what_the_peer_can_send(tmp_path):
         link.deliver_to_client()
         link.turn(0.005)
     assert protocol.received == sent
+
+
+def test_gso_batches_join_runs_of_one_size_to_one_address():
+    from mtop.quic.connection import GSO_BYTES, GSO_SEGMENTS, gso_batches
+
+    a, b = ("127.0.0.1", 1), ("127.0.0.1", 2)
+    full, short = b"x" * 1350, b"y" * 300
+    batches = gso_batches([(full, a), (full, a), (short, a), (full, a), (full, b), (full, b), (full, b)])
+    assert batches == [(full * 2 + short, a, 1350), (full, a, 0), (full * 3, b, 1350)]
+    many = gso_batches([(full, a)] * (GSO_SEGMENTS + 1))
+    per_send = min(GSO_SEGMENTS, GSO_BYTES // 1350)
+    assert [(len(d), s) for d, _, s in many] == [(1350 * per_send, 1350), (1350 * (GSO_SEGMENTS + 1 - per_send), 1350)]

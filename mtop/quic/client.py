@@ -150,6 +150,9 @@ class QuicClientConnection(QuicDriver):
         self.quic.connect((ip, port), self.reactor.seconds())
         self.flush()
 
+    def socket(self) -> Any:
+        return None if self._udp_port is None else self._udp_port.socket
+
     def _send_datagram(self, data: bytes, address: Any) -> None:
         self._udp_port.socket.sendto(data, address)
 

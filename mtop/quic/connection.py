@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 from typing import TYPE_CHECKING, Any, Callable
 
 from mtop.quic import backend as backends
@@ -235,14 +236,24 @@ class QuicDriver:
         except Exception as e:  # the library failed on its own state: end it
             self._library_failed("send", e)
             return
-        for data, address in datagrams:
+        sock = self.socket() if len(datagrams) > 1 else None
+        if sock is not None and _gso[0]:
+            batches = gso_batches(datagrams)
+        else:
+            batches = [(data, address, 0) for data, address in datagrams]
+        for data, address, segment in batches:
             try:
-                send(data, address)
+                if segment:
+                    sock.sendmsg([data], [(SOL_UDP, UDP_SEGMENT, segment.to_bytes(2, "little"))], 0, address)
+                else:
+                    send(data, address)
             except OSError as e:
-                # A full socket buffer or an unreachable peer drops the
-                # datagram; QUIC's loss recovery sends it again.
-                if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                    self._log.debug("QUIC send to {peer} failed: {error}", peer=address, error=e)
+                if segment and e.errno in GSO_UNSUPPORTED:
+                    _gso[0] = False  # the kernel or route cannot: one by one from now on
+                    for offset in range(0, len(data), segment):
+                        self._send_one(send, data[offset:offset + segment], address)
+                    continue
+                self._dropped(address, e)
         if self._write_blocked:
             self._resume_writers()
         self._process_events()
@@ -263,6 +274,22 @@ class QuicDriver:
         self._timer_at = at
         if at is not None:
             self._timer = self.reactor.callLater(max(0.0, at - self.reactor.seconds()), self._timer_fired)
+
+    def socket(self) -> Any:
+        """The UDP socket (for sending bursts with GSO), or None."""
+        return None
+
+    def _send_one(self, send: Callable[[bytes, Any], None], data: bytes, address: Any) -> None:
+        try:
+            send(data, address)
+        except OSError as e:
+            self._dropped(address, e)
+
+    def _dropped(self, address: Any, e: OSError) -> None:
+        # A full socket buffer or an unreachable peer drops the datagram;
+        # QUIC's loss recovery sends it again.
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ENOBUFS, errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
+            self._log.debug("QUIC send to {peer} failed: {error}", peer=address, error=e)
 
     def _library_failed(self, doing: str, error: Exception) -> None:
         self._log.debug("QUIC library error ({doing}) with {peer}: {error!r}", doing=doing, peer=self.peer, error=error)
@@ -441,6 +468,51 @@ class QuicDriver:
 
     def connection_id_retired(self, cid: bytes) -> None:
         pass
+
+
+#: UDP generic segmentation offload (Linux 4.18+): one ``sendmsg`` carries
+#: a burst of same-size datagrams, cut by the kernel.
+SOL_UDP = getattr(socket, "SOL_UDP", 17)
+UDP_SEGMENT = 103
+#: Segments per GSO send (the kernel's limit is 64) and bytes per send.
+GSO_SEGMENTS = 64
+GSO_BYTES = 65000
+#: Errors meaning the path cannot do GSO (then datagrams go one by one).
+GSO_UNSUPPORTED = frozenset(
+    e for e in (errno.EIO, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOPROTOOPT, getattr(errno, "ENOTSUP", None)) if e
+)
+#: Whether GSO is used (switched off for the process at the first refusal).
+_gso = [sys.platform == "linux"]
+
+
+def gso_batches(datagrams: list[tuple[bytes, Any]]) -> list[tuple[bytes, Any, int]]:
+    """``datagrams`` as (payload, address, segment size) sends: runs of
+    datagrams to one address of one size (the last of a run may be
+    shorter) joined for one GSO ``sendmsg``; segment size 0 for a datagram
+    sent alone."""
+    batches: list[tuple[bytes, Any, int]] = []
+    run: list[bytes] = []
+    size = 0
+    to = None
+
+    def close() -> None:
+        if len(run) == 1:
+            batches.append((run[0], to, 0))
+        elif run:
+            batches.append((b"".join(run), to, size))
+
+    for data, address in datagrams:
+        n = len(data)
+        if run and address == to and n <= size and len(run) < GSO_SEGMENTS and (len(run) + 1) * size <= GSO_BYTES:
+            run.append(data)
+            if n < size:  # a shorter one ends the run
+                close()
+                run = []
+            continue
+        close()
+        run, size, to = [data], n, address
+    close()
+    return batches
 
 
 def describe_close(event: Any) -> str:

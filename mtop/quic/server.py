@@ -167,6 +167,9 @@ class _ServerConnection(QuicDriver):
             # A login is pending (its own deadline covers it): look again.
             self._deadline = self.reactor.callLater(1.0, self._handshake_expired)
 
+    def socket(self) -> Any:
+        return self.listener.transport.socket
+
     def evict(self) -> None:
         """`mtop.limits.Holder`: its pre-login slot goes to a client from an
         address holding fewer."""
