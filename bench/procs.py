@@ -163,10 +163,11 @@ class Workspace:
     """The temporary directory of one run: certificates, user database,
     configs, logs.  Removed by `cleanup` unless ``keep``."""
 
-    def __init__(self, keep: bool = False, quic_packet_size: int = 1350, workers: int = 1):
+    def __init__(self, keep: bool = False, quic_packet_size: int = 1350, workers: int = 1, quic_backend: str = "auto"):
         self.dir = Path(tempfile.mkdtemp(prefix="mtop-bench-"))
         self.keep = keep
         self.quic_packet_size = quic_packet_size
+        self.quic_backend = quic_backend
         self.workers = workers
         self.password = secrets.token_urlsafe(16)
         self._serial = 0
@@ -210,6 +211,7 @@ class Workspace:
                 "workers": self.workers,
             },
             "log": {"level": "info"},
+            "quic": {"backend": self.quic_backend},
             "db": {"driverName": "sqlite", "dsn": "mtop.db"},
             # The destination ACL refuses loopback targets by default; the
             # origin is on loopback.
@@ -237,6 +239,7 @@ class Workspace:
             entry["prewarm"] = int(os.environ[PREWARM_VARIABLE])
         data = {
             "log": {"level": "info"},
+            "quic": {"backend": self.quic_backend},
             "socks5": {"listen": "127.0.0.1:0"},
             "http": {"listen": "127.0.0.1:0"},
             "idle_timeout": 600,
