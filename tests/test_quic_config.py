@@ -123,3 +123,35 @@ def test_taps_install_the_asyncio_reactor_for_quic_only(tmp_path):
     tls_link = "mtop://u:p@127.0.0.1:4433/?proto=mtop"
     assert _reactor_after("climber.tap", ["--server", quic_link, "--insecure"], tmp_path) == "AsyncioSelectorReactor"
     assert _reactor_after("climber.tap", ["--server", tls_link, "--insecure"], tmp_path) == "EPollReactor"
+
+
+@pytest.mark.parametrize(
+    "section, error",
+    [
+        ({"backend": "foo"}, "quic.backend: 'foo' is not one of auto, qh3, aioquic"),
+        ({"max_streams": 0}, "quic.max_streams: must be 1 to 65535, got 0"),
+        ({"max_streams": 70000}, "quic.max_streams: must be 1 to 65535, got 70000"),
+        ({"bakend": "qh3"}, "quic.bakend: unknown key; did you mean quic.backend?"),
+    ],
+)
+def test_quic_section_errors_name_the_key(section, error):
+    from mtop.config import ConfigError, load_config_data
+
+    with pytest.raises(ConfigError) as raised:
+        load_config_data({"quic": section}, check_files=False)
+    assert str(raised.value) == error
+
+
+def test_quic_section_defaults_and_values():
+    from climber.config import load_climber_data
+    from mtop.config import load_config_data
+
+    assert load_config_data({}, check_files=False).quic.max_streams == 512
+    config = load_config_data({"quic": {"backend": "aioquic", "max_streams": 300}}, check_files=False)
+    assert (config.quic.backend, config.quic.max_streams) == ("aioquic", 300)
+    climber = load_climber_data({
+        "quic": {"backend": "qh3"},
+        "socks5": {"listen": "127.0.0.1:1080"},
+        "servers": [{"host": "127.0.0.1:443", "type": "quic", "username": "u", "password": "p"}],
+    })
+    assert [s.quic_backend for s in climber.servers] == ["qh3"]
