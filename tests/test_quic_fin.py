@@ -212,3 +212,57 @@ def test_gso_batches_join_runs_of_one_size_to_one_address():
     many = gso_batches([(full, a)] * (GSO_SEGMENTS + 1))
     per_send = min(GSO_SEGMENTS, GSO_BYTES // 1350)
     assert [(len(d), s) for d, _, s in many] == [(1350 * per_send, 1350), (1350 * (GSO_SEGMENTS + 1 - per_send), 1350)]
+
+
+def test_a_burst_port_hands_a_burst_over_whole(tmp_path):
+    """With UDP_GRO, datagrams that arrive together are read at once and
+    reach the protocol as a list, each intact, in order."""
+    import socket as _socket
+
+    from twisted.internet import reactor as real_reactor
+
+    from mtop.quic import udp
+
+    class Collect:
+        def __init__(self):
+            self.single, self.bursts = [], []
+
+        def makeConnection(self, transport):
+            self.transport = transport
+
+        def doStart(self):
+            pass
+
+        def doStop(self):
+            pass
+
+        def datagramReceived(self, data, address):
+            self.single.append(data)
+
+        def datagramsReceived(self, datagrams, address):
+            self.bursts.append(list(datagrams))
+
+    protocol = Collect()
+    port = udp.BurstPort(0, protocol, "127.0.0.1", udp.BURST, real_reactor)
+    port.startListening()
+    try:
+        real_reactor.removeReader(port)  # read by hand below
+        sent = [bytes([i]) * 1200 for i in range(8)] + [b"z" * 500]
+        with _socket.socket(_socket.AF_INET, _socket.SOCK_DGRAM) as s:
+            s.connect(("127.0.0.1", port.getHost().port))
+            batch = b"".join(sent)
+            try:
+                s.sendmsg([batch], [(17, 103, (1200).to_bytes(2, "little"))])
+            except OSError:
+                for data in sent:
+                    s.send(data)
+        import time
+
+        time.sleep(0.1)
+        port.doRead()
+        got = protocol.single + [d for burst in protocol.bursts for d in burst]
+        assert got == sent
+        if port.gro:
+            assert protocol.bursts, "no burst read although UDP_GRO is on"
+    finally:
+        port.stopListening()

@@ -36,6 +36,7 @@ from mtop.quic.connection import (
     tuned_configuration,
 )
 from mtop.quic.server import twisted_address
+from mtop.quic import udp
 from mtop.quic.stream import QuicStreamTransport
 from mtop.timers import cancel
 
@@ -82,6 +83,9 @@ class _ClientUDP(DatagramProtocol):
 
     def datagramReceived(self, data: bytes, address: Any) -> None:
         self.connection.datagram_received(data, address)
+
+    def datagramsReceived(self, datagrams: list[bytes], address: Any) -> None:
+        self.connection.datagrams_received(datagrams, address)
 
 
 class QuicClientConnection(QuicDriver):
@@ -140,7 +144,7 @@ class QuicClientConnection(QuicDriver):
             return
         family_any = "::" if ":" in ip else "0.0.0.0"
         try:
-            self._udp_port = self.reactor.listenUDP(0, _ClientUDP(self), interface=family_any, maxPacketSize=65535)
+            self._udp_port = udp.listen(self.reactor, 0, _ClientUDP(self), family_any)
         except Exception as e:
             self.shut(f"cannot open a UDP socket: {e}")
             return

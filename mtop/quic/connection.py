@@ -133,6 +133,8 @@ class QuicDriver:
         self.quic = quic
         self.events = backends.of(quic.configuration).events
         self._holds_windows = backends.of(quic.configuration).HOLDS_WINDOWS
+        #: The library's call taking a burst of datagrams, if it has one.
+        self._receive_many = getattr(quic, "receive_many_datagrams", None)
         self._send = send
         self.peer = peer  # a Twisted address, for getPeer
         self.host: Any = None
@@ -165,6 +167,28 @@ class QuicDriver:
                 self._held_size += len(data)
             return
         self._feed(data, address)
+        if self.quic.close_event is not None:
+            self.flush()
+        else:
+            self.schedule_flush()
+
+    def datagrams_received(self, datagrams: list[bytes], address: Any) -> None:
+        """A burst from one address (`mtop.quic.udp.BurstPort`): fed to the
+        library in one call where it takes bursts (qh3)."""
+        if self.terminated:
+            return
+        many = self._receive_many
+        if self._holding or many is None:
+            for data in datagrams:
+                self.datagram_received(data, address)
+            return
+        try:
+            many(datagrams, address, self.reactor.seconds())
+        except Exception as e:  # malformed input must close, never escape
+            self._log.debug("QUIC packets from {peer} rejected: {error!r}", peer=address, error=e)
+            self.close(reason="bad packet")
+            return
+        self._process_events()
         if self.quic.close_event is not None:
             self.flush()
         else:

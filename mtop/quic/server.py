@@ -42,6 +42,7 @@ from mtop.quic.connection import (
     size_socket_buffers,
     tuned_configuration,
 )
+from mtop.quic import udp
 from mtop.quic.stream import QuicStreamTransport
 from mtop.timers import cancel
 
@@ -325,6 +326,33 @@ class QuicServerProtocol(DatagramProtocol):
             self.connections[quic.host_cid] = connection
         connection.datagram_received(data, address)
 
+    def datagramsReceived(self, datagrams: list[bytes], address: Any) -> None:
+        """A burst from one address (`mtop.quic.udp.BurstPort`): runs of
+        datagrams for one known connection go to it together; the rest one
+        by one (a client may send for several connections from one port)."""
+        configuration = self.configuration
+        header = backends.of(configuration).header
+        cid_length = configuration.connection_id_length
+        connections = self.connections
+        run: list[bytes] = []
+        owner = None
+        for data in datagrams:
+            try:
+                connection = connections.get(header(data, cid_length).destination_cid)
+            except ValueError:
+                continue
+            if connection is not owner and run:
+                owner.datagrams_received(run, address)
+                run = []
+            if connection is None:
+                owner = None
+                self.datagramReceived(data, address)
+                continue
+            owner = connection
+            run.append(data)
+        if run:
+            owner.datagrams_received(run, address)
+
     def _admissible(self, address: Any) -> bool:
         """A new connection from a banned address, or over a connection
         limit, is dropped before any handshake work (its streams would be
@@ -409,7 +437,7 @@ class QuicListenerService(Service):
             if self.reuse_port:
                 self.port = self._adopt_reuseport()
             else:
-                self.port = self.reactor.listenUDP(self.port_number, self.protocol, interface=interface, maxPacketSize=65535)
+                self.port = udp.listen(self.reactor, self.port_number, self.protocol, interface)
         except Exception as e:
             raise listen_failed(self._log, self.label, ListenAddress(self.interface, self.port_number), e) from None
         host = self.port.getHost()
