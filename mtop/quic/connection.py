@@ -167,6 +167,10 @@ class QuicDriver:
                 self._held_size += len(data)
             return
         self._feed(data, address)
+        self._answer()
+
+    def _answer(self) -> None:
+        """After input: send at once when closing, else on the next turn."""
         if self.quic.close_event is not None:
             self.flush()
         else:
@@ -189,10 +193,7 @@ class QuicDriver:
             self.close(reason="bad packet")
             return
         self._process_events()
-        if self.quic.close_event is not None:
-            self.flush()
-        else:
-            self.schedule_flush()
+        self._answer()
 
     def _feed(self, data: bytes, address: Any) -> None:
         try:
