@@ -266,3 +266,24 @@ def test_a_burst_port_hands_a_burst_over_whole(tmp_path):
             assert protocol.bursts, "no burst read although UDP_GRO is on"
     finally:
         port.stopListening()
+
+
+def test_the_fin_follows_promptly_when_the_client_has_ended_its_side(tmp_path):
+    """The client sends its request and its FIN; the server answers and
+    ends its side: the FIN must reach the client after one more exchange,
+    even though the server's last packets (acknowledging the client's FIN)
+    elicit no acknowledgement of their own."""
+    link = Link(tmp_path, lambda: Sender(b"pong" * 5))
+    link.handshake()
+    stream_id = link.client.get_next_available_stream_id()
+    link.client.send_stream_data(stream_id, b"ping", end_stream=True)
+    link.client_send()
+    for _ in range(40):  # 40 x 30 ms of fake time, everything delivered
+        link.deliver_to_server()
+        link.deliver_to_client()
+        link.turn(0.03)
+        if any(e.end_stream for e in link.stream_data(stream_id)):
+            break
+    received = link.stream_data(stream_id)
+    assert b"".join(e.data for e in received) == b"pong" * 5
+    assert any(e.end_stream for e in received), "no FIN within 1.2 s"

@@ -160,12 +160,14 @@ class Connection(_qh3_connection.QuicConnection):
             return False
         core = self._core
         outstanding = core.outstanding_application_packets if core is not None else ()
+        # Only packets that elicit an acknowledgement get one for sure.
+        waiting = [number for number, _, eliciting in outstanding if eliciting]
         mark = marks.get(stream_id)
         if mark is None:
-            if not outstanding:
+            if not waiting:
                 return True
-            mark = marks[stream_id] = max(number for number, _, _ in outstanding)
-        if any(number <= mark for number, _, _ in outstanding):
+            mark = marks[stream_id] = max(waiting)
+        if any(number <= mark for number in waiting):
             return False
         del marks[stream_id]
         return True

@@ -68,6 +68,8 @@ STREAM_ABORTED = 0
 #: connection (``quic.max_streams``); the original's client opens streams
 #: on one connection without a deadline, and one past the limit stalls it.
 DEFAULT_MAX_STREAMS = 512
+#: Longest a FIN waits for the acknowledgement of the data before it.
+FIN_WAIT = 0.25
 #: A backend that does not hold windows to consumption (qh3): a
 #: connection's input is held while one of its streams has more than this
 #: many bytes waiting for a paused reader...
@@ -340,6 +342,18 @@ class QuicDriver:
         stream's end; this way none do."""
         self._fins.add(stream_id)
         self.schedule_flush()
+        self.reactor.callLater(FIN_WAIT, self._fin_due, stream_id)
+
+    def _fin_due(self, stream_id: int) -> None:
+        """`FIN_WAIT` has passed: the FIN goes now, acknowledged or not (a
+        peer that stopped acknowledging must not keep the stream open)."""
+        if stream_id in self._fins and not self.terminated:
+            self._fins.discard(stream_id)
+            try:
+                self.quic.send_stream_data(stream_id, b"", end_stream=True)
+            except Exception:  # the stream was reset meanwhile
+                return
+            self.schedule_flush()
 
     def _send_fins(self) -> None:
         quic = self.quic
