@@ -69,7 +69,7 @@ STREAM_ABORTED = 0
 #: on one connection without a deadline, and one past the limit stalls it.
 DEFAULT_MAX_STREAMS = 512
 #: Longest a FIN waits for the acknowledgement of the data before it.
-FIN_WAIT = 0.25
+FIN_WAIT = 0.1
 #: A backend that does not hold windows to consumption (qh3): a
 #: connection's input is held while one of its streams has more than this
 #: many bytes waiting for a paused reader...
