@@ -102,6 +102,9 @@ class Connection(QuicConnection):
         """Everything written to ``stream_id`` has been acknowledged."""
         return self.send_backlog(stream_id) == 0
 
+    def fin_settled(self, stream_id: int) -> None:
+        """The driver waits no more for ``stream_id``'s FIN (nothing kept here)."""
+
     def knows_stream(self, stream_id: int) -> bool:
         return stream_id in self._streams
 

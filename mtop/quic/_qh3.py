@@ -103,7 +103,7 @@ def _header_with_padding(data: Any, offset: int, cid_length: Any) -> Any:
     fields = _pull_quic_header(data, offset, cid_length)
     end = fields[9]
     size = len(data)
-    if end < size and not any(memoryview(data)[end:]):
+    if end < size and data.count(0, end) == size - end:
         return (*fields[:9], size)
     return fields
 
@@ -116,8 +116,8 @@ class Connection(_qh3_connection.QuicConnection):
     streams for the peer and no 0-RTT (see the module's text)."""
 
     def __init__(self, *, stream_window: int, max_streams: int, **kwargs: Any):
+        # stream_window: qh3 has no hook for it (see the module's text).
         super().__init__(**kwargs)
-        self.stream_window = stream_window
         self.max_streams = max_streams
         #: stream id -> the newest packet number that may carry its last data.
         self._fin_marks: dict[int, int] = {}
@@ -167,10 +167,11 @@ class Connection(_qh3_connection.QuicConnection):
             if not waiting:
                 return True
             mark = marks[stream_id] = max(waiting)
-        if any(number <= mark for number in waiting):
-            return False
-        del marks[stream_id]
-        return True
+        return not any(number <= mark for number in waiting)
+
+    def fin_settled(self, stream_id: int) -> None:
+        """The driver waits no more for ``stream_id``'s FIN: its mark goes."""
+        self._fin_marks.pop(stream_id, None)
 
     def knows_stream(self, stream_id: int) -> bool:
         return False

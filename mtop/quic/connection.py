@@ -25,9 +25,9 @@ Flow control, both ways, per stream:
   aioquic, unsent with qh3), and the driver resumes it below
   ``SEND_LOW_WATER``.
 
-A stream's FIN is sent once the data before it is acknowledged, in a frame
-of its own (`QuicDriver.send_fin`): the original's client loses the bytes
-that arrive together with a stream's end.
+A stream's FIN is sent once the data before it is acknowledged (`FIN_WAIT`
+at most), in a frame of its own (`QuicDriver.send_fin`): the original's
+client loses the bytes that arrive together with a stream's end.
 """
 
 from __future__ import annotations
@@ -348,27 +348,31 @@ class QuicDriver:
         """`FIN_WAIT` has passed: the FIN goes now, acknowledged or not (a
         peer that stopped acknowledging must not keep the stream open)."""
         if stream_id in self._fins and not self.terminated:
-            self._fins.discard(stream_id)
-            try:
-                self.quic.send_stream_data(stream_id, b"", end_stream=True)
-            except Exception:  # the stream was reset meanwhile
-                return
+            self._fin_now(stream_id)
             self.schedule_flush()
 
     def _send_fins(self) -> None:
-        quic = self.quic
-        for stream_id in [i for i in self._fins if quic.data_acked(i)]:
-            self._fins.discard(stream_id)
-            try:
-                quic.send_stream_data(stream_id, b"", end_stream=True)
-            except Exception:  # the stream was reset meanwhile
-                pass
+        acked = self.quic.data_acked
+        for stream_id in [i for i in self._fins if acked(i)]:
+            self._fin_now(stream_id)
+
+    def _fin_now(self, stream_id: int) -> None:
+        self._fin_settled(stream_id)
+        try:
+            self.quic.send_stream_data(stream_id, b"", end_stream=True)
+        except Exception:  # the stream was reset meanwhile
+            pass
+
+    def _fin_settled(self, stream_id: int) -> None:
+        """No FIN waits for ``stream_id`` any more (sent, or not wanted)."""
+        self._fins.discard(stream_id)
+        self.quic.fin_settled(stream_id)
 
     def cancel_fin(self, stream_id: int) -> bool:
         """No FIN for ``stream_id`` after all (it is being reset); whether
         one was waiting."""
         if stream_id in self._fins:
-            self._fins.discard(stream_id)
+            self._fin_settled(stream_id)
             return True
         return False
 
@@ -403,7 +407,7 @@ class QuicDriver:
                 if stream is not None:
                     stream.reset_by_peer(event.error_code)
             elif kind is events.StopSendingReceived:
-                self._fins.discard(event.stream_id)
+                self._fin_settled(event.stream_id)
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.stopped_by_peer(event.error_code)
