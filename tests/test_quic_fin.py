@@ -287,3 +287,29 @@ def test_the_fin_follows_promptly_when_the_client_has_ended_its_side(tmp_path):
     received = link.stream_data(stream_id)
     assert b"".join(e.data for e in received) == b"pong" * 5
     assert any(e.end_stream for e in received), "no FIN within 1.2 s"
+
+
+def test_ended_stream_ids_are_pruned_in_passes_not_per_stream(tmp_path):
+    """A long-lived connection remembers a bounded number of ended stream
+    ids, and pruning them is amortised: one pass per FINISHED_KEPT / 2
+    ended streams (a pass per stream made tunnel setup slow once a
+    connection had carried 4,096 tunnels)."""
+    from mtop.quic.connection import FINISHED_KEPT
+
+    link = Link(tmp_path, Protocol)
+    link.handshake()
+    ended = 4 * FINISHED_KEPT
+    passes = 0
+    for n in range(ended):
+        before = len(link.server._finished_ids)
+        stream = QuicStreamTransport(link.server, 4 * n, Protocol())
+        link.server.add_stream(stream)
+        link.server.forget_stream(stream)
+        after = len(link.server._finished_ids)
+        if after <= before:  # this forget ran a pruning pass
+            passes += 1
+            assert after <= FINISHED_KEPT // 2 + 1
+    assert len(link.server._finished_ids) <= FINISHED_KEPT
+    assert 4 * (ended - 1) in link.server._finished_ids  # the newest are kept
+    assert 4 * (ended - FINISHED_KEPT // 2) in link.server._finished_ids
+    assert passes <= (ended - FINISHED_KEPT) // (FINISHED_KEPT // 2) + 1

@@ -70,6 +70,9 @@ STREAM_ABORTED = 0
 DEFAULT_MAX_STREAMS = 512
 #: Longest a FIN waits for the acknowledgement of the data before it.
 FIN_WAIT = 0.1
+#: Ids of ended streams remembered per connection (so late frames for
+#: them do not open a new stream); pruned to the newest half past this.
+FINISHED_KEPT = 4096
 #: A backend that does not hold windows to consumption (qh3): a
 #: connection's input is held while one of its streams has more than this
 #: many bytes waiting for a paused reader...
@@ -457,11 +460,13 @@ class QuicDriver:
             self.release_input(stream)
         finished = self._finished_ids
         finished.add(stream.stream_id)
-        if len(finished) > 4096:
+        if len(finished) > FINISHED_KEPT:
             # Only ids the library still knows, or recent ones, need
             # remembering: it ignores frames of streams it has discarded.
+            # Keeping half leaves room for FINISHED_KEPT / 2 more before
+            # the next pass (keeping all that fit ran a pass per stream).
             known = self.quic.knows_stream
-            recent = max(finished) - 4 * 4096
+            recent = max(finished) - 4 * (FINISHED_KEPT // 2)
             self._finished_ids = {i for i in finished if i > recent or known(i)}
         self.stream_closed(stream)
 
