@@ -132,7 +132,7 @@ class HTTPProxyConnection(LocalConnection):
 
     def tunnel_ready(self, tunnel: ServerTunnel) -> None:
         if self._request is None:  # CONNECT
-            self.transport.write(CONNECT_ESTABLISHED)
+            self.reply(CONNECT_ESTABLISHED)
             self.splice_tunnel(tunnel)
             return
         self.state = "forwarding"

@@ -70,7 +70,7 @@ class Socks5Connection(LocalConnection):
             if wanted not in methods:
                 self.close_after(codec.encode_method_choice(codec.METHOD_NONE_ACCEPTABLE))
                 return False
-            self.transport.write(codec.encode_method_choice(wanted))
+            self.reply(codec.encode_method_choice(wanted))
             self._stage = "auth" if self._credentials else "request"
             return True
         if self._stage == "auth":
@@ -87,7 +87,7 @@ class Socks5Connection(LocalConnection):
                 self.detail = "local SOCKS5 authentication failed"
                 self.close_after(codec.encode_userpass_status(False))
                 return False
-            self.transport.write(codec.encode_userpass_status(True))
+            self.reply(codec.encode_userpass_status(True))
             self._stage = "request"
             return True
         parsed = codec.parse_request(self._buffer)
@@ -99,7 +99,7 @@ class Socks5Connection(LocalConnection):
         return False
 
     def tunnel_ready(self, tunnel: ServerTunnel) -> None:
-        self.transport.write(codec.encode_reply(codec.REP_SUCCEEDED))
+        self.reply(codec.encode_reply(codec.REP_SUCCEEDED))
         self.splice_tunnel(tunnel)
 
     def tunnel_failed(self, error: TunnelError) -> None:

@@ -40,7 +40,7 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.relay import LINGER_SECONDS, Relay
+from mtop.relay import LINGER_SECONDS, Relay, writer_for
 from mtop.streams import as_stream
 from mtop.timers import cancel
 
@@ -208,6 +208,13 @@ class TunnelEnd(Protocol):
         self.state = "closed"
         self.relay_finished(relay)
         self.finish(relay.bytes_up, relay.bytes_down)
+
+    def reply(self, data: bytes) -> None:
+        """Answer the peer during the handshake (a SOCKS5 or HTTP reply):
+        ``transport.write``, but on plain TCP with the fast path straight to
+        the socket when nothing is queued (`mtop.relay.writer_for`), rather
+        than on the loop's next turn after two ``epoll_ctl`` calls."""
+        writer_for(as_stream(self.transport))(data)
 
     def close_after(self, data: bytes) -> None:
         """Send ``data`` (a last answer, may be empty) and close with a

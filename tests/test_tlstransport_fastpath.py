@@ -444,6 +444,50 @@ async def test_a_half_close_with_nothing_queued_sends_the_fin_at_once():
         port.stopListening()
 
 
+@pytest_twisted.ensureDeferred
+async def test_a_handshake_reply_leaves_during_the_call():
+    """`mtop.tunnelend.TunnelEnd.reply` (climber's SOCKS5 and HTTP
+    answers): on the fast path the bytes are on the wire when the call
+    returns, with no writability turn; without it, Twisted's queue."""
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.internet.protocol import Factory
+
+    from mtop.tunnelend import TunnelEnd
+
+    class Side(TunnelEnd):
+        def connectionMade(self):
+            ready.callback(self)
+
+        def report_outcome(self, bytes_up, bytes_down):
+            pass
+
+    ready = Deferred()
+    port = reactor.listenTCP(0, Factory.forProtocol(Side), interface="127.0.0.1")
+    peer = socket.create_connection(("127.0.0.1", port.getHost().port))
+    try:
+        side = await ready
+        side.reply(b"\x05\x00")
+        if fastpath.enabled:
+            assert side.transport not in reactor.getWriters()
+            assert not side.transport.dataBuffer and not side.transport._tempDataBuffer
+            assert peer.recv(10, socket.MSG_DONTWAIT) == b"\x05\x00"
+        else:
+            from twisted.internet.task import deferLater
+
+            for _ in range(500):
+                try:
+                    assert peer.recv(10, socket.MSG_DONTWAIT) == b"\x05\x00"
+                    break
+                except BlockingIOError:
+                    await deferLater(reactor, 0.01, lambda: None)
+            else:
+                raise AssertionError("the reply never arrived")
+    finally:
+        peer.close()
+        port.stopListening()
+
+
 def _client_hello_and_group(paths, group):
     """The size of a client's first flight with ``offer_key_share(group)``,
     and the group the handshake settled on (against our server)."""
