@@ -5,8 +5,10 @@ Our loggers publish through `observer`, which drops events below the level
 set from ``log.level`` and passes the rest to the global publisher (where
 twistd's log observer is).  Twisted's own events are not filtered.
 
-``log.format: json`` replaces twistd's log observer (see
-`use_log_format`) by `json_lines_observer`: one JSON object per line, with
+Under twistd both formats replace twistd's log observer (see
+`use_log_format`): ``log.format: text`` by the same text lines, rendered
+faster (`classic_text`); ``json`` by `json_lines_observer`: one JSON
+object per line, with
 ``time``, ``level``, ``namespace``, ``message`` (the text the text format
 shows), ``traceback`` for failures, and the event's own fields (a tunnel's
 ``outcome``, ``client``, ``user``, ``target``, ``bytes_up``,
@@ -37,7 +39,10 @@ from twisted.logger import (
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
+    formatEventAsClassicLogText,
+    formatTime,
     globalLogPublisher,
+    timeFormatRFC3339,
 )
 
 LEVELS = {
@@ -250,24 +255,62 @@ def json_lines_observer(out: IO[str]) -> FileLogObserver:
     return FileLogObserver(out, lambda event: event_as_json(event) + "\n")
 
 
+# Text lines
+
+#: The last second `_stamp` formatted, and its text.
+_last_stamp: list = [None, ""]
+
+
+def _stamp(when: float | None) -> str:
+    """twistd's timestamp (`twisted.logger.timeFormatRFC3339`, whole
+    seconds), formatted once per second."""
+    if when is None:
+        return formatTime(None, timeFormatRFC3339)
+    second = int(when)
+    if _last_stamp[0] != second:
+        _last_stamp[0], _last_stamp[1] = second, formatTime(second, timeFormatRFC3339)
+    return _last_stamp[1]
+
+
+def classic_text(event: dict) -> str | None:
+    """One event as twistd's text observer writes it (``<time> [<system>]
+    <message>``), the same text, made faster: Twisted renders the message
+    with a Python-level ``string.Formatter`` (its ``{name()}`` call syntax),
+    about 20 microseconds a line, 4 with ``str.format_map``.  So a format
+    without a call is rendered by ``format_map`` and handed to Twisted
+    already rendered; anything else (a call, a missing field, a flattened
+    event) is left to Twisted, whose ways with bad events stand."""
+    text_format = event.get("log_format")
+    if type(text_format) is str and "()" not in text_format and "log_flattened" not in event:
+        try:
+            text = text_format.format_map(event)
+        except Exception:
+            pass
+        else:
+            event = dict(event)
+            event["log_format"] = text.replace("{", "{{").replace("}", "}}")
+    return formatEventAsClassicLogText(event, formatTime=_stamp)
+
+
 # twistd
 
 #: Where twistd was told to log (``--logfile``, ``--nodaemon``), for
-#: `twistd_json_observer`.
+#: `twistd_text_observer` and `twistd_json_observer`.
 _twistd_destination: tuple[str | None, bool] = (None, True)
 
 
 def use_log_format(log_format: str, twistd_options: Any) -> None:
     """Make twistd log in ``log.format``; called from the plugins' options.
 
-    ``text`` is twistd's own format.  For ``json`` this sets twistd's
-    ``--logger`` option (``twistd_options``: the plugin options' parent) to
-    `twistd_json_observer`, which writes where ``--logfile`` says (``-`` or,
-    with ``--nodaemon``, nothing: stdout).  An explicit ``--logger`` or
-    ``--syslog`` is left as it is, as is a daemon told to log to stdout
-    (twistd refuses that itself)."""
+    This sets twistd's ``--logger`` option (``twistd_options``: the plugin
+    options' parent) to `twistd_text_observer` (twistd's own text format,
+    rendered faster: `classic_text`) or `twistd_json_observer`, which write
+    where ``--logfile`` says (``-`` or, with ``--nodaemon``, nothing:
+    stdout), and reopen a log file on ``SIGUSR1`` as twistd's own observer
+    does.  An explicit ``--logger`` or ``--syslog`` is left as it is, as is
+    a daemon told to log to stdout (twistd refuses that itself)."""
     global _twistd_destination
-    if log_format != "json" or twistd_options is None:
+    if log_format not in ("text", "json") or twistd_options is None:
         return
     try:
         explicit = twistd_options["logger"] or twistd_options.get("syslog")
@@ -277,14 +320,37 @@ def use_log_format(log_format: str, twistd_options: Any) -> None:
     if explicit or (logfile == "-" and not nodaemon):
         return
     _twistd_destination = (logfile, nodaemon)
-    twistd_options["logger"] = f"{__name__}.twistd_json_observer"
+    twistd_options["logger"] = f"{__name__}.twistd_{log_format}_observer"
+
+
+def _twistd_log_file() -> IO[str]:
+    """Where twistd was told to log: stdout, or a `LogFile` rotated on
+    ``SIGUSR1`` (as twistd's own observer does, unless the signal is
+    taken)."""
+    logfile, nodaemon = _twistd_destination
+    if logfile == "-" or (nodaemon and not logfile):
+        return sys.stdout
+    import signal
+
+    from twisted.python.logfile import LogFile
+
+    out = LogFile.fromFullPath(logfile or "twistd.log")
+    if not signal.getsignal(signal.SIGUSR1):
+
+        def rotate(signum: int, frame: Any) -> None:
+            from twisted.internet import reactor
+
+            reactor.callFromThread(out.rotate)
+
+        signal.signal(signal.SIGUSR1, rotate)
+    return out
+
+
+def twistd_text_observer() -> FileLogObserver:
+    """twistd ``--logger`` factory: text lines where ``--logfile`` says."""
+    return FileLogObserver(_twistd_log_file(), classic_text)
 
 
 def twistd_json_observer() -> FileLogObserver:
     """twistd ``--logger`` factory: JSON lines where ``--logfile`` says."""
-    logfile, nodaemon = _twistd_destination
-    if logfile == "-" or (nodaemon and not logfile):
-        return json_lines_observer(sys.stdout)
-    from twisted.python.logfile import LogFile
-
-    return json_lines_observer(LogFile.fromFullPath(logfile or "twistd.log"))
+    return json_lines_observer(_twistd_log_file())

@@ -180,10 +180,41 @@ def test_json_format_to_a_log_file(tmp_path, monkeypatch):
     assert json.loads(logfile.read_text())["user"] == "alice"
 
 
-def test_text_format_and_explicit_logger_leave_twistd_alone(tmp_path, monkeypatch):
+def test_text_format_writes_twistds_own_lines(tmp_path, monkeypatch):
+    """``log.format: text`` writes what twistd's own observer would, line
+    for line: rendered by ``str.format_map`` where it can be, by Twisted
+    where it cannot (a call in the format, a missing field)."""
+    from twisted.logger import formatEventAsClassicLogText, formatTime, timeFormatRFC3339
+
+    monkeypatch.setattr(logs, "_twistd_destination", logs._twistd_destination)
+    config = write_config(tmp_path, "text")
+    logfile = tmp_path / "mtop.log"
+    options = twistd_options("--nodaemon", "--pidfile=", f"--logfile={logfile}", "mtop", "--config", config)
+    assert options["logger"] is logs.twistd_text_observer
+    observer = options["logger"]()
+    events = [
+        logs.escaped_event(tunnel_event()),
+        logs.escaped_event({**tunnel_event(), "user": "evil\nuser {x}", "log_system": "mtop.server#info"}),
+        {"log_format": "{n:>5} {b!r} {{literal}}", "n": 42, "b": b"x", "log_time": 1.5e9, "log_system": "-"},
+        {"log_format": "{thing.upper()} done", "thing": "call", "log_time": 1.5e9},
+        {"log_format": "{missing} here", "log_time": 1.5e9},
+        {"log_format": "no time"},
+    ]
+    for event in events:
+        observer(event)
+    observer._outFile.close()
+    twisted = "".join(formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339)) for e in events)
+    written = logfile.read_text()
+    assert written == twisted
+    assert "CALL done" in written and "Unable to format event" in written
+    assert 'user="evil\\x0auser {x}"' in written and len(written.splitlines()) == len(events)
+
+
+def test_explicit_logger_leaves_twistd_alone(tmp_path, monkeypatch):
     monkeypatch.setattr(logs, "_twistd_destination", logs._twistd_destination)
     text = write_config(tmp_path, "text")
-    assert twistd_options("--nodaemon", "--pidfile=", "mtop", "--config", text)["logger"] is None
+    options = twistd_options("--nodaemon", "--pidfile=", "--syslog", "mtop", "--config", text)
+    assert options["logger"] is None
     (tmp_path / "j").mkdir()
     json_config = write_config(tmp_path / "j", "json")
     options = twistd_options(
@@ -192,3 +223,22 @@ def test_text_format_and_explicit_logger_leave_twistd_alone(tmp_path, monkeypatc
     from twisted.logger import jsonFileLogObserver
 
     assert options["logger"] is jsonFileLogObserver
+
+
+def test_a_log_file_is_reopened_on_sigusr1_as_twistd_does(tmp_path, monkeypatch):
+    import signal
+
+    monkeypatch.setattr(logs, "_twistd_destination", (str(tmp_path / "mtop.log"), True))
+    previous = signal.signal(signal.SIGUSR1, signal.SIG_DFL)
+    try:
+        observer = logs.twistd_text_observer()
+        handler = signal.getsignal(signal.SIGUSR1)
+        assert callable(handler)
+        observer._outFile.close()
+        # A handler already there (someone else's) is left alone.
+        signal.signal(signal.SIGUSR1, previous if callable(previous) else (lambda *a: None))
+        taken = signal.getsignal(signal.SIGUSR1)
+        logs.twistd_json_observer()._outFile.close()
+        assert signal.getsignal(signal.SIGUSR1) is taken
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
