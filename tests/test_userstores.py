@@ -304,6 +304,32 @@ async def test_usage_is_added_exactly_once_per_flush(backend):
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_flush_prunes_ledger_rows_left_by_servers_long_gone(backend):
+    """Each process start leaves one ledger row behind when it stops; a
+    flush drops any server's rows older than LEDGER_DAYS (and keeps recent
+    ones: their servers may still retry)."""
+    from mtop.userstore.sql import LEDGER_DAYS
+
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "dave", "-p", "dave-Pw-5", "--legacy")
+    old = datetime.datetime.utcnow() - datetime.timedelta(days=LEDGER_DAYS + 2)
+    for server_id in ("gone-1", "gone-2"):
+        sql(settings, "INSERT INTO mtop_usage_flush (server_id, seq, flushed_at) VALUES (?, ?, ?)", (server_id, 7, old))
+    sql(settings, "INSERT INTO mtop_usage_flush (server_id, seq) VALUES (?, ?)", ("recent", 3))
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        await store.ping()  # the health probe: fails if the database does not answer
+        assert await store.add_usage("server-a", 1, {"dave": Usage(5, 6, None)}) is True
+        rows = sql(settings, "SELECT server_id FROM mtop_usage_flush ORDER BY server_id")
+        assert [r[0] for r in rows] == ["recent", "server-a"]
+        assert _counters(settings, "dave")[:2] == (5, 6)
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
 async def test_lookup_many_reads_hundreds_of_users(backend):
     settings, config = backend
     mtopctl(config, "db", "init")

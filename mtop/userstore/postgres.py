@@ -38,7 +38,7 @@ from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
 from mtop.userstore import ALL_USERS, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
-from mtop.userstore.sql import SQLUserStore, UsageFlush, error_line
+from mtop.userstore.sql import LEDGER_DAYS, SQLUserStore, UsageFlush, error_line
 from mtop.timers import cancel
 
 POOL_SIZE = 3
@@ -357,6 +357,8 @@ class PostgresUserStore(SQLUserStore):
             f"last_seen = COALESCE(v.seen, u.last_seen) FROM (VALUES {rows}) AS v(username, up, down, seen) "
             "WHERE u.username = v.username AND EXISTS (SELECT 1 FROM ledger) RETURNING 1), "
             "pruned AS (DELETE FROM mtop_usage_flush WHERE server_id = %s AND seq < %s "
+            "AND EXISTS (SELECT 1 FROM ledger) RETURNING 1), "
+            f"stale AS (DELETE FROM mtop_usage_flush WHERE flushed_at < LOCALTIMESTAMP - INTERVAL '{LEDGER_DAYS} day' "
             "AND EXISTS (SELECT 1 FROM ledger) RETURNING 1) "
             "SELECT (SELECT count(*) FROM ledger)"
         )

@@ -61,14 +61,32 @@ def _int(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
+#: Ledger rows (``mtop_usage_flush``) older than this many days are
+#: dropped by every flush, whichever server wrote them: a row is needed only
+#: until its server has heard its flush's answer (it then drops it itself,
+#: with its next flush), so only a stopped or crashed server's last row is
+#: left behind, one per process start.
+LEDGER_DAYS = 1
+
+#: Dropping ledger rows older than `LEDGER_DAYS`, per database.
+PRUNE_LEDGER = {
+    "sqlite": f"DELETE FROM mtop_usage_flush WHERE flushed_at < datetime('now', '-{LEDGER_DAYS} day')",
+    "postgres": f"DELETE FROM mtop_usage_flush WHERE flushed_at < LOCALTIMESTAMP - INTERVAL '{LEDGER_DAYS} day'",
+    "mysql": f"DELETE FROM mtop_usage_flush WHERE flushed_at < NOW() - INTERVAL {LEDGER_DAYS} DAY",
+}
+
+
 class UsageFlush:
     """One exactly-once flush: skipped whole if ``(server_id, seq)`` is
     already in ``mtop_usage_flush``, else the increments and the ledger row
     are written in one transaction (and this server's older ledger rows
-    dropped).  ``usage`` is in name order, so servers flushing at the same
-    time lock rows in the same order and cannot deadlock."""
+    dropped, and any server's older than `LEDGER_DAYS` with ``prune``).
+    ``usage`` is in name order, so servers flushing at the same time lock
+    rows in the same order and cannot deadlock."""
 
-    def __init__(self, server_id: str, seq: int, usage: dict[str, Usage], sql: Callable[[str], str]):
+    def __init__(
+        self, server_id: str, seq: int, usage: dict[str, Usage], sql: Callable[[str], str], prune: str | None = None
+    ):
         self.server_id = server_id
         self.seq = seq
         self.usage = sorted(usage.items())
@@ -82,6 +100,8 @@ class UsageFlush:
             *((update, (u.up, u.down, u.last_seen, name)) for name, u in self.usage),
             (sql("DELETE FROM mtop_usage_flush WHERE server_id = ? AND seq < ?"), (server_id, seq)),
         ]
+        if prune is not None:
+            self.writes.append((prune, ()))
 
     def run_blocking(self, cursor: Any, begin: str | None = None) -> bool:
         """Run on a DB-API cursor inside a transaction; ``True`` if applied
@@ -248,6 +268,14 @@ class SQLUserStore(Service):
 
         return gatherResults(batches, consumeErrors=True).addCallbacks(merged, lambda f: f.value.subFailure)
 
+    def ping(self) -> Deferred:
+        """One ``SELECT 1``: fires when the database answers, fails when it
+        does not (`mtop.health` asks every few seconds; an outage it finds
+        is reported as a failed lookup's would be)."""
+        if not self.running:
+            raise StoreUnavailable(f"the user store {self.description} is not running")
+        return self._run_query("SELECT 1").addErrback(self._unavailable)
+
     # IUsageSink
 
     @property
@@ -267,7 +295,8 @@ class SQLUserStore(Service):
         (`IUsageSink`)."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
-        d = self._observed(maybeDeferred(self._transaction, UsageFlush(server_id, seq, usage, self._sql)))
+        flush = UsageFlush(server_id, seq, usage, self._sql, PRUNE_LEDGER.get(self.driver))
+        d = self._observed(maybeDeferred(self._transaction, flush))
         return d.addErrback(self._unavailable)
 
     def _select(self, usernames: list[str]) -> Deferred[dict[str, UserRecord]]:
