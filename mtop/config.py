@@ -84,6 +84,9 @@ class ServerConfig:
     workers: int = 1
     #: TCP Fast Open queue length of the TLS listening sockets (0: off).
     tcp_fast_open: int = 0
+    #: On SIGTERM, open tunnels get this long to finish before they are
+    #: closed (0: closed at once).
+    drain_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,14 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """``health:``: where to serve the readiness check (``/health``) on its
+    own listener (``None``: only on the metrics listener, if any)."""
+
+    listen: ListenAddress | None = None
+
+
+@dataclass(frozen=True)
 class ClientsConfig:
     """``clients:``: client address allow and block lists, as written
     (networks, addresses, list file paths; relative paths made absolute).
@@ -174,6 +185,7 @@ class Config:
     limits: LimitsConfig = LimitsConfig()
     auth_throttle: ThrottleSettings = ThrottleSettings()
     metrics: MetricsConfig = MetricsConfig()
+    health: HealthConfig = HealthConfig()
     quic: QuicConfig = QuicConfig()
     #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
     listeners: tuple[ListenerConfig, ...] = ()
@@ -512,6 +524,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         proxy_protocol=section.get("proxy_protocol", d.proxy_protocol, as_bool),
         workers=section.get("workers", d.workers, as_workers),
         tcp_fast_open=section.get("tcp_fast_open", d.tcp_fast_open, as_fast_open_queue),
+        drain_timeout=section.get("drain_timeout", d.drain_timeout, as_non_negative_seconds),
     )
     if config.proxy_protocol and config.type == "quic" and not has_listeners:
         raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")
@@ -667,6 +680,13 @@ def load_metrics(section: Section) -> MetricsConfig:
     return config
 
 
+def _load_health(section: Section) -> HealthConfig:
+    """``health: {listen}``."""
+    config = HealthConfig(listen=section.get("listen", None, lambda k, v: parse_listen(v, k)))
+    section.finish()
+    return config
+
+
 def _load_db(section: Section, base: str) -> DBConfig:
     d = DBConfig()
     name = section.get("driverName", d.driverName, as_string)
@@ -738,10 +758,12 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     limits = _load_limits(Section("limits", top.get("limits", {}, lambda k, v: v), warnings))
     throttle = _load_throttle(Section("auth_throttle", top.get("auth_throttle", {}, lambda k, v: v), warnings))
     metrics = load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings))
+    health = _load_health(Section("health", top.get("health", {}, lambda k, v: v), warnings))
     quic = load_quic(Section("quic", top.get("quic", {}, lambda k, v: v), warnings))
     top.finish()
     return Config(
         quic=quic,
+        health=health,
         server=server,
         log=log,
         db=db,

@@ -225,6 +225,14 @@ class ListeningService(Service):
                 error=e.strerror or str(e),
             )
 
+    def stop_accepting(self) -> Deferred | None:
+        """Close the listening socket (a drain begins); connections already
+        accepted go on."""
+        if self.port is None:
+            return None
+        port, self.port = self.port, None
+        return port.stopListening()
+
     def stopService(self) -> Deferred | None:
         super().stopService()
         self._listening = None

@@ -14,6 +14,9 @@ Metrics (all per process):
 ``mtop_tunnels_open{state}``       open connections by state: handshake,
                                    auth, connecting, relay, fallback, ...
 ``mtop_tunnels_total{outcome}``    finished connections by outcome
+``mtop_checks_total``              load balancers' health checks on a tunnel
+                                   port: a PROXY v2 ``LOCAL`` header, or
+                                   nothing sent (not counted as tunnels)
 ``mtop_traffic_bytes_total``       bytes relayed, ``direction`` up (client to
                                    target) or down, open tunnels included
 ``mtop_user_traffic_bytes_total``  the same per ``user`` (only with
@@ -154,6 +157,10 @@ class _ServerCollector:
             "mtop_evicted", "Connections before their login closed for a newcomer from a less busy address.",
             value=counters.get("evicted", 0),
         )
+        yield CounterMetricFamily(
+            "mtop_checks", "Health checks on a tunnel port (PROXY LOCAL, or nothing sent); not tunnels.",
+            value=counters.get("checks", 0),
+        )
         yield CounterMetricFamily("mtop_fallback", "Clients spliced to the fallback web server.", value=counters.get("fallback", 0))
         yield CounterMetricFamily(
             "mtop_db_errors", "Failed user lookups, rechecks and traffic flushes.", value=counters.get("db.errors", 0)
@@ -185,10 +192,12 @@ def server_registry(factory: Any, quic_protocols: list[Any] = (), per_user: bool
     return registry
 
 
-def metrics_service(reactor: Any, listen: ListenAddress, registry: CollectorRegistry) -> Service:
+def metrics_service(reactor: Any, listen: ListenAddress, registry: CollectorRegistry, health: Any = None) -> Service:
     """A listening service serving ``registry`` at ``http://LISTEN/metrics``
     (a `mtop.listening.ListeningService`: if it cannot listen, it says so
-    and raises `mtop.listening.ListenFailed` from its start)."""
+    and raises `mtop.listening.ListenFailed` from its start), and
+    ``health`` (an `mtop.health.Health`) at ``/health`` and its other
+    paths."""
     from prometheus_client.twisted import MetricsResource
     from twisted.web.resource import Resource
     from twisted.web.server import Site
@@ -197,7 +206,13 @@ def metrics_service(reactor: Any, listen: ListenAddress, registry: CollectorRegi
 
     root = Resource()
     root.putChild(b"metrics", MetricsResource(registry=registry))
+    note = " (path /metrics)"
+    if health is not None:
+        from mtop.health import add_health
+
+        add_health(root, health)
+        note = " (paths /metrics, /health)"
     site = Site(root)
     site.noisy = False
     site.log = lambda request: None  # scrapes are not worth a log line each
-    return ListeningService(listening_endpoint(reactor, listen), site, "Prometheus metrics", listen, " (path /metrics)")
+    return ListeningService(listening_endpoint(reactor, listen), site, "Prometheus metrics", listen, note)

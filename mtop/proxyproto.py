@@ -51,6 +51,8 @@ class ProxyInfo:
 
     source: tuple[str, int] | None
     destination: tuple[str, int] | None
+    #: A v2 ``LOCAL`` command: the proxy's own connection (a health check).
+    local: bool = False
 
 
 def parse_header(data: bytes) -> tuple[ProxyInfo, int] | None:
@@ -59,6 +61,13 @@ def parse_header(data: bytes) -> tuple[ProxyInfo, int] | None:
     if data[:1] == b"\r":
         return _parse_v2(data)
     return _parse_v1(data)
+
+
+def starts_like_header(data: bytes) -> bool:
+    """Whether ``data`` (at least one byte) is, or may become, the start of
+    a PROXY header: for listeners where it is optional (an HTTP request
+    never starts like one)."""
+    return V1_PREFIX.startswith(data[:6]) or V2_SIGNATURE.startswith(data[:12])
 
 
 def _parse_v1(data: bytes) -> tuple[ProxyInfo, int] | None:
@@ -117,7 +126,7 @@ def _parse_v2(data: bytes) -> tuple[ProxyInfo, int] | None:
         return None
     body = data[16:total]
     if version_command & 0x0F == 0:  # LOCAL: the proxy's own health check
-        return ProxyInfo(None, None), total
+        return ProxyInfo(None, None, local=True), total
     address_family, transport = family >> 4, family & 0x0F
     if transport > 2 or address_family > 3:
         raise ProxyHeaderError("unsupported PROXY v2 address family")
@@ -151,6 +160,8 @@ class ProxyHeaderProtocol(Protocol):
     upper: Any = None
     _peer: Any = None
     _host: Any = None
+    #: The header was a v2 ``LOCAL`` (the proxy's health check).
+    proxy_local = False
 
     def __init__(self, factory: "ProxyHeaderFactory"):
         self.factory = factory
@@ -166,13 +177,16 @@ class ProxyHeaderProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
-        try:
-            parsed = parse_header(self._buffer)
-        except ProxyHeaderError:
-            self._buffer = b""
-            self.factory.counters.inc("refused.proxy-header")
-            self.transport.abortConnection()
-            return
+        if self.factory.optional and not starts_like_header(self._buffer):
+            parsed: tuple[ProxyInfo, int] | None = (ProxyInfo(None, None), 0)
+        else:
+            try:
+                parsed = parse_header(self._buffer)
+            except ProxyHeaderError:
+                self._buffer = b""
+                self.factory.counters.inc("refused.proxy-header")
+                self.transport.abortConnection()
+                return
         if parsed is None:
             return
         info, used = parsed
@@ -181,6 +195,7 @@ class ProxyHeaderProtocol(Protocol):
             self._deadline.cancel()
             self._deadline = None
         tcp = self.transport
+        self.proxy_local = info.local
         self._peer = _twisted_address(info.source) if info.source else tcp.getPeer()
         self._host = _twisted_address(info.destination) if info.destination else tcp.getHost()
         upper = self.factory.wrapped_factory.buildProtocol(self._peer)
@@ -250,16 +265,21 @@ class ProxyHeaderProtocol(Protocol):
 
 class ProxyHeaderFactory(Factory):
     """Wraps ``wrapped_factory`` (e.g. the TLS factory) so every connection
-    starts with a PROXY header, read within ``timeout`` seconds."""
+    starts with a PROXY header (unless ``optional``), read within
+    ``timeout`` seconds."""
 
     noisy = False
     protocol = ProxyHeaderProtocol
 
-    def __init__(self, wrapped_factory: Any, clock: Any, timeout: float, counters: Any):
+    def __init__(self, wrapped_factory: Any, clock: Any, timeout: float, counters: Any, optional: bool = False):
+        """``optional``: a connection may also start without a header (then
+        its own addresses stand); the health listener's, which load
+        balancers check with or without one."""
         self.wrapped_factory = wrapped_factory
         self.clock = clock
         self.timeout = timeout
         self.counters = counters
+        self.optional = optional
 
     def buildProtocol(self, addr: Any) -> ProxyHeaderProtocol:
         return ProxyHeaderProtocol(self)

@@ -56,6 +56,9 @@ from mtop.userstore import StoreUnavailable, UserRecord
 
 #: Refusals by limits and bans are logged at most this often.
 REFUSAL_WARNING_INTERVAL = 60.0
+#: Outcomes of a connection its peer ended before an auth message: such a
+#: connection may be a health check (`TunnelProtocol.is_check`).
+CHECK_OUTCOMES = frozenset({"client-closed", "tls-error", "no-request", "truncated"})
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,9 @@ class TunnelSettings:
     auth_failure_delay: float = 0.0
     #: ``(host, port)`` of the web server non-MTop clients are spliced to.
     fallback: tuple[str, int] | None = None
+    #: Seconds open tunnels get to finish when the server stops
+    #: (`mtop.drain`); 0: closed at once.
+    drain_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, server: Any) -> "TunnelSettings":
@@ -80,6 +86,7 @@ class TunnelSettings:
             idle_timeout=server.idle_timeout,
             auth_failure_delay=server.auth_failure_delay,
             fallback=server.fallback,
+            drain_timeout=server.drain_timeout,
         )
 
 
@@ -148,6 +155,8 @@ class TunnelProtocol(TunnelEnd):
     #: The QUIC connection this tunnel is a stream of (told when the
     #: tunnel's auth message arrives, when it logs in, when it ends).
     parent: Any = None
+    #: The TLS handshake is done (`handshakeCompleted`).
+    tls_ready = False
 
     def __init__(self, factory: "TunnelFactory", client_key: str = ""):
         self.factory = factory
@@ -176,6 +185,7 @@ class TunnelProtocol(TunnelEnd):
         """`IHandshakeListener`: the TLS handshake is done.  A client that
         negotiated another application protocol (the fallback's) goes to
         the fallback at once."""
+        self.tls_ready = True
         tls = self.transport.tls
         if self.state == "handshake" and tls is not None and tls.get_app_data() == FALLBACK_ALPN:
             protocol = tls.get_alpn_proto_negotiated() or b""
@@ -447,11 +457,30 @@ class TunnelProtocol(TunnelEnd):
             self.cancel_deadline()
             self.transport.loseConnection()
 
+    def is_check(self) -> bool:
+        """Whether this connection was a load balancer's health check, not
+        a client's tunnel: closed by the peer without an auth message, after
+        a PROXY v2 ``LOCAL`` header or without one byte (a TCP check).  A
+        client that connects and says nothing until the deadline is not
+        one (``handshake-timeout``)."""
+        if self.request is not None or self.parent is not None or self.outcome not in CHECK_OUTCOMES:
+            return False
+        tcp = getattr(self.transport, "tcp", None)
+        return getattr(tcp, "proxy_local", False) is True or getattr(self.transport, "received", True) is False
+
     def report_outcome(self, bytes_up: int, bytes_down: int) -> None:
         factory = self.factory
         factory.tunnels.discard(self)
         counters = factory.counters
-        counters.inc(f"tunnels.{self.outcome}")
+        check = self.is_check()
+        if check:
+            # Counted apart, and logged at debug level only: a check a second
+            # would otherwise be 86,400 tunnel lines a day.
+            counters.inc("checks")
+            self.detail = f"{self.outcome}: {self.detail}" if self.detail else self.outcome
+            self.outcome = "check"
+        else:
+            counters.inc(f"tunnels.{self.outcome}")
         counters.inc("bytes.up", bytes_up)
         counters.inc("bytes.down", bytes_down)
         if factory.user_bytes is not None and self.request is not None and (bytes_up or bytes_down):
@@ -466,7 +495,7 @@ class TunnelProtocol(TunnelEnd):
             self._admitted = False
             self.factory.sessions.release(self, self.request.username)
         request = self.request
-        self._log.info(
+        (self._log.debug if check else self._log.info)(
             "tunnel {outcome}: client={client} user={user} target={target} "
             "up={bytes_up} down={bytes_down} duration={duration:.3f}s{detail_text}",
             outcome=self.outcome,
@@ -573,6 +602,19 @@ class TunnelFactory(Factory):
         self._log.debug("connection from {client} refused: {why}", client=key, why=refusal)
         self._note_refusal(refusal)
         return refusal
+
+    def close_idle(self) -> int:
+        """Close the TLS connections that wait, handshaken, for an auth
+        message of which no byte has come (a client's connection kept
+        ready for its next tunnel): a drain begins.  How many."""
+        idle = [
+            tunnel
+            for tunnel in self.tunnels
+            if tunnel.state == "handshake" and tunnel.tls_ready and not tunnel._buffer and tunnel.parent is None
+        ]
+        for tunnel in idle:
+            tunnel.shutdown()
+        return len(idle)
 
     def close_all(self) -> None:
         """End every connection now (the server stops); each logs its

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import maybeDeferred
 from twisted.python import usage
 
 from mtop import fileperms
@@ -83,10 +84,22 @@ class TapService(MultiService):
     only from an exception (it prints its first line and exits 1), so there
     the `ListenFailed` goes on as it is."""
 
+    _log = logger()
+
     def __init__(self, daemon: bool = False):
         """``daemon``: twistd runs in the background (`daemonizing`)."""
         super().__init__()
         self.daemon = daemon
+        #: Run before any service stops, and waited for (`mtop.drain.Drain`).
+        self.drain: Any = None
+
+    def stopService(self) -> Any:
+        if self.drain is None or not self.running:
+            return super().stopService()
+        d = maybeDeferred(self.drain)
+        d.addErrback(lambda failure: self._log.failure("drain failed", failure))
+        d.addCallback(lambda _: MultiService.stopService(self))
+        return d
 
     def privilegedStartService(self) -> None:
         try:

@@ -203,6 +203,19 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         service.setServiceParent(root)
     consumers += [authenticator, dialer, factory, watcher, *listeners]
     deliver_settings(settings, consumers)
+    health = None
+    if config.metrics.listen is not None or config.health.listen is not None:
+        from mtop.health import Health
+
+        health = Health(
+            reactor,
+            listeners,
+            store,
+            outage_grace=lambda: authenticator.outage_grace,
+            tunnels=factory.tunnels,
+            query_timeout=config.db.query_timeout,
+        )
+        health.setServiceParent(root)
     if config.metrics.listen is not None:
         from mtop.metrics import metrics_service, server_registry
 
@@ -211,6 +224,13 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         listen = config.metrics.listen
         if number is not None and listen.port:
             listen = ListenAddress(listen.host, listen.port + number - 1)
-        metrics_service(reactor, listen, registry).setServiceParent(root)
+        metrics_service(reactor, listen, registry, health).setServiceParent(root)
+    if config.health.listen is not None:
+        from mtop.health import health_service
+
+        health_service(reactor, config.health.listen, health, reuse_port=number is not None).setServiceParent(root)
     ConfigReloader(config, reactor, consumers).setServiceParent(root)
+    from mtop.drain import Drain
+
+    root.drain = Drain(reactor, factory, listeners, lambda: factory.settings.drain_timeout, health)
     return root

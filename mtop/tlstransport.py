@@ -94,6 +94,9 @@ class TLSTransport:
     connected = False
     disconnecting = False
     _handshake_done = False
+    #: Some bytes came from the peer (a connection that ends before any is
+    #: a load balancer's TCP check, not a client's tunnel).
+    received = False
     _read_eof = False
     _write_shut = False
     _shut_pending = False
@@ -157,6 +160,7 @@ class TLSTransport:
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
             return
+        self.received = True
         if self._fast is None:
             self._tls.bio_write(data)
             self._process_input()

@@ -40,8 +40,9 @@ PORTS_ENV = "MTOP_WORKER_PORTS"
 #: they keep dying within a minute, up to `RESTART_MAX`).
 RESTART_FIRST = 0.5
 RESTART_MAX = 30.0
-#: How long workers get to stop before they are killed.
-STOP_TIMEOUT = 15.0
+#: How long workers get to stop, beyond ``server.drain_timeout``, before
+#: they are killed (their last traffic flush is in it).
+STOP_GRACE = 15.0
 
 TWISTD = "import sys; sys.argv[0] = 'twistd'; from twisted.scripts.twistd import run; run()"
 
@@ -248,7 +249,10 @@ class WorkerSupervisor(Service):
         self._holders = []
         workers = list(self.workers.values())
         for worker in workers:
-            worker.transport.closeStdin()  # a worker stops at the end of its stdin
+            worker.transport.closeStdin()  # a worker stops (drains) at the end of its stdin
+        # Each drains for up to drain_timeout; a second SIGTERM (or SIGINT)
+        # to us ends their drains at once.
+        self._take_stop_signals()
 
         def kill() -> None:
             for worker in workers:
@@ -258,10 +262,30 @@ class WorkerSupervisor(Service):
                     except Exception:
                         pass
 
-        timer = self.reactor.callLater(STOP_TIMEOUT, kill)
+        timer = self.reactor.callLater(self.config.server.drain_timeout + STOP_GRACE, kill)
         done = DeferredList([worker.ended for worker in workers])
         done.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        done.addBoth(self._give_back_stop_signals)
         return done
+
+    def _take_stop_signals(self) -> None:
+        self._previous_stop = {}
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous_stop[signum] = signal.signal(
+                    signum, lambda *a: self.reactor.callFromThread(self.signal_all, signal.SIGTERM)
+                )
+            except (ValueError, OSError):  # not the main thread
+                pass
+
+    def _give_back_stop_signals(self, result: Any) -> Any:
+        for signum, previous in getattr(self, "_previous_stop", {}).items():
+            try:
+                signal.signal(signum, previous)
+            except (ValueError, OSError, TypeError):
+                pass
+        self._previous_stop = {}
+        return result
 
 
 def _stop(reactor: Any) -> None:

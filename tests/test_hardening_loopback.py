@@ -265,6 +265,56 @@ async def test_proxy_protocol_gives_the_real_client_address_to_logs_and_throttle
     assert server.factory.counters["refused.banned"] == 1
 
 
+def _connect_and_close(port: int, send: bytes = b"", reset: bool = False) -> None:
+    """A load balancer's TCP check: connect, maybe send, close."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if send:
+        sock.sendall(send)
+    if reset:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    sock.close()
+
+
+@pytest_twisted.ensureDeferred
+@pytest.mark.parametrize("proxy", [False, True])
+async def test_health_checks_are_counted_as_checks_and_not_logged_at_info(make_server, echo_target, events, proxy):
+    """A TCP check (connect, close; by FIN or by reset) and HAProxy's
+    ``check-send-proxy`` (a PROXY v2 LOCAL header, then close or a TLS
+    hello it does not finish) are checks: counted as such, not as
+    tunnels, and logged at debug level only; a client that sends bytes
+    and fails is still a tunnel."""
+    from test_proxyproto import v2
+
+    server = make_server(proxy=proxy)
+    local = v2(command=0, family=0, body=b"") if proxy else b""
+    await deferToThread(_connect_and_close, server.port, local)
+    await deferToThread(_connect_and_close, server.port, local, True)
+    if proxy:
+        await deferToThread(_connect_and_close, server.port, local + b"\x16\x03\x01\x00\x05hello")
+    counters = server.factory.counters
+    for _ in range(100):  # the server may not have seen the last close yet
+        if counters["checks"] >= (3 if proxy else 2):
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    await settled(server)
+    assert counters["checks"] == (3 if proxy else 2)
+    assert not [name for name in counters.snapshot() if name.startswith("tunnels.")]
+    # A real client's failure is a tunnel's.
+    prefix = v2() if proxy else b""
+    await deferToThread(_connect_and_close, server.port, prefix + b"\x16\x03\x01\x00\x05hello")
+    assert await deferToThread(tunnel_echo, server, target_port=echo_target, prefix=prefix) == b"\x01\x00ping"
+    for _ in range(100):
+        if sum(n for name, n in counters.snapshot().items() if name.startswith("tunnels.")) >= 2:
+            break
+        await deferLater(reactor, 0.05, lambda: None)
+    await settled(server)
+    assert counters["checks"] == (3 if proxy else 2)
+    tunnels = {name: n for name, n in counters.snapshot().items() if name.startswith("tunnels.")}
+    assert tunnels["tunnels.tls-error"] == 1 and sum(tunnels.values()) == 2, tunnels
+    mine = [e for e in events if e.get("tunnel_event") and getattr(e.get("log_source"), "factory", None) is server.factory]
+    assert len(mine) == 2 and "check" not in {e["outcome"] for e in mine}
+
+
 @pytest_twisted.ensureDeferred
 async def test_proxy_listener_refuses_connections_without_a_header(make_server):
     server = make_server(proxy=True)

@@ -176,6 +176,10 @@ class _ServerConnection(QuicDriver):
         address holding fewer."""
         self._end("evicted", "server busy")
 
+    def idle_now(self) -> bool:
+        """Whether no tunnel is open or asked for on this connection."""
+        return self._tunnels <= 0 and not self.terminated
+
     def tunnel_request(self, tunnel: Any) -> None:
         """A tunnel on this connection has sent its auth message."""
         self._requests += 1
@@ -369,6 +373,14 @@ class QuicServerProtocol(DatagramProtocol):
         for cid in [cid for cid, c in self.connections.items() if c is connection]:
             del self.connections[cid]
 
+    def stop_accepting(self) -> None:
+        """Take no new connection or stream; close the connections that
+        carry no tunnel now (their clients open the next one elsewhere)."""
+        self.stopping = True
+        for connection in set(self.connections.values()):
+            if connection.idle_now():
+                connection.close(reason="server draining")
+
     def close_all(self) -> None:
         """Close every connection (CONNECTION_CLOSE goes out now) and accept
         no more; the socket can go right after."""
@@ -458,6 +470,12 @@ class QuicListenerService(Service):
             return self.reactor.adoptDatagramPort(sock.fileno(), sock.family, self.protocol, maxPacketSize=65535)
         finally:
             sock.close()
+
+    def stop_accepting(self) -> None:
+        """A drain begins: no new connection and no new stream; connections
+        that carry no tunnel are closed, the others go on (the port stays
+        open for them until the service stops)."""
+        self.protocol.stop_accepting()
 
     def stopService(self) -> Any:
         super().stopService()

@@ -179,10 +179,16 @@ class TwistdProcess:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout=10)
+                self.proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
+                # Still draining its tunnels (server.drain_timeout): a second
+                # SIGTERM closes them.
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait(timeout=10)
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self.proc.stdout is not None:

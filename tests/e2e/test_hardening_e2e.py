@@ -247,7 +247,7 @@ def test_metrics_endpoint_counts_tunnels_bytes_logins_and_refusals(start_server,
     server = start_server(
         'acl:\n  allow: ["127.0.0.0/8"]\n  deny_ports: [9]\nmetrics:\n  listen: "127.0.0.1:0"\n  per_user: true\n'
     )
-    port = int(server.wait_for(r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(path /metrics\)", 10).group(1))
+    port = int(server.wait_for(r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(paths? /metrics", 10).group(1))
     before = scrape(port)
     assert before['mtop_tunnels_open{state="relay"}'] == 0
     assert before["process_resident_memory_bytes"] > 0

@@ -362,6 +362,42 @@ def test_wrong_alpn_is_refused(quic_server, e2e_setup, tmp_path):
         stop(climber)
 
 
+def test_a_drain_lets_an_open_quic_tunnel_finish(e2e_setup, tmp_path, make_target):
+    """SIGTERM with a drain: the QUIC listener takes no new tunnel but keeps
+    its port for the download under way, which arrives whole; then the
+    server exits by itself."""
+    import signal
+
+    server_dir = tmp_path / "server"
+    server_dir.mkdir()
+    server = start_server(e2e_setup, server_dir, drain_timeout=30)
+    climber = start_climber(e2e_setup, tmp_path / "climber", server.port)
+    try:
+        target = make_target(sender_of(SIZE))
+        sock = open_tunnel(climber, target.port)
+        with sock:
+            digest = hashlib.sha256()
+            first = recv_exactly(sock, MiB)
+            digest.update(first)
+            count = len(first)
+            since = server.mark()
+            server.proc.send_signal(signal.SIGTERM)
+            server.wait_for(r"draining: accepting no new tunnels; 1 open", 10, since=since, what="the drain")
+            refused, reply = socks5_request(climber.socks5_port, "127.0.0.1", target.port)
+            refused.close()
+            assert reply[1] != 0x00, reply.hex()  # no new stream on a draining server
+            while chunk := sock.recv(1 << 18):
+                digest.update(chunk)
+                count += len(chunk)
+        assert (count, digest.hexdigest()) == (SIZE, body_digest(SIZE, 5))
+        server.wait_for(r"drained: every tunnel ended within", 30, since=since, what="the end of the drain")
+        assert server.proc.wait(15) in (0, -signal.SIGTERM), server.describe(since)
+        assert_no_traceback(server)
+    finally:
+        stop(climber)
+        stop(server)
+
+
 @pytest.mark.parametrize("how", ["stopped", "killed"])
 def test_connection_loss_mid_transfer_closes_tunnels(e2e_setup, tmp_path, make_target, how):
     """The server goes away mid-download: the client's connection ends
@@ -370,7 +406,8 @@ def test_connection_loss_mid_transfer_closes_tunnels(e2e_setup, tmp_path, make_t
     next tunnel once a server is back."""
     server_dir = tmp_path / "server"
     server_dir.mkdir()
-    server = start_server(e2e_setup, server_dir)
+    # Stopped without a drain: its tunnels are closed at once.
+    server = start_server(e2e_setup, server_dir, drain_timeout=0)
     # A vanished server is noticed by the idle timeout (QUIC has no FIN).
     idle = 4
     climber = start_climber(e2e_setup, tmp_path / "climber", server.port, top={"idle_timeout": idle})

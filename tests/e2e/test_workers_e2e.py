@@ -53,7 +53,7 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
         server.start()
         pids = {int(n): int(p) for n, p in re.findall(r"worker (\d) started \(pid (\d+)\)", server.log())}
         assert set(pids) == {1, 2}
-        metrics = [int(p) for p in wait_for_all(server, r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(path /metrics\)", 2)]
+        metrics = [int(p) for p in wait_for_all(server, r"Prometheus metrics listening on 127\.0\.0\.1:(\d+) \(paths? /metrics", 2)]
         target = make_target(echo)
         clients = []
         try:
