@@ -71,8 +71,6 @@ def server(tmp_path):
 # Real databases: each test session gets its own throwaway database on the
 # local PostgreSQL and MariaDB servers, dropped at the end.
 
-from helpers import PG_ADMIN_DSN  # noqa: E402
-PG_START = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 MYSQL_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=5)
 MYSQL_START = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
 
@@ -87,20 +85,9 @@ def _session_db_name():
 @pytest.fixture(scope="session")
 def postgres_dsn():
     """A libpq DSN of a fresh PostgreSQL database for this test session."""
-    import psycopg2
+    from helpers import fresh_postgres_database
 
-    try:
-        admin = psycopg2.connect(PG_ADMIN_DSN)
-    except psycopg2.OperationalError as e:
-        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({e}); start it with: {PG_START}")
-    admin.autocommit = True
-    name = _session_db_name()
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    yield f"postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable"
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    admin.close()
+    yield from fresh_postgres_database(_session_db_name())
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@ pytest puts this directory on sys.path)."""
 
 import socket
 
+import pytest
+
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
@@ -35,6 +37,7 @@ class EchoAfterEOF(Protocol):
 #: The local PostgreSQL's admin database (the test databases are made and
 #: dropped from it).
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
+PG_START_COMMAND = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
 
 
 def run_sql(settings, text, params=()):
@@ -77,3 +80,23 @@ async def echo_through(tunnel, payload: bytes) -> bytes:
     await done
     tunnel.transport.loseConnection()  # both ways shut: the relay's job otherwise
     return b"".join(answer)
+
+
+def fresh_postgres_database(name: str):
+    """A generator (for a fixture): creates PostgreSQL database ``name``,
+    yields its libpq DSN, drops it."""
+    import psycopg2
+
+    try:
+        admin = psycopg2.connect(PG_ADMIN_DSN)
+    except psycopg2.OperationalError as e:
+        pytest.fail(f"PostgreSQL is not reachable on 127.0.0.1:5432 ({e}); start it with: {PG_START_COMMAND}")
+    admin.autocommit = True
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"postgres://postgres@127.0.0.1:5432/{name}?sslmode=disable"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()

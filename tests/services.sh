@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Makes sure the database servers the tests use are up: PostgreSQL on
 # 127.0.0.1:5432 (user postgres, no password) and MariaDB on 127.0.0.1:3306
-# (root, empty password).  Called by 'make test'.
+# (root, empty password); and that HAProxy is installed (the tests run
+# their own).  Called by 'make test'.
 #
 # - Running already: nothing to do.
 # - Installed but stopped: started, with the commands the README gives.
@@ -72,6 +73,17 @@ mariadb() {
     fi
 }
 
+haproxy_program() {
+    # The cluster tests start HAProxy themselves, from configs of their own
+    # on loopback ports; only the program is needed (Debian's package also
+    # installs a system service, which is not started where there is no
+    # systemd, and is not used).
+    command -v haproxy >/dev/null 2>&1 && return 0
+    can_install || { echo "services: HAProxy is not installed (apt-get install haproxy)" >&2; return 1; }
+    apt_install haproxy
+}
+
 postgres
 mariadb
+haproxy_program
 exit 0

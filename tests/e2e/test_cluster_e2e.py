@@ -1,0 +1,357 @@
+"""A cluster for real: three ``twistd mtop`` on 127.0.0.11-13 sharing one
+PostgreSQL database, behind the real HAProxy (``send-proxy-v2``, the
+health endpoint as its check, ``option redispatch``), under a load of
+checksummed tunnels from 127.0.0.2.
+
+One server is drained (SIGTERM) under load: no tunnel fails, HAProxy takes
+it out, and the database has every byte the clients moved.  It comes back
+and gets traffic again.  Another is killed (``kill -9``): only the tunnels
+it carried and those begun in the moment after fail.  The PROXY header
+carries the client's address to every server's log.
+
+HAProxy is Debian's ``haproxy`` (tests/services.sh installs it)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import TEST_POLICY, ServerProcess, _processes, run_ctl
+from mtop import wire
+from peers import echo
+
+HOSTS = ("127.0.0.11", "127.0.0.12", "127.0.0.13")
+CLIENT_SOURCE = "127.0.0.2"
+USERS = [(f"user{i}", f"Cluster-pw-{i}-5d1f") for i in range(1, 7)]
+DRAIN_TIMEOUT = 8.0
+CHUNK = 32 * 1024
+CHUNKS = 8
+
+
+def haproxy_binary() -> str:
+    found = shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.path.exists("/usr/sbin/haproxy") else None)
+    if found is None:
+        pytest.fail("HAProxy is not installed: apt-get install haproxy (make test's tests/services.sh installs it)")
+    return found
+
+
+def port_free_on_all(hosts) -> int:
+    for _ in range(50):
+        with socket.socket() as first:
+            first.bind((hosts[0], 0))
+            port = first.getsockname()[1]
+            try:
+                for host in hosts[1:]:
+                    with socket.socket() as other:
+                        other.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no port free on every host")
+
+
+@pytest.fixture
+def cluster_dsn():
+    """A PostgreSQL database of this test's own."""
+    from helpers import fresh_postgres_database
+
+    yield from fresh_postgres_database(f"mtop_cluster_{os.getpid()}_{secrets.token_hex(3)}")
+
+
+class HAProxy:
+    """``haproxy -db`` (foreground) on a config of its own, with a stats
+    socket to ask which servers it takes as up."""
+
+    def __init__(self, directory: Path, port: int, backend_port: int, health_port: int):
+        self.port = port
+        self.socket_path = directory / "haproxy.sock"
+        servers = "\n".join(f"    server mtop{i + 1} {host}:{backend_port}" for i, host in enumerate(HOSTS))
+        self.config = directory / "haproxy.cfg"
+        self.config.write_text(
+            "global\n"
+            f"    stats socket {self.socket_path} mode 600 level admin\n"
+            "    maxconn 2000\n"
+            "defaults\n"
+            "    mode tcp\n"
+            "    option redispatch\n"
+            "    retries 3\n"
+            "    timeout connect 1s\n"
+            "    timeout client 60s\n"
+            "    timeout server 60s\n"
+            "    timeout tunnel 60s\n"
+            "frontend mtop\n"
+            f"    bind 127.0.0.1:{port}\n"
+            "    default_backend mtop_servers\n"
+            "backend mtop_servers\n"
+            "    balance roundrobin\n"
+            "    option httpchk GET /health\n"
+            "    http-check expect status 200\n"
+            f"    default-server send-proxy-v2 check-send-proxy check port {health_port} inter 200ms fall 2 rise 2\n"
+            f"{servers}\n"
+        )
+        check = subprocess.run([haproxy_binary(), "-c", "-f", str(self.config)], capture_output=True, text=True)
+        assert check.returncode == 0, check.stdout + check.stderr
+        self.proc = subprocess.Popen(
+            [haproxy_binary(), "-db", "-f", str(self.config)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    def states(self) -> dict[str, str]:
+        """Server name -> UP / DOWN / MAINT ... as HAProxy sees them."""
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.socket_path))
+            sock.sendall(b"show stat\n")
+            data = b""
+            while chunk := sock.recv(65536):
+                data += chunk
+        states = {}
+        for line in data.decode().splitlines():
+            fields = line.split(",")
+            if len(fields) > 17 and fields[0] == "mtop_servers" and fields[1].startswith("mtop"):
+                states[fields[1]] = fields[17]
+        return states
+
+    def wait_states(self, wanted: dict[str, str], timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        states = {}
+        while time.monotonic() < deadline:
+            try:
+                states = self.states()
+            except OSError:
+                states = {}
+            if all(states.get(name, "").startswith(state) for name, state in wanted.items()):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"HAProxy's servers: {states}, wanted {wanted}")
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        try:
+            out, _ = self.proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate(timeout=10)
+        return out.decode(errors="replace")
+
+
+@dataclass
+class Result:
+    user: str
+    started: float
+    ended: float
+    ok: bool
+    moved: int
+    error: str = ""
+
+
+class Load:
+    """Worker threads opening tunnels through HAProxy one after another:
+    each moves ``CHUNKS`` random chunks to the echo target and checks the
+    echo's digest (about 1 s a tunnel)."""
+
+    def __init__(self, port: int, ca: Path, target_port: int, workers: int = 6):
+        self.port = port
+        self.target_port = target_port
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.context.minimum_version = ssl.TLSVersion.TLSv1_3
+        self.context.set_alpn_protocols(["mtop"])
+        self.results: list[Result] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(USERS[i % len(USERS)],), daemon=True) for i in range(workers)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(30)
+
+    def _run(self, user) -> None:
+        deadline = time.monotonic() + 120  # bounded whatever happens
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            result = self.tunnel(user)
+            with self._lock:
+                self.results.append(result)
+            if not result.ok:
+                time.sleep(0.05)
+
+    def tunnel(self, user) -> Result:
+        name, password = user
+        started = time.monotonic()
+        moved = 0
+        try:
+            raw = socket.create_connection(("127.0.0.1", self.port), timeout=10, source_address=(CLIENT_SOURCE, 0))
+            with self.context.wrap_socket(raw, server_hostname="localhost") as tls:
+                auth = wire.encode_auth(wire.AuthRequest(name, password, "127.0.0.1", self.target_port))
+                tls.sendall(auth)
+                reply = _read_exactly(tls, 2)
+                if reply != wire.REPLY_SUCCESS:
+                    return Result(name, started, time.monotonic(), False, 0, f"reply {reply!r}")
+                sent, echoed = hashlib.sha256(), hashlib.sha256()
+                for _ in range(CHUNKS):
+                    chunk = os.urandom(CHUNK)
+                    sent.update(chunk)
+                    tls.sendall(chunk)
+                    echoed.update(_read_exactly(tls, CHUNK))
+                    moved += CHUNK
+                    time.sleep(0.1)
+                ok = sent.digest() == echoed.digest()
+                return Result(name, started, time.monotonic(), ok, moved, "" if ok else "digest differs")
+        except (OSError, ssl.SSLError, EOFError) as e:
+            return Result(name, started, time.monotonic(), False, moved, f"{type(e).__name__}: {e}")
+
+    def since(self, moment: float) -> list[Result]:
+        with self._lock:
+            return [r for r in self.results if r.started >= moment]
+
+
+def _read_exactly(sock, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise EOFError(f"closed after {len(data)} of {size} bytes")
+        data += chunk
+    return data
+
+
+def totals(dsn: str) -> dict[str, tuple[int, int]]:
+    import psycopg2
+
+    with psycopg2.connect(dsn.replace("postgres://", "postgresql://")) as conn, conn.cursor() as cursor:
+        cursor.execute("SELECT username, bytes_up, bytes_down FROM mtop_user")
+        return {name: (up, down) for name, up, down in cursor.fetchall()}
+
+
+def test_haproxy_cluster_drain_restart_and_kill_under_load(e2e_setup, tmp_path, cluster_dsn, make_target):
+    backend_port, health_port = port_free_on_all(HOSTS), port_free_on_all(HOSTS)
+    configs = []
+    for i, host in enumerate(HOSTS):
+        directory = tmp_path / f"mtop{i + 1}"
+        directory.mkdir()
+        config = directory / "mtop.yaml"
+        config.write_text(
+            "server:\n"
+            f'  listen: "{host}:{backend_port}"\n'
+            f"  crt: {e2e_setup.dir / 'certs' / 'server.crt'}\n"
+            f"  key: {e2e_setup.dir / 'certs' / 'server.key'}\n"
+            "  proxy_protocol: true\n"
+            f"  drain_timeout: {DRAIN_TIMEOUT:g}\n"
+            f'health:\n  listen: "{host}:{health_port}"\n'
+            f"db:\n  driverName: psql\n  dsn: '{cluster_dsn}'\n  flush_interval: 1\n  recheck_interval: 1\n"
+            + TEST_POLICY
+        )
+        configs.append(config)
+    run_ctl(configs[0], "db", "init")
+    for name, password in USERS:
+        run_ctl(configs[0], "user", "add", "-u", name, "--password-stdin", stdin=password + "\n")
+
+    servers: list[ServerProcess] = []
+
+    def start(i: int) -> ServerProcess:
+        server = ServerProcess(f"mtop{i + 1}", configs[i], configs[i].parent)
+        server._wait_ready = lambda: server.wait_for(rf"MTop TLS listening on {re.escape(HOSTS[i])}:", 20)
+        _processes.append(server)
+        servers.append(server)
+        server.start()
+        server.wait_for(r"Health check listening", 20)
+        return server
+
+    target = make_target(echo)
+    haproxy = None
+    load = None
+    try:
+        live = [start(i) for i in range(3)]
+        haproxy = HAProxy(tmp_path, port_free_on_all(("127.0.0.1",)), backend_port, health_port)
+        haproxy.wait_states({"mtop1": "UP", "mtop2": "UP", "mtop3": "UP"})
+        load = Load(haproxy.port, e2e_setup.ca, target.port)
+        load.start()
+        time.sleep(3)
+        warm = load.since(0)
+        assert warm and all(r.ok for r in warm), [r.error for r in warm if not r.ok]
+
+        # 1. A rolling restart of mtop2 under load: nothing fails.
+        drained = live[1]
+        mark = drained.mark()
+        drain_started = time.monotonic()
+        drained.proc.send_signal(signal.SIGTERM)
+        draining = drained.wait_for(r"draining: accepting no new tunnels; (\d+) open", 10, since=mark)
+        assert int(draining.group(1)) >= 1, drained.describe(mark)  # it had tunnels to let finish
+        haproxy.wait_states({"mtop2": "DOWN"}, timeout=5)
+        drained.wait_for(r"drained: every tunnel ended within", DRAIN_TIMEOUT + 5, since=mark)
+        assert drained.proc.wait(15) in (0, -signal.SIGTERM), drained.describe(mark)
+        time.sleep(1)
+        during = [r for r in load.since(0) if r.ended >= drain_started]
+        assert during and all(r.ok for r in during), [r.error for r in during if not r.ok]
+        assert "tunnel shutdown" not in drained.log(mark), drained.describe(mark)
+
+        # No accounting lost: stop the load, let the others flush, compare.
+        load.stop()
+        time.sleep(2.5)
+        moved: dict[str, int] = {}
+        for r in load.results:
+            moved[r.user] = moved.get(r.user, 0) + r.moved
+        counted = totals(cluster_dsn)
+        assert {name: counted[name] for name in moved} == {name: (n, n) for name, n in moved.items()}
+
+        # 2. mtop2 back: HAProxy gives it traffic again.
+        restarted = start(1)
+        mark = restarted.mark()
+        haproxy.wait_states({"mtop2": "UP"})
+        load = Load(haproxy.port, e2e_setup.ca, target.port)
+        load.start()
+        restarted.wait_for(r"tunnel \S+: client=127\.0\.0\.2:\d+ user=user\d", 15, since=mark)
+
+        # 3. kill -9 of mtop3 under load: after a moment, every new tunnel works.
+        time.sleep(1)
+        killed_at = time.monotonic()
+        live[2].proc.send_signal(signal.SIGKILL)
+        live[2].proc.wait(10)
+        time.sleep(4)
+        load.stop()
+        later = [r for r in load.results if r.started >= killed_at + 1.0]
+        assert later and all(r.ok for r in later), [r.error for r in later if not r.ok]
+        failed = [r for r in load.results if not r.ok]
+        assert all(r.started < killed_at + 1.0 for r in failed)
+        print(f"cluster: {len(load.results)} tunnels in the kill phase, {len(failed)} failed (begun before the kill + 1 s)")
+
+        # The client's own address reached every server through the PROXY header.
+        for server in (live[0], drained, restarted):
+            assert re.search(r"tunnel \S+: client=127\.0\.0\.2:\d+ user=user\d", server.log()), server.describe()
+        for server in servers:
+            assert "Traceback" not in server.log(), server.describe()
+    finally:
+        if load is not None:
+            load.stop()
+        if haproxy is not None:
+            haproxy.stop()
+        for server in servers:
+            server.stop()
+            if server in _processes:
+                _processes.remove(server)
+
+
+def test_the_shipped_haproxy_config_is_valid():
+    """etc/haproxy/mtop.cfg, as shipped, passes HAProxy's own check."""
+    shipped = Path(__file__).resolve().parents[2] / "etc" / "haproxy" / "mtop.cfg"
+    check = subprocess.run([haproxy_binary(), "-c", "-f", str(shipped)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    text = shipped.read_text()
+    for needed in ("send-proxy-v2", "check-send-proxy", "option redispatch", "option httpchk GET /health", "timeout client 330s"):
+        assert needed in text
