@@ -15,6 +15,8 @@ time from what climber keeps anyway.
 ``climber_server_handshake_seconds``   its moving-average TLS handshake time
 ``climber_failovers_total``            tunnels tried on another server after
                                        one failed
+``climber_retries_total``              tunnels tried once more on a pool's only
+                                       server after it closed without a reply
 ``climber_prewarm_ready{server}``      prewarmed connections ready now
                                        (``type: tls`` servers with
                                        ``prewarm``)
@@ -81,6 +83,9 @@ class _ClimberCollector:
                 handshake.add_metric([state.name], state.handshake_time)
         yield from (up, opened, unreachable, handshake)
         yield CounterMetricFamily("climber_failovers", "Tunnels tried on another server after one failed.", value=pool.failovers)
+        yield CounterMetricFamily(
+            "climber_retries", "Tunnels tried once more on the only server after it closed without a reply.", value=pool.retries
+        )
         yield from self._prewarm()
 
     def _prewarm(self) -> Iterable[Any]:

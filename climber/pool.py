@@ -65,6 +65,8 @@ class ServerPool:
         self._next = 0
         #: Tunnels that were tried on another server after one failed.
         self.failovers = 0
+        #: Tunnels tried once more on a pool's only server (`TunnelOpener`).
+        self.retries = 0
 
     def candidates(self) -> list[ServerState]:
         """The servers to try for one new tunnel, best first."""

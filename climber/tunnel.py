@@ -483,7 +483,8 @@ class TunnelOpener:
         """The tunnel through the first candidate that opens one; otherwise
         the first final `TunnelError`, or one that sums up every try."""
         errors: list[TunnelError] = []
-        for tried, server in enumerate(self.pool.candidates()):
+        candidates = self.pool.candidates()
+        for tried, server in enumerate(candidates):
             if tried:
                 self.pool.failovers += 1
             try:
@@ -496,6 +497,19 @@ class TunnelOpener:
                     server=server.name,
                     error=error.message,
                 )
+                if error.kind in _FINAL_KINDS:
+                    raise
+        if len(candidates) == 1 and errors and errors[-1].kind == "refused":
+            # One entry, which closed without a reply after the handshake: a
+            # load balancer (or a DNS name) whose server went away during
+            # this login.  Once more, on a new connection, which the balancer
+            # sends to a live server.  (Against the original, which answers a
+            # wrong login by closing, that costs a second failed login.)
+            self.pool.retries += 1
+            try:
+                return await self._attempt(candidates[0], request, timeout, may_prewarm=False)
+            except TunnelError as error:
+                errors.append(error)
                 if error.kind in _FINAL_KINDS:
                     raise
         raise _summarise(errors, request.host, request.port)

@@ -120,6 +120,34 @@ async def test_close_without_reply_is_retried_on_the_next_server(server, echo_ta
 
 
 @pytest_twisted.ensureDeferred
+async def test_a_single_entry_is_tried_once_more_when_it_closes_without_a_reply(server, echo_target):
+    """climber's only server is a load balancer whose server behind went
+    away during this login (it closed after the handshake, no reply): the
+    tunnel is tried once more, on a new connection, and opens."""
+    factory, port, paths = server
+    built = []
+    plain = factory.buildProtocol
+
+    def build(addr):
+        protocol = plain(addr)
+        built.append(protocol)
+        if len(built) == 1:  # the first login's server dies
+            protocol.handshake_data = lambda data: protocol.transport.abortConnection()
+        return protocol
+
+    factory.buildProtocol = build
+    climber = make_climber([entry(port, paths, prewarm=0)])
+    tunnel = await climber.opener.open("127.0.0.1", echo_target, 5)
+    assert len(built) == 2 and climber.opener.pool.retries == 1
+    tunnel.transport.loseConnection()
+    # Only once: a server that keeps closing fails the tunnel.
+    factory.buildProtocol = lambda addr: (p := plain(addr), setattr(p, "handshake_data", lambda data: p.transport.abortConnection()), p)[2]
+    with pytest.raises(TunnelError) as failed:
+        await climber.opener.open("127.0.0.1", echo_target, 5)
+    assert failed.value.kind == "refused" and climber.opener.pool.retries == 2
+
+
+@pytest_twisted.ensureDeferred
 async def test_explicit_auth_failure_reply_is_final(server, echo_target):
     factory, port, paths = server
     factory.settings = TunnelSettings(reply_errors=True, handshake_timeout=5)
