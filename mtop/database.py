@@ -26,6 +26,11 @@ transaction that also records ``(server_id, seq)`` in ``mtop_usage_flush``:
 a flush retried after a lost reply finds its row and is not counted twice.
 Each server keeps only its latest row there.
 
+A user's quota holds across servers through ``mtop_quota_lease``: a server
+spends only bytes it has leased from the database, in slices, by a grant
+that never gives out more than the quota minus the counters minus every
+other live lease (see `mtop.userstore.sql.QuotaLease`).
+
 ``db upgrade`` only adds what is missing, so it is idempotent and safe on a
 live database (adding a nullable or constant-default column does not
 rewrite the table on PostgreSQL 11+, MariaDB 10.3+ or SQLite).
@@ -82,6 +87,32 @@ CREATE TABLE IF NOT EXISTS mtop_usage_flush (
     PRIMARY KEY (server_id, seq)
 )
 """
+
+#: Quota leases (see `mtop.userstore.sql.QuotaLease`): the bytes of a
+#: user's quota each server may still spend, until ``expires_at`` (Unix
+#: seconds, by the database's clock) unless renewed.
+LEASE_TABLE = """
+CREATE TABLE IF NOT EXISTS mtop_quota_lease (
+    server_id VARCHAR(64) NOT NULL,
+    username VARCHAR(128) NOT NULL,
+    bytes BIGINT NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (server_id, username)
+)
+"""
+
+#: Whether ``mtop_quota_lease`` exists: one row if it does.
+LEASE_TABLE_SQL = {
+    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'mtop_quota_lease'",
+    "postgres": (
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_name = 'mtop_quota_lease' AND table_schema = current_schema()"
+    ),
+    "mysql": (
+        "SELECT table_name FROM information_schema.tables "
+        "WHERE table_name = 'mtop_quota_lease' AND table_schema = DATABASE()"
+    ),
+}
 
 #: PostgreSQL: tell listening servers when a user's row changes (not when
 #: only the traffic counters or last_seen move).
@@ -189,6 +220,7 @@ class SyncDatabase:
         try:
             self.execute(BASE_TABLE)
             self.execute(FLUSH_TABLE)
+            self.execute(LEASE_TABLE)
             self.commit()
             have = self.columns()
             added = []

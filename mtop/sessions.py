@@ -33,9 +33,12 @@ it is an ``IService``.  What it does:
   store whose table has none, or that is no usage sink, drops it.  The
   last flush runs when the service stops (before the store closes).
 
-Limits are per server process: several servers sharing one database share
-quotas and counters (through the table) but each enforces
-``max_connections`` and ``rate_limit`` on its own.
+Quotas hold across servers sharing one database when the store leases
+them (`mtop.userstore.IQuotaLeases`, the ``mtop_quota_lease`` table): a
+server spends only what it has leased, a slice at a time (`_QuotaLease`),
+and a grant never exceeds the quota minus the counters minus the other
+servers' live leases.  Without the table each server counts on its own, as
+it also does for ``max_connections`` and ``rate_limit``.
 """
 
 from __future__ import annotations
@@ -54,8 +57,8 @@ from mtop.auth import Authenticator, utc_now
 from mtop.logs import logger
 from mtop.stats import Counters
 from mtop.ratelimit import UserRate
-from mtop.relay import Relay
-from mtop.userstore import IUsageSink, IUserChangeFeed, IUserStore, Usage, UsageCounting, UserRecord
+from mtop.relay import Relay, Valve
+from mtop.userstore import IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, Usage, UsageCounting, UserRecord
 
 
 class Tunnel(Protocol):
@@ -67,26 +70,141 @@ class Tunnel(Protocol):
         """Close the tunnel now, logging ``outcome``."""
 
 
+#: A server leases a user's quota a 64th at a time, within these bounds.
+LEASE_SLICE_MIN = 256 << 10
+LEASE_SLICE_MAX = 64 << 20
+#: A lease not renewed (every recheck) lapses after this long at the least,
+#: so what a crashed server had leased comes free again.
+LEASE_TTL_MIN = 30.0
+
+
+class _QuotaLease:
+    """This server's share of one user's quota, leased from the store
+    (`mtop.userstore.IQuotaLeases`) a slice at a time: the bytes the user's
+    tunnels here may still move.  A new slice is asked for when less than
+    half of one is left; when none is left, the valve that overspent is
+    paused until a grant comes; a grant of nothing means the quota is used
+    up on all servers together, and the tunnels close (``over-quota``).
+
+    If the store cannot lease (an outage), the server goes on by its own
+    count, as without leases, a slice at a time."""
+
+    def __init__(self, sessions: "UserSessions", user: "_User"):
+        self.sessions = sessions
+        self.user = user
+        self.allowance = 0
+        self.asking = False
+        self.closed = False
+        self.paused: set[Valve] = set()
+
+    def slice(self) -> int:
+        quota = self.user.record.quota_bytes or 0
+        return min(max(quota // 64, LEASE_SLICE_MIN), LEASE_SLICE_MAX)
+
+    def spend(self, valve: Valve, size: int) -> None:
+        self.allowance -= size
+        if self.allowance < self.slice() // 2:
+            self.ask()
+        if self.allowance <= 0 and not self.closed and valve not in self.paused:
+            valve.pause("quota")
+            self.paused.add(valve)
+
+    def hold(self, valve: Valve) -> None:
+        """Pause ``valve`` until the next grant."""
+        if valve not in self.paused and not self.closed:
+            valve.pause("quota")
+            self.paused.add(valve)
+        self.ask()
+
+    def forget(self, valve: Valve) -> None:
+        self.paused.discard(valve)
+
+    def ask(self) -> None:
+        if self.asking or self.closed:
+            return
+        self.asking = True
+        sessions = self.sessions
+        d = maybeDeferred(sessions.store.lease_quota, sessions.server_id, self.user.name, self.slice(), sessions.lease_ttl)
+        d.addTimeout(sessions.authenticator.query_timeout, sessions.clock)
+        d.addCallbacks(self._granted, self._failed)
+
+    def _granted(self, granted: int | None) -> None:
+        self.asking = False
+        if self.closed:
+            # Asked before the last tunnel here ended: given back.
+            if granted:
+                self.sessions._pending(self.user.name).release += granted
+            return
+        if granted is None:
+            granted = self.slice()  # no quota (any more): the recheck will see
+        self.allowance += granted
+        if self.allowance > 0:
+            self._resume()
+            if self.allowance < self.slice() // 2:
+                self.ask()
+        elif granted == 0:
+            self.sessions._revoke(
+                self.user, "over-quota", f"the user's traffic reached the quota of {self.user.record.quota_bytes} bytes"
+            )
+
+    def _failed(self, failure: Failure) -> None:
+        self.asking = False
+        if self.closed:
+            return
+        self.sessions.counters.inc("db.errors")
+        sessions, user = self.sessions, self.user
+        record = user.record
+        left = (record.quota_bytes or 0) - record.bytes_up - record.bytes_down - sessions._unflushed(user)
+        sessions._log.debug(
+            "users: cannot lease quota of {user} ({error}); counting on this server alone", user=user.name,
+            error=failure.getErrorMessage(),
+        )
+        # On credit, as without leases: what this server's own count leaves.
+        self._granted(max(0, min(self.slice(), left - max(self.allowance, 0))))
+
+    def _resume(self) -> None:
+        paused, self.paused = self.paused, set()
+        for valve in paused:
+            valve.resume("quota")
+
+    def close(self) -> None:
+        """The user's last tunnel here ended (or the quota went): what is
+        left of the lease goes back with the next flush."""
+        if self.closed:
+            return
+        self.closed = True
+        self._resume()
+        if self.allowance > 0:
+            self.sessions._pending(self.user.name).release += self.allowance
+        self.allowance = 0
+
+
 class _UserMeter:
     """The `mtop.relay.Meter` of one user's relays: the rate limit (if any)
-    and the bytes left of the quota (if any); ``exhausted`` is called once
-    when those run out."""
+    and the quota (if any): a lease (`_QuotaLease`), or the bytes left of
+    it by this server's count; ``exhausted`` is called once when those run
+    out."""
 
-    def __init__(self, rate: UserRate | None, left: int | None, exhausted: Any):
+    def __init__(self, rate: UserRate | None, left: int | None, exhausted: Any, lease: _QuotaLease | None = None):
         self.rate = rate
         self.left = left
         self.exhausted = exhausted
+        self.lease = lease
 
     def spent_up(self, relay: Relay, size: int) -> None:
         if self.rate is not None:
             self.rate.spent_up(relay, size)
-        if self.left is not None:
+        if self.lease is not None:
+            self.lease.spend(relay.client_valve, size)
+        elif self.left is not None:
             self._spend(size)
 
     def spent_down(self, relay: Relay, size: int) -> None:
         if self.rate is not None:
             self.rate.spent_down(relay, size)
-        if self.left is not None:
+        if self.lease is not None:
+            self.lease.spend(relay.target_valve, size)
+        elif self.left is not None:
             self._spend(size)
 
     def _spend(self, size: int) -> None:
@@ -104,15 +222,17 @@ class _User:
     tunnels: dict[Any, list[int]] = field(default_factory=dict)
     rate: UserRate | None = None
     meter: _UserMeter | None = None
+    lease: _QuotaLease | None = None
 
 
 @dataclass
 class _Pending:
-    """Traffic counted but not yet in a flush."""
+    """Traffic counted but not yet in a flush (and lease bytes given back)."""
 
     up: int = 0
     down: int = 0
     last_seen: str | None = None
+    release: int = 0
 
 
 def _revocation(record: UserRecord | None, unflushed: int, now: Any) -> tuple[str, str] | None:
@@ -150,6 +270,10 @@ class UserSessions(MultiService):
         self.store = store
         #: Where traffic is written, if the store is a usage sink.
         self.usage_sink: IUsageSink | None = store if IUsageSink.providedBy(store) else None
+        #: Where quotas are leased, if the store can (`IQuotaLeases`).
+        self.quota_leases: IQuotaLeases | None = store if IQuotaLeases.providedBy(store) else None
+        #: How long a lease lives unless renewed (every recheck).
+        self.lease_ttl = max(LEASE_TTL_MIN, 6 * recheck_interval)
         self.authenticator = authenticator
         #: Where database errors are counted (the tap shares the server's).
         self.counters = counters if counters is not None else Counters()
@@ -228,7 +352,18 @@ class UserSessions(MultiService):
             return refusal[1]
         user.tunnels[tunnel] = [0, 0]
         self._pending(username).last_seen = f"{utc_now(self.clock):%Y-%m-%d %H:%M:%S}"
+        if self._leasing(user) and user.lease is None:
+            # Asked now, so the first slice is likely there before the
+            # target answers.
+            user.lease = _QuotaLease(self, user)
+            user.lease.ask()
         return None
+
+    def _leasing(self, user: _User) -> bool:
+        """Whether ``user``'s quota is leased from the store (it has one,
+        and the store has the lease table)."""
+        leases = self.quota_leases
+        return user.record.quota_bytes is not None and leases is not None and leases.leases_available is True
 
     def relay_started(self, tunnel: Any, username: str) -> None:
         """``tunnel``'s relay is running: apply the user's rate limit and
@@ -239,6 +374,12 @@ class UserSessions(MultiService):
         if user.meter is None:
             self._apply_policy(user)
         tunnel.relay.meter = user.meter
+        if user.lease is not None and user.lease.allowance <= 0:
+            # Nothing leased yet (or nothing left): not one byte before a
+            # grant (a user cut at the quota who logs in again would
+            # otherwise move a read's worth per login).
+            user.lease.hold(tunnel.relay.client_valve)
+            user.lease.hold(tunnel.relay.target_valve)
 
     def release(self, tunnel: Any, username: str) -> None:
         """``tunnel`` has ended; its last bytes are counted."""
@@ -248,6 +389,9 @@ class UserSessions(MultiService):
         self._count(username, tunnel, user.tunnels.pop(tunnel))
         if user.rate is not None and tunnel.relay is not None:
             user.rate.forget(tunnel.relay)
+        if user.lease is not None and tunnel.relay is not None:
+            user.lease.forget(tunnel.relay.client_valve)
+            user.lease.forget(tunnel.relay.target_valve)
         self._forget_if_idle(user)
 
     def tunnel_count(self, username: str) -> int:
@@ -258,6 +402,9 @@ class UserSessions(MultiService):
         if not user.tunnels:
             if user.rate is not None:
                 user.rate.stop()
+            if user.lease is not None:
+                user.lease.close()
+                user.lease = None
             self.users.pop(user.name, None)
 
     def _apply_policy(self, user: _User) -> None:
@@ -274,14 +421,22 @@ class UserSessions(MultiService):
             user.rate = None
         quota = user.record.quota_bytes
         left = None
-        if quota is not None:
-            left = quota - user.record.bytes_up - user.record.bytes_down - self._unflushed(user)
-        if user.rate is None and left is None:
+        if self._leasing(user):
+            if user.lease is None:
+                user.lease = _QuotaLease(self, user)
+                user.lease.ask()
+        else:
+            if user.lease is not None:
+                user.lease.close()
+                user.lease = None
+            if quota is not None:
+                left = quota - user.record.bytes_up - user.record.bytes_down - self._unflushed(user)
+        if user.rate is None and left is None and user.lease is None:
             user.meter = None
         elif user.meter is None:
-            user.meter = _UserMeter(user.rate, left, lambda: self.clock.callLater(0, self._quota_used_up, user.name))
+            user.meter = _UserMeter(user.rate, left, lambda: self.clock.callLater(0, self._quota_used_up, user.name), user.lease)
         else:
-            user.meter.rate, user.meter.left = user.rate, left
+            user.meter.rate, user.meter.left, user.meter.lease = user.rate, left, user.lease
         for tunnel in user.tunnels:
             if tunnel.relay is not None:
                 tunnel.relay.meter = user.meter
@@ -355,6 +510,8 @@ class UserSessions(MultiService):
     def recheck(self, names: Iterable[str] | None = None) -> Deferred:
         """Read the rows of users with open tunnels (or of ``names``) and
         apply them."""
+        if names is None:
+            self._renew_leases()
         names = list(self.users) if names is None else [n for n in names if n in self.users]
         if not names:
             return succeed(None)
@@ -362,6 +519,14 @@ class UserSessions(MultiService):
         d.addTimeout(self.authenticator.query_timeout, self.clock)
         d.addCallbacks(self._apply_rows, self._recheck_failed, callbackArgs=(names,))
         return d
+
+    def _renew_leases(self) -> None:
+        """Keep this server's quota leases alive while it has any."""
+        if self.quota_leases is None or not any(user.lease is not None for user in self.users.values()):
+            return
+        d = maybeDeferred(self.quota_leases.renew_leases, self.server_id, self.lease_ttl)
+        d.addTimeout(self.authenticator.query_timeout, self.clock)
+        d.addErrback(self._recheck_failed)
 
     def _recheck_failed(self, failure: Failure) -> None:
         # Open tunnels stay open while the store is away.
@@ -399,7 +564,7 @@ class UserSessions(MultiService):
         if self._batch is None:
             if not self.pending:
                 return succeed(None)
-            self._batch = {name: Usage(p.up, p.down, p.last_seen) for name, p in self.pending.items()}
+            self._batch = {name: Usage(p.up, p.down, p.last_seen, p.release) for name, p in self.pending.items()}
             self.pending = {}
             self._seq += 1
         batch, seq = self._batch, self._seq

@@ -71,8 +71,6 @@ def server(tmp_path):
 # Real databases: each test session gets its own throwaway database on the
 # local PostgreSQL and MariaDB servers, dropped at the end.
 
-MYSQL_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=5)
-MYSQL_START = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
 
 
 def _session_db_name():
@@ -93,19 +91,9 @@ def postgres_dsn():
 @pytest.fixture(scope="session")
 def mysql_dsn():
     """A Go-style DSN of a fresh MariaDB database for this test session."""
-    import pymysql
+    from helpers import fresh_mysql_database
 
-    try:
-        admin = pymysql.connect(**MYSQL_ADMIN, autocommit=True)
-    except pymysql.err.OperationalError as e:
-        pytest.fail(f"MariaDB is not reachable on 127.0.0.1:3306 ({e}); start it with: {MYSQL_START}")
-    name = _session_db_name()
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {name}")
-    yield f"root:@tcp(127.0.0.1:3306)/{name}?parseTime=true"
-    with admin.cursor() as cursor:
-        cursor.execute(f"DROP DATABASE IF EXISTS {name}")
-    admin.close()
+    yield from fresh_mysql_database(_session_db_name())
 
 
 #: The QUIC libraries the suite runs the QUIC tests on (both are test

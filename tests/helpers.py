@@ -38,6 +38,8 @@ class EchoAfterEOF(Protocol):
 #: dropped from it).
 PG_ADMIN_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=5"
 PG_START_COMMAND = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql) main start"
+MYSQL_ADMIN = dict(host="127.0.0.1", port=3306, user="root", password="", connect_timeout=5)
+MYSQL_START_COMMAND = "start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd"
 
 
 def run_sql(settings, text, params=()):
@@ -99,4 +101,23 @@ def fresh_postgres_database(name: str):
     finally:
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.close()
+
+
+def fresh_mysql_database(name: str):
+    """A generator (for a fixture): creates MariaDB database ``name``,
+    yields its Go-style DSN, drops it."""
+    import pymysql
+
+    try:
+        admin = pymysql.connect(**MYSQL_ADMIN, autocommit=True)
+    except pymysql.err.OperationalError as e:
+        pytest.fail(f"MariaDB is not reachable on 127.0.0.1:3306 ({e}); start it with: {MYSQL_START_COMMAND}")
+    with admin.cursor() as cursor:
+        cursor.execute(f"CREATE DATABASE {name}")
+    try:
+        yield f"root:@tcp(127.0.0.1:3306)/{name}?parseTime=true"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {name}")
         admin.close()

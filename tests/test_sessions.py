@@ -411,3 +411,137 @@ def test_a_change_feed_and_a_service_are_used_when_declared():
     assert tunnel.revoked[0] == "user-deleted"
     s.stopService()
     assert not store.running
+
+
+# Quota leases (the SQL of grants: test_userstores.py)
+
+
+from mtop.sessions import LEASE_SLICE_MIN  # noqa: E402
+from mtop.userstore import IQuotaLeases  # noqa: E402
+
+
+@implementer(IUserStore, IUsageSink, IQuotaLeases)
+class LeasingStore(Store):
+    """Grants are answered when the test says (``answer``)."""
+
+    leases_available = True
+
+    def __init__(self):
+        super().__init__()
+        self.asked = []
+        self.renewed = 0
+
+    def lease_quota(self, server_id, username, want, ttl):
+        d = Deferred()
+        self.asked.append((username, want, d))
+        return d
+
+    def renew_leases(self, server_id, ttl):
+        self.renewed += 1
+        return succeed(None)
+
+    def answer(self, granted):
+        _, want, d = self.asked[-1]
+        d.callback(granted if granted != "want" else want)
+
+
+@pytest.fixture
+def leasing():
+    clock, store = Clock(), LeasingStore()
+    clock.advance(1_800_000_000)
+    store.rows["ann"] = UserRecord("ann", "", "", quota_bytes=64 * LEASE_SLICE_MIN)
+    s = UserSessions(store, FakeAuthenticator(), clock, recheck_interval=5, flush_interval=5)
+    s.startService()
+    yield s, store, clock
+    [loop.stop() for loop in s._loops if loop.running]
+
+
+def spend(tunnel, size):
+    tunnel.relay.bytes_up += size
+    tunnel.relay.meter.spent_up(tunnel.relay, size)
+
+
+def test_a_leased_quota_is_spent_slice_by_slice(leasing):
+    s, store, clock = leasing
+    tunnel, refusal = open_tunnel(s)
+    assert refusal is None and len(store.asked) == 1  # asked at admission
+    assert store.asked[0][1] == LEASE_SLICE_MIN  # a 64th of the quota
+    store.answer("want")
+    spend(tunnel, LEASE_SLICE_MIN // 4)
+    assert len(store.asked) == 1  # more than half a slice left
+    spend(tunnel, LEASE_SLICE_MIN // 2)
+    assert len(store.asked) == 2  # below half: the next slice is asked for
+    spend(tunnel, LEASE_SLICE_MIN // 4)  # none left, the grant not back yet
+    valve = tunnel.relay.client_valve
+    assert valve.transport.paused
+    store.answer("want")
+    assert not valve.transport.paused  # resumed by the grant
+    # The quota is used up on all servers together: the tunnels close.
+    spend(tunnel, LEASE_SLICE_MIN)
+    store.answer(0)
+    clock.advance(0)
+    assert tunnel.revoked[0] == "over-quota"
+
+
+def test_the_unused_part_of_a_lease_goes_back_with_the_next_flush(leasing):
+    s, store, clock = leasing
+    tunnel, _ = open_tunnel(s)
+    store.answer(1000)
+    spend(tunnel, 300)
+    s.release(tunnel, "ann")
+    clock.advance(5)
+    (seq, usage), = store.flushes
+    assert usage["ann"].up == 300 and usage["ann"].release == 700
+
+
+def test_leases_are_renewed_at_each_recheck_while_held(leasing):
+    s, store, clock = leasing
+    tunnel, _ = open_tunnel(s)
+    store.answer(1000)
+    clock.advance(5)
+    assert store.renewed == 1
+    s.release(tunnel, "ann")
+    clock.advance(5)
+    assert store.renewed == 1  # none held: no renewal
+
+
+def test_when_the_store_cannot_lease_the_server_counts_on_its_own(leasing):
+    s, store, clock = leasing
+    store.rows["ann"] = UserRecord("ann", "", "", quota_bytes=1000, bytes_up=400)
+    tunnel, _ = open_tunnel(s)
+    _, _, d = store.asked[-1]
+    d.errback(StoreUnavailable("down"))
+    # This server's own count: 600 left, granted on credit.
+    spend(tunnel, 599)
+    assert not tunnel.relay.client_valve.transport.paused and tunnel.revoked is None
+    spend(tunnel, 2)
+    store.asked[-1][2].errback(StoreUnavailable("down"))
+    clock.advance(0)
+    assert tunnel.revoked[0] == "over-quota"
+
+
+def test_without_the_lease_table_the_quota_is_counted_here(leasing):
+    s, store, clock = leasing
+    store.leases_available = False
+    store.rows["ann"] = UserRecord("ann", "", "", quota_bytes=1000)
+    tunnel, _ = open_tunnel(s)
+    assert store.asked == []
+    spend(tunnel, 1000)
+    clock.advance(0)
+    assert tunnel.revoked[0] == "over-quota"
+
+
+def test_a_new_tunnel_moves_nothing_before_a_grant(leasing):
+    """A user cut at the quota who logs in again must not move a read's
+    worth each time: a tunnel with nothing leased waits for a grant."""
+    s, store, clock = leasing
+    tunnel, _ = open_tunnel(s)
+    valves = tunnel.relay.client_valve, tunnel.relay.target_valve
+    assert all(v.transport.paused for v in valves)
+    store.answer(0)
+    clock.advance(0)
+    assert tunnel.revoked[0] == "over-quota"
+    tunnel2, _ = open_tunnel(s)
+    assert tunnel2.relay.client_valve.transport.paused
+    store.answer("want")
+    assert not tunnel2.relay.client_valve.transport.paused and not tunnel2.relay.target_valve.transport.paused

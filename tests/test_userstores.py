@@ -84,6 +84,7 @@ def backend(request, tmp_path):
         db = connect(settings)
         db.execute("DROP TABLE IF EXISTS mtop_user")
         db.execute("DROP TABLE IF EXISTS mtop_usage_flush")
+        db.execute("DROP TABLE IF EXISTS mtop_quota_lease")
         db.commit()
         db.close()
     config = tmp_path / "mtop.yaml"
@@ -455,5 +456,67 @@ async def test_user_add_legacy_writes_the_originals_row(backend):
         assert await auth.authenticate("old", "Old-pw") is False
         assert await auth.authenticate("o'new0", "New-pw 4") is True
         assert await auth.authenticate("o'new1", "New-pw 4") is True
+    finally:
+        await stopped(store)
+
+
+# Quota leases
+
+
+@pytest_twisted.ensureDeferred
+async def test_quota_leases_never_grant_more_than_is_left(backend):
+    """Grants for one user from several servers at once add up to the
+    quota minus the counters at most; a flush turns leased bytes into
+    counted ones; a lapsed lease frees its bytes; a user without a quota
+    gets none (None)."""
+    from twisted.internet.defer import gatherResults
+
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "dave", "-p", "dave-Pw-5", "--legacy")
+    mtopctl(config, "user", "set", "-u", "dave", "--quota", "1000")
+    mtopctl(config, "user", "add", "-u", "erin", "-p", "erin-Pw-5", "--legacy")
+    sql(settings, "UPDATE mtop_user SET bytes_up = 100 WHERE username = 'dave'")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.leases_available is True
+        grants = await gatherResults([store.lease_quota(f"s{i}", "dave", 400, 30) for i in range(4)])
+        assert sum(grants) == 900 and sorted(grants) == [0, 100, 400, 400], grants
+        assert await store.lease_quota("s9", "dave", 1, 30) == 0
+        assert await store.lease_quota("s1", "erin", 400, 30) is None
+        assert await store.lease_quota("s1", "nobody", 400, 30) is None
+        # s0 counts 150 of its lease and gives back 50: 200 are free again.
+        holder = next(f"s{i}" for i, g in enumerate(grants) if g == 400)
+        assert await store.add_usage(holder, 1, {"dave": Usage(100, 50, None, release=50)}) is True
+        rows = sql(settings, "SELECT bytes FROM mtop_quota_lease WHERE server_id = ? AND username = 'dave'", (holder,))
+        assert rows[0][0] == 200
+        assert await store.lease_quota("s9", "dave", 1000, 30) == 50
+        # A lapsed lease (a server gone without renewing) frees its bytes.
+        sql(settings, "UPDATE mtop_quota_lease SET expires_at = 1 WHERE server_id = ?", (holder,))
+        assert await store.lease_quota("s8", "dave", 1000, 30) == 200
+        # Renewing keeps a lease alive.
+        await store.renew_leases("s8", 60)
+        rows = sql(settings, "SELECT expires_at FROM mtop_quota_lease WHERE server_id = 's8'")
+        assert rows[0][0] > 1000
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_lease_table_flushes_still_work(backend):
+    """A database not upgraded since leases came (no mtop_quota_lease):
+    the store says so and its flushes do not touch leases."""
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "dave", "-p", "dave-Pw-5", "--legacy")
+    mtopctl(config, "user", "set", "-u", "dave", "--quota", "1000")
+    sql(settings, "DROP TABLE mtop_quota_lease")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.leases_available is False
+        assert await store.add_usage("s1", 1, {"dave": Usage(5, 6, None, release=9)}) is True
+        assert _counters(settings, "dave")[:2] == (5, 6)
     finally:
         await stopped(store)

@@ -15,6 +15,9 @@ declared by each backend with ``@implementer`` and checked with
     table can hold it, or that this is not known yet.
 `IUserChangeFeed` (optional)
     ``watch(on_change)``: the store tells of changed rows as they change.
+`IQuotaLeases` (optional)
+    ``lease_quota`` and ``renew_leases``: quotas leased to servers in
+    slices, so they hold across servers.
 
 A store with a lifecycle (a connection pool) is also a Twisted service
 (``IService``); `UserSessions` makes it its child, so the last traffic
@@ -77,6 +80,9 @@ class Usage:
     up: int
     down: int
     last_seen: str | None = None
+    #: Bytes of this server's quota lease it gives back unused (the user's
+    #: last tunnel here ended); only with `IQuotaLeases`.
+    release: int = 0
 
 
 class UsageCounting(enum.Enum):
@@ -127,6 +133,28 @@ class IUsageSink(Interface):
         per ``(server_id, seq)``: fires ``True`` when written now, ``False``
         when an earlier attempt (whose answer was lost) had written it;
         fails with `StoreUnavailable` when the store cannot answer."""
+
+
+class IQuotaLeases(Interface):
+    """A store that leases users' quotas to servers in slices (an optional
+    part of a store), so a quota holds across servers sharing it: a server
+    spends only what it has leased, and a lease is never granted beyond the
+    quota minus the counters minus every other live lease.  A flush
+    (`IUsageSink.add_usage`) turns the leased bytes it counts into counted
+    ones, in the same transaction."""
+
+    leases_available = Attribute(
+        "Whether the lease table exists (``mtopctl db upgrade`` creates it): ``None`` until known."
+    )
+
+    def lease_quota(server_id: str, username: str, want: int, ttl: float) -> Deferred[int | None]:
+        """Lease up to ``want`` more bytes of ``username``'s quota to
+        ``server_id`` for ``ttl`` seconds (its earlier lease is extended):
+        fires with the bytes granted (0: the quota is used up), or ``None``
+        if the user has no quota (or no row); fails with `StoreUnavailable`."""
+
+    def renew_leases(server_id: str, ttl: float) -> Deferred[None]:
+        """Extend every lease of ``server_id`` by ``ttl`` seconds from now."""
 
 
 class IUserChangeFeed(Interface):

@@ -37,8 +37,8 @@ from zope.interface import implementer
 from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
-from mtop.userstore import ALL_USERS, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
-from mtop.userstore.sql import LEDGER_DAYS, SQLUserStore, UsageFlush, error_line
+from mtop.userstore import ALL_USERS, IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
+from mtop.userstore.sql import LEDGER_DAYS, NOW, QuotaLease, SQLUserStore, UsageFlush, error_line
 from mtop.timers import cancel
 
 POOL_SIZE = 3
@@ -176,7 +176,7 @@ def _connection_class() -> type:
     return Connection
 
 
-@implementer(IUserStore, IUsageSink, IUserChangeFeed)
+@implementer(IUserStore, IUsageSink, IUserChangeFeed, IQuotaLeases)
 class PostgresUserStore(SQLUserStore):
     """Users in a PostgreSQL database named by a libpq DSN (URI or
     keywords): `IUserStore`, `IUsageSink`, and `IUserChangeFeed` through
@@ -360,16 +360,59 @@ class PostgresUserStore(SQLUserStore):
             "AND EXISTS (SELECT 1 FROM ledger) RETURNING 1), "
             f"stale AS (DELETE FROM mtop_usage_flush WHERE flushed_at < LOCALTIMESTAMP - INTERVAL '{LEDGER_DAYS} day' "
             "AND EXISTS (SELECT 1 FROM ledger) RETURNING 1) "
-            "SELECT (SELECT count(*) FROM ledger)"
         )
-        params = (
+        params = [
             flush.server_id,
             flush.seq,
             *(value for name, u in flush.usage for value in (name, u.up, u.down, u.last_seen)),
             flush.server_id,
             flush.seq,
+        ]
+        spent = [(name, u.up + u.down + u.release) for name, u in flush.usage if u.up + u.down + u.release]
+        if flush.leases and spent:
+            # What is counted now was leased: the leases shrink as much.
+            values = ", ".join(["(%s, %s::bigint)"] * len(spent))
+            statement = statement.rstrip(" ") + (
+                ", shrunk AS (UPDATE mtop_quota_lease AS l SET bytes = GREATEST(l.bytes - v.spent, 0) "
+                f"FROM (VALUES {values}) AS v(username, spent) "
+                "WHERE l.server_id = %s AND l.username = v.username AND EXISTS (SELECT 1 FROM ledger) RETURNING 1) "
+            )
+            params += [value for pair in spent for value in pair] + [flush.server_id]
+        statement += "SELECT (SELECT count(*) FROM ledger)"
+        return self._query(statement, tuple(params)).addCallback(lambda result: bool(result[0][0]))
+
+    def _lease_transaction(self, lease: QuotaLease) -> Deferred[int | None]:
+        # Two statements in one request: one implicit transaction.  The
+        # first locks the user's row, so grants for one user run one at a
+        # time; the second, with a snapshot taken after the lock, sees the
+        # leases the grants before it wrote (see QuotaLease).
+        statement = (
+            "SELECT 1 FROM mtop_user WHERE username = %s FOR UPDATE; "
+            f"WITH clock AS (SELECT {NOW['postgres']} AS t), "
+            "room AS (SELECT quota_bytes - bytes_up - bytes_down AS room FROM mtop_user "
+            "WHERE username = %s AND quota_bytes IS NOT NULL), "
+            "held AS (SELECT COALESCE(SUM(l.bytes), 0) AS held FROM mtop_quota_lease AS l, clock "
+            "WHERE l.username = %s AND l.expires_at > clock.t), "
+            "granted AS (SELECT GREATEST(0, LEAST(%s, room.room - held.held)) AS bytes FROM room, held), "
+            "written AS (INSERT INTO mtop_quota_lease AS l (server_id, username, bytes, expires_at) "
+            "SELECT %s, %s, granted.bytes, clock.t + %s FROM granted, clock "
+            "ON CONFLICT (server_id, username) DO UPDATE SET "
+            "bytes = CASE WHEN l.expires_at > EXCLUDED.expires_at - %s THEN l.bytes ELSE 0 END + EXCLUDED.bytes, "
+            "expires_at = EXCLUDED.expires_at RETURNING 1) "
+            "SELECT bytes FROM granted"
         )
-        return self._query(statement, params).addCallback(lambda result: bool(result[0][0]))
+        params = (
+            lease.username, lease.username, lease.username, lease.want,
+            lease.server_id, lease.username, lease.ttl, lease.ttl,
+        )
+
+        def granted(rows: list) -> int | None:
+            return int(rows[0][0]) if rows else None
+
+        return self._query(statement, params).addCallback(granted)
+
+    def _execute(self, sql: str, params: tuple = ()) -> Deferred:
+        return self._query(sql + " RETURNING 1", params)
 
     def _is_database_error(self, failure: Failure) -> bool:
         import psycopg2

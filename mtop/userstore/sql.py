@@ -31,9 +31,9 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.database import COLUMNS_SQL, POLICY_COLUMN_NAMES, to_format
+from mtop.database import COLUMNS_SQL, LEASE_TABLE_SQL, POLICY_COLUMN_NAMES, to_format
 from mtop.logs import logger
-from mtop.userstore import IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
+from mtop.userstore import IQuotaLeases, IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
 
 BASE_COLUMNS = ("username", "salt", "password")
 #: Policy columns the lookup reads (the counters are for the quota).
@@ -85,10 +85,17 @@ class UsageFlush:
     rows in the same order and cannot deadlock."""
 
     def __init__(
-        self, server_id: str, seq: int, usage: dict[str, Usage], sql: Callable[[str], str], prune: str | None = None
+        self,
+        server_id: str,
+        seq: int,
+        usage: dict[str, Usage],
+        sql: Callable[[str], str],
+        prune: str | None = None,
+        leases: bool = False,
     ):
         self.server_id = server_id
         self.seq = seq
+        self.leases = leases
         self.usage = sorted(usage.items())
         self.check = (sql("SELECT 1 FROM mtop_usage_flush WHERE server_id = ? AND seq = ?"), (server_id, seq))
         update = sql(
@@ -100,6 +107,17 @@ class UsageFlush:
             *((update, (u.up, u.down, u.last_seen, name)) for name, u in self.usage),
             (sql("DELETE FROM mtop_usage_flush WHERE server_id = ? AND seq < ?"), (server_id, seq)),
         ]
+        if leases:
+            # What is counted now was leased: the lease shrinks by as much
+            # (and by what is given back), never below 0.
+            shrink = sql(
+                "UPDATE mtop_quota_lease SET bytes = CASE WHEN bytes > ? THEN bytes - ? ELSE 0 END "
+                "WHERE server_id = ? AND username = ?"
+            )
+            for name, u in self.usage:
+                spent = u.up + u.down + u.release
+                if spent:
+                    self.writes.append((shrink, (spent, spent, server_id, name)))
         if prune is not None:
             self.writes.append((prune, ()))
 
@@ -116,7 +134,73 @@ class UsageFlush:
         return True
 
 
-@implementer(IUserStore, IUsageSink)
+#: The database's clock in Unix seconds (lease expiry is by it, so the
+#: servers' clocks need not agree).
+NOW = {
+    "sqlite": "CAST(strftime('%s', 'now') AS INTEGER)",
+    "postgres": "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS BIGINT)",
+    "mysql": "UNIX_TIMESTAMP()",
+}
+
+
+class QuotaLease:
+    """One lease request, as a transaction on a DB-API cursor (SQLite,
+    MySQL; PostgreSQL runs the same in one request, `PostgresUserStore`).
+
+    The user's row is locked first (``FOR UPDATE``; SQLite's ``BEGIN
+    IMMEDIATE`` locks the file), so grants for one user run one at a time
+    and each sees the leases the ones before it wrote.  What is left is the
+    quota minus the counters minus every live lease (this server's
+    included); the grant is ``want`` or what is left, and is added to this
+    server's lease (a lapsed one counts as 0), whose expiry moves to now +
+    ``ttl``."""
+
+    def __init__(self, driver: str, server_id: str, username: str, want: int, ttl: float, sql: Callable[[str], str]):
+        self.driver = driver
+        self.server_id = server_id
+        self.username = username
+        self.want = max(0, int(want))
+        self.ttl = max(1, int(ttl))
+        self.sql = sql
+
+    def run_blocking(self, cursor: Any, begin: str | None = None) -> int | None:
+        sql, now = self.sql, NOW[self.driver]
+        lock = " FOR UPDATE" if self.driver == "mysql" else ""
+        if begin:
+            cursor.execute(begin)
+        cursor.execute(f"SELECT {now}")
+        clock = int(cursor.fetchall()[0][0])
+        cursor.execute(sql(f"SELECT quota_bytes, bytes_up, bytes_down FROM mtop_user WHERE username = ?{lock}"), (self.username,))
+        rows = cursor.fetchall()
+        if not rows or rows[0][0] is None:
+            return None
+        quota, up, down = (int(value or 0) for value in rows[0])
+        cursor.execute(
+            sql(f"SELECT server_id, bytes, expires_at FROM mtop_quota_lease WHERE username = ?{lock}"), (self.username,)
+        )
+        held, mine = 0, None
+        for server_id, leased, expires in cursor.fetchall():
+            live = int(expires) > clock
+            if server_id == self.server_id:
+                mine = int(leased) if live else 0
+            if live:
+                held += int(leased)
+        grant = max(0, min(self.want, quota - up - down - held))
+        expires_at = clock + self.ttl
+        if mine is None:
+            cursor.execute(
+                sql("INSERT INTO mtop_quota_lease (server_id, username, bytes, expires_at) VALUES (?, ?, ?, ?)"),
+                (self.server_id, self.username, grant, expires_at),
+            )
+        else:
+            cursor.execute(
+                sql("UPDATE mtop_quota_lease SET bytes = ?, expires_at = ? WHERE server_id = ? AND username = ?"),
+                (mine + grant, expires_at, self.server_id, self.username),
+            )
+        return grant
+
+
+@implementer(IUserStore, IUsageSink, IQuotaLeases)
 class SQLUserStore(Service):
     """The users of one SQL database (`IUserStore`) and their traffic
     counters (`IUsageSink`); a Service owning its connection pool."""
@@ -131,6 +215,9 @@ class SQLUserStore(Service):
         self._column_check: LoopingCall | None = None
         #: Whether the database answers: ``None`` until known.
         self.reachable: bool | None = None
+        #: Whether ``mtop_quota_lease`` exists (`IQuotaLeases`): ``None``
+        #: until known.
+        self.leases_available: bool | None = None
 
     # Subclasses
 
@@ -144,6 +231,9 @@ class SQLUserStore(Service):
         raise NotImplementedError
 
     def _transaction(self, flush: UsageFlush) -> Deferred[bool]:
+        raise NotImplementedError
+
+    def _lease_transaction(self, lease: QuotaLease) -> Deferred[int | None]:
         raise NotImplementedError
 
     def _sql(self, sql: str) -> str:
@@ -238,18 +328,27 @@ class SQLUserStore(Service):
     def _detect_columns(self) -> Deferred:
         d = self._run_query(COLUMNS_SQL[self.driver])
 
-        def found(rows: list) -> None:
+        def found(rows: list) -> Deferred:
             have = {str(row[0]).lower() for row in rows}
             columns = tuple(c for c in READ_POLICY if c in have)
             if self._columns_known and columns != self.policy_columns:
                 self._log.info("users: {store} policy columns now {columns}", store=self.description, columns=", ".join(columns) or "none")
             self.policy_columns = columns
             self._columns_known = True
+            return self._run_query(LEASE_TABLE_SQL[self.driver]).addCallback(leases)
+
+        def leases(rows: list) -> None:
+            available = bool(rows)
+            if self.leases_available is not None and available != self.leases_available:
+                self._log.info(
+                    "users: {store} {now} quota leases", store=self.description, now="now has" if available else "no longer has"
+                )
+            self.leases_available = available
 
         def failed(failure: Failure) -> None:
             self._log.debug("users: cannot list the columns of mtop_user: {error}", error=error_line(failure))
 
-        return d.addCallbacks(found, failed)
+        return d.addCallbacks(found, failed).addErrback(failed)
 
     # IUserStore
 
@@ -295,9 +394,30 @@ class SQLUserStore(Service):
         (`IUsageSink`)."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
-        flush = UsageFlush(server_id, seq, usage, self._sql, PRUNE_LEDGER.get(self.driver))
+        flush = UsageFlush(server_id, seq, usage, self._sql, PRUNE_LEDGER.get(self.driver), bool(self.leases_available))
         d = self._observed(maybeDeferred(self._transaction, flush))
         return d.addErrback(self._unavailable)
+
+    # IQuotaLeases
+
+    def lease_quota(self, server_id: str, username: str, want: int, ttl: float) -> Deferred[int | None]:
+        """Lease up to ``want`` more bytes of ``username``'s quota to
+        ``server_id`` (`QuotaLease`; `IQuotaLeases`)."""
+        if not self.running or not self.leases_available:
+            raise StoreUnavailable(f"{self.description}: no quota leases")
+        lease = QuotaLease(self.driver, server_id, username, want, ttl, self._sql)
+        return self._observed(maybeDeferred(self._lease_transaction, lease)).addErrback(self._unavailable)
+
+    def renew_leases(self, server_id: str, ttl: float) -> Deferred[None]:
+        """Extend ``server_id``'s leases to now + ``ttl`` (`IQuotaLeases`)."""
+        if not self.running or not self.leases_available:
+            raise StoreUnavailable(f"{self.description}: no quota leases")
+        sql = self._sql(f"UPDATE mtop_quota_lease SET expires_at = {NOW[self.driver]} + ? WHERE server_id = ?")
+        return self._observed(maybeDeferred(self._execute, sql, (max(1, int(ttl)), server_id))).addErrback(self._unavailable)
+
+    def _execute(self, sql: str, params: tuple = ()) -> Deferred:
+        """A statement that returns no rows."""
+        raise NotImplementedError
 
     def _select(self, usernames: list[str]) -> Deferred[dict[str, UserRecord]]:
         if not self.running:
@@ -398,6 +518,8 @@ class AdbapiUserStore(SQLUserStore):
     #: Run first in a usage transaction (MySQL runs in autocommit mode so
     #: lookups see fresh rows, and needs an explicit start).
     begin: str | None = None
+    #: Run first in a lease transaction: one that locks what it reads.
+    lease_begin: str | None = None
 
     def __init__(self, description: str):
         super().__init__(description)
@@ -413,6 +535,12 @@ class AdbapiUserStore(SQLUserStore):
 
     def _transaction(self, flush: UsageFlush) -> Deferred[bool]:
         return self.pool.runInteraction(flush.run_blocking, self.begin)
+
+    def _lease_transaction(self, lease: QuotaLease) -> Deferred[int | None]:
+        return self.pool.runInteraction(lease.run_blocking, self.lease_begin)
+
+    def _execute(self, sql: str, params: tuple = ()) -> Deferred:
+        return self.pool.runOperation(sql, params)
 
 
 def error_line(failure: Failure) -> str:

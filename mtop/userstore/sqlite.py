@@ -12,7 +12,7 @@ from urllib.parse import quote
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.userstore import IUsageSink, IUserStore
+from mtop.userstore import IQuotaLeases, IUsageSink, IUserStore
 from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 
@@ -35,7 +35,7 @@ class _SQLiteModule:
     connect = staticmethod(_connect)
 
 
-@implementer(IUserStore, IUsageSink)
+@implementer(IUserStore, IUsageSink, IQuotaLeases)
 class SQLiteUserStore(AdbapiUserStore):
     """Users in a SQLite file (`IUserStore`, `IUsageSink`); one connection
     in adbapi's thread pool.  No change feed: SQLite cannot tell of other
@@ -43,6 +43,9 @@ class SQLiteUserStore(AdbapiUserStore):
     recheck open tunnels periodically)."""
 
     driver = "sqlite"
+    # Locks the file for writing at once: two processes granting leases
+    # never both read before either writes.
+    lease_begin = "BEGIN IMMEDIATE"
 
     def __init__(self, path: str):
         super().__init__(f"SQLite {path}")
