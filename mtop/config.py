@@ -122,6 +122,9 @@ class DBConfig:
     query_timeout: float = 5.0
     recheck_interval: float = 5.0
     flush_interval: float = 5.0
+    #: How often the server publishes the users it carries (``mtop_presence``;
+    #: 0: never, each server enforces max_connections and rate_limit alone).
+    presence_interval: float = 1.0
     outage_grace: float = 600.0
 
 
@@ -719,6 +722,7 @@ def _load_db(section: Section, base: str) -> DBConfig:
         query_timeout=section.get("query_timeout", d.query_timeout, as_seconds),
         recheck_interval=section.get("recheck_interval", d.recheck_interval, as_seconds),
         flush_interval=section.get("flush_interval", d.flush_interval, as_seconds),
+        presence_interval=section.get("presence_interval", d.presence_interval, as_non_negative_seconds),
         outage_grace=section.get("outage_grace", d.outage_grace, as_non_negative_seconds),
     )
     # The original's SQL statement logging: accepted (its configs set it),

@@ -101,16 +101,35 @@ CREATE TABLE IF NOT EXISTS mtop_quota_lease (
 )
 """
 
-#: Whether ``mtop_quota_lease`` exists: one row if it does.
-LEASE_TABLE_SQL = {
-    "sqlite": "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'mtop_quota_lease'",
+#: Which users each server carries (see `mtop.userstore.sql.Presence`):
+#: rows of users with ``max_connections`` or ``rate_limit``, written by
+#: each server every ``db.presence_interval``, gone when not renewed by
+#: ``expires_at`` (Unix seconds, the database's clock).
+PRESENCE_TABLE = """
+CREATE TABLE IF NOT EXISTS mtop_presence (
+    server_id VARCHAR(64) NOT NULL,
+    username VARCHAR(128) NOT NULL,
+    tunnels INTEGER NOT NULL DEFAULT 0,
+    active INTEGER NOT NULL DEFAULT 0,
+    expires_at BIGINT NOT NULL,
+    PRIMARY KEY (server_id, username)
+)
+"""
+
+#: MTop's optional tables, which a server uses when they are there.
+OPTIONAL_TABLES = ("mtop_quota_lease", "mtop_presence")
+_OPTIONAL_NAMES = ", ".join(f"'{name}'" for name in OPTIONAL_TABLES)
+
+#: Which of `OPTIONAL_TABLES` exist (their names, one a row).
+TABLES_SQL = {
+    "sqlite": f"SELECT name FROM sqlite_master WHERE type = 'table' AND name IN ({_OPTIONAL_NAMES})",
     "postgres": (
         "SELECT table_name FROM information_schema.tables "
-        "WHERE table_name = 'mtop_quota_lease' AND table_schema = current_schema()"
+        f"WHERE table_name IN ({_OPTIONAL_NAMES}) AND table_schema = current_schema()"
     ),
     "mysql": (
         "SELECT table_name FROM information_schema.tables "
-        "WHERE table_name = 'mtop_quota_lease' AND table_schema = DATABASE()"
+        f"WHERE table_name IN ({_OPTIONAL_NAMES}) AND table_schema = DATABASE()"
     ),
 }
 
@@ -221,6 +240,7 @@ class SyncDatabase:
             self.execute(BASE_TABLE)
             self.execute(FLUSH_TABLE)
             self.execute(LEASE_TABLE)
+            self.execute(PRESENCE_TABLE)
             self.commit()
             have = self.columns()
             added = []

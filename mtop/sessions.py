@@ -37,8 +37,20 @@ Quotas hold across servers sharing one database when the store leases
 them (`mtop.userstore.IQuotaLeases`, the ``mtop_quota_lease`` table): a
 server spends only what it has leased, a slice at a time (`_QuotaLease`),
 and a grant never exceeds the quota minus the counters minus the other
-servers' live leases.  Without the table each server counts on its own, as
-it also does for ``max_connections`` and ``rate_limit``.
+servers' live leases.  Without the table each server counts on its own.
+
+``max_connections`` and ``rate_limit`` hold across servers when the store
+keeps presence (`mtop.userstore.IPresence`, the ``mtop_presence`` table):
+every ``presence_interval`` each server publishes, for the users with either
+limit that it carries, how many tunnels they have and whether those moved
+bytes, and reads the others' rows back (one round trip a second, none per
+tunnel).  A login is refused when the tunnels here plus those elsewhere
+reach ``max_connections``; logins at the same moment on several servers
+can pass together (the race lasts one interval), and the excess is closed
+at the next publication, newest tunnels first, by the servers with the
+highest ids (outcome ``user-limit``).  The rate limit is shared equally
+among the servers where the user's tunnels are moving data.  Without the
+table (or during an outage) each server applies both limits on its own.
 """
 
 from __future__ import annotations
@@ -58,7 +70,7 @@ from mtop.logs import logger
 from mtop.stats import Counters
 from mtop.ratelimit import UserRate
 from mtop.relay import Relay, Valve
-from mtop.userstore import IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, Usage, UsageCounting, UserRecord
+from mtop.userstore import IPresence, IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, Usage, UsageCounting, UserRecord
 
 
 class Tunnel(Protocol):
@@ -76,6 +88,10 @@ LEASE_SLICE_MAX = 64 << 20
 #: A lease not renewed (every recheck) lapses after this long at the least,
 #: so what a crashed server had leased comes free again.
 LEASE_TTL_MIN = 30.0
+#: A server's presence rows live this many publications (at least
+#: `PRESENCE_TTL_MIN` seconds) unless published again.
+PRESENCE_TTL_INTERVALS = 3
+PRESENCE_TTL_MIN = 3.0
 
 
 class _QuotaLease:
@@ -223,6 +239,8 @@ class _User:
     rate: UserRate | None = None
     meter: _UserMeter | None = None
     lease: _QuotaLease | None = None
+    #: Bytes its relays here had moved at the last publication (presence).
+    moved: int = 0
 
 
 @dataclass
@@ -233,6 +251,10 @@ class _Pending:
     down: int = 0
     last_seen: str | None = None
     release: int = 0
+
+
+def _active(rows: list[tuple[str, int, bool]] | None) -> int:
+    return sum(1 for _, _, active in rows or () if active)
 
 
 def _revocation(record: UserRecord | None, unflushed: int, now: Any) -> tuple[str, str] | None:
@@ -265,6 +287,7 @@ class UserSessions(MultiService):
         flush_timeout: float = 10.0,
         server_id: str | None = None,
         counters: Counters | None = None,
+        presence_interval: float = 1.0,
     ):
         super().__init__()
         self.store = store
@@ -274,6 +297,15 @@ class UserSessions(MultiService):
         self.quota_leases: IQuotaLeases | None = store if IQuotaLeases.providedBy(store) else None
         #: How long a lease lives unless renewed (every recheck).
         self.lease_ttl = max(LEASE_TTL_MIN, 6 * recheck_interval)
+        #: Where presence is published, if the store keeps it (`IPresence`).
+        self.presence: IPresence | None = store if IPresence.providedBy(store) else None
+        self.presence_interval = presence_interval
+        self.presence_ttl = max(PRESENCE_TTL_MIN, PRESENCE_TTL_INTERVALS * presence_interval)
+        #: The other servers' live presence rows, by username: ``[(server_id,
+        #: tunnels, active), ...]`` (as of the last publication).
+        self.elsewhere: dict[str, list[tuple[str, int, bool]]] = {}
+        self._published = False
+        self._publishing = False
         self.authenticator = authenticator
         #: Where database errors are counted (the tap shares the server's).
         self.counters = counters if counters is not None else Counters()
@@ -300,8 +332,11 @@ class UserSessions(MultiService):
 
     def startService(self) -> None:
         super().startService()
-        for interval, work in ((self.recheck_interval, self.recheck), (self.flush_interval, self.flush)):
-            loop = LoopingCall(work)
+        work = [(self.recheck_interval, self.recheck), (self.flush_interval, self.flush)]
+        if self.presence is not None and self.presence_interval > 0:
+            work.append((self.presence_interval, self.publish_presence))
+        for interval, step in work:
+            loop = LoopingCall(step)
             loop.clock = self.clock
             loop.start(interval, now=False).addErrback(self._log_loop_failure)
             self._loops.append(loop)
@@ -315,6 +350,10 @@ class UserSessions(MultiService):
             if loop.running:
                 loop.stop()
         self._loops = []
+        if self._published and self.presence is not None:
+            # This server's rows go now, not when they lapse.
+            gone = maybeDeferred(self.presence.publish_presence, self.server_id, {}, self.presence_ttl)
+            gone.addErrback(lambda _: None)
         d = self.flush()
         d.addTimeout(self.flush_timeout, self.clock)
         d.addErrback(self._last_flush_failed)
@@ -343,7 +382,7 @@ class UserSessions(MultiService):
         elif not user.tunnels:
             user.record = record
         record = user.record
-        if record.max_connections is not None and len(user.tunnels) >= record.max_connections:
+        if record.max_connections is not None and len(user.tunnels) + self._tunnels_elsewhere(username) >= record.max_connections:
             self._forget_if_idle(user)
             return f"too many tunnels (max_connections {record.max_connections})"
         refusal = _revocation(record, self._unflushed(user), utc_now(self.clock))
@@ -408,10 +447,12 @@ class UserSessions(MultiService):
             self.users.pop(user.name, None)
 
     def _apply_policy(self, user: _User) -> None:
-        """Set up the meter of ``user``'s relays from its row: rate limit,
-        and what is left of the quota (table plus what is not written yet)."""
+        """Set up the meter of ``user``'s relays from its row: rate limit
+        (this server's share of it), and what is left of the quota (table
+        plus what is not written yet)."""
         rate = user.record.rate_limit
         if rate is not None and rate > 0:
+            rate = max(1, rate // (1 + self._active_elsewhere(user.name)))
             if user.rate is None:
                 user.rate = UserRate(self.clock, rate)
             else:
@@ -451,6 +492,88 @@ class UserSessions(MultiService):
         self._log.info("user {user}: closing {count} tunnel(s): {detail}", user=user.name, count=len(user.tunnels), detail=detail)
         for tunnel in list(user.tunnels):
             tunnel.revoke(outcome, detail)
+
+    # Presence
+
+    def _tunnels_elsewhere(self, username: str) -> int:
+        return sum(tunnels for _, tunnels, _ in self.elsewhere.get(username, ()))
+
+    def _active_elsewhere(self, username: str) -> int:
+        return sum(1 for _, _, active in self.elsewhere.get(username, ()) if active)
+
+    def publish_presence(self) -> Deferred:
+        """Tell the store which users with ``max_connections`` or
+        ``rate_limit`` this server carries, read where else they are, and
+        apply that (see the module docstring)."""
+        store = self.presence
+        if store is None or store.presence_available is not True or self._publishing:
+            return succeed(None)
+        carried: dict[str, tuple[int, bool]] = {}
+        for user in self.users.values():
+            record = user.record
+            if record.max_connections is None and not record.rate_limit:
+                continue
+            moved = sum(t.relay.bytes_up + t.relay.bytes_down for t in user.tunnels if t.relay is not None)
+            # Active: moved bytes since the last publication, or waits for
+            # its rate limit (a slow rate pauses for longer than that).
+            waiting = user.rate is not None and bool(user.rate.up.paused or user.rate.down.paused)
+            carried[user.name] = (len(user.tunnels), moved != user.moved or waiting)
+            user.moved = moved
+        self._publishing = True
+        d = maybeDeferred(store.publish_presence, self.server_id, carried, self.presence_ttl)
+        d.addTimeout(self.authenticator.query_timeout, self.clock)
+        d.addCallbacks(self._presence_read, self._presence_failed, callbackArgs=(carried,))
+        d.addBoth(self._presence_done)
+        return d
+
+    def _presence_done(self, result: Any) -> None:
+        self._publishing = False
+
+    def _presence_read(self, elsewhere: dict[str, list[tuple[str, int, bool]]], carried: dict[str, tuple[int, bool]]) -> None:
+        self._published = bool(carried)
+        before, self.elsewhere = self.elsewhere, elsewhere
+        if self._stopping:
+            return
+        for name in carried:
+            user = self.users.get(name)
+            if user is None:
+                continue
+            if user.record.rate_limit and self._active_elsewhere(name) != _active(before.get(name)):
+                if user.meter is not None or user.rate is not None:
+                    self._apply_policy(user)
+            self._close_excess(user)
+
+    def _close_excess(self, user: _User) -> None:
+        """Close what ``user`` holds here beyond its share of
+        ``max_connections``: the excess over all servers falls on the
+        servers with the highest ids first, and here on the newest tunnels."""
+        limit = user.record.max_connections
+        if limit is None:
+            return
+        servers = [(self.server_id, len(user.tunnels))] + [(sid, n) for sid, n, _ in self.elsewhere.get(user.name, ())]
+        excess = sum(n for _, n in servers) - limit
+        for server_id, tunnels in sorted(servers, reverse=True):
+            if excess <= 0:
+                return
+            if server_id == self.server_id:
+                break
+            excess -= tunnels
+        if excess <= 0:
+            return
+        newest = list(user.tunnels)[-excess:]
+        detail = f"too many tunnels across servers (max_connections {limit})"
+        self._log.info("user {user}: closing {count} tunnel(s): {detail}", user=user.name, count=len(newest), detail=detail)
+        for tunnel in newest:
+            tunnel.revoke("user-limit", detail)
+
+    def _presence_failed(self, failure: Failure) -> None:
+        # Each server on its own until the store answers again.
+        self.elsewhere = {}
+        self.counters.inc("db.errors")
+        self._log.debug("users: cannot publish presence: {error}", error=failure.getErrorMessage())
+        for user in self.users.values():
+            if user.record.rate_limit and user.rate is not None:
+                self._apply_policy(user)
 
     # Counting
 

@@ -172,6 +172,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         reactor,
         recheck_interval=config.db.recheck_interval,
         flush_interval=config.db.flush_interval,
+        presence_interval=config.db.presence_interval,
         flush_timeout=max(config.db.query_timeout, 5.0),
         counters=counters,
     )

@@ -545,3 +545,129 @@ def test_a_new_tunnel_moves_nothing_before_a_grant(leasing):
     assert tunnel2.relay.client_valve.transport.paused
     store.answer("want")
     assert not tunnel2.relay.client_valve.transport.paused and not tunnel2.relay.target_valve.transport.paused
+
+
+# Presence: max_connections and rate_limit across servers (the SQL:
+# test_userstores.py)
+
+
+from mtop.userstore import IPresence  # noqa: E402
+
+
+@implementer(IUserStore, IUsageSink, IPresence)
+class PresenceStore(Store):
+    """Servers sharing one in-memory presence table (``table``: server_id
+    -> {username: (tunnels, active)})."""
+
+    presence_available = True
+
+    def __init__(self, table, rows):
+        super().__init__()
+        self.table = table
+        self.rows = rows
+        self.published = 0
+
+    def publish_presence(self, server_id, carried, ttl):
+        if self.broken:
+            return fail(StoreUnavailable("down"))
+        self.published += 1
+        self.table[server_id] = dict(carried)
+        others = {}
+        for sid, users in self.table.items():
+            if sid != server_id:
+                for name, (tunnels, active) in users.items():
+                    if tunnels:
+                        others.setdefault(name, []).append((sid, tunnels, active))
+        return succeed(others)
+
+
+@pytest.fixture
+def cluster():
+    """Three servers (ids a, b, c) on one clock and one presence table."""
+    clock, table, rows = Clock(), {}, {}
+    clock.advance(1_800_000_000)
+    servers = []
+    for sid in "abc":
+        s = UserSessions(PresenceStore(table, rows), FakeAuthenticator(), clock, recheck_interval=5, flush_interval=5,
+                         server_id=sid, presence_interval=1)
+        s.startService()
+        servers.append(s)
+    yield servers, rows, clock, table
+    for s in servers:
+        [loop.stop() for loop in s._loops if loop.running]
+
+
+def test_max_connections_counts_the_tunnels_on_other_servers(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["ann"] = UserRecord("ann", "", "", max_connections=2)
+    assert open_tunnel(a)[1] is None
+    clock.advance(1)
+    assert open_tunnel(b)[1] is None
+    clock.advance(1)
+    refusal = open_tunnel(c)[1]
+    assert refusal is not None and "max_connections 2" in refusal
+    assert table["a"] == {"ann": (1, False)} and table["b"] == {"ann": (1, False)}
+
+
+def test_tunnels_opened_at_once_on_several_servers_are_cut_back_to_the_limit(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["ann"] = UserRecord("ann", "", "", max_connections=2)
+    tunnels = [open_tunnel(s)[0] for s in (a, b, c, c)]  # all before any publication
+    assert all(t.revoked is None for t in tunnels)
+    clock.advance(1)
+    clock.advance(1)  # every server has seen every other's rows
+    alive = [t for t in tunnels if t.revoked is None]
+    assert len(alive) == 2
+    # The excess fell on the highest id, newest first: c's two tunnels.
+    assert [t.revoked[0] for t in tunnels[2:]] == ["user-limit", "user-limit"]
+    assert "across servers" in tunnels[3].revoked[1]
+
+
+def test_the_rate_limit_is_shared_among_servers_moving_data(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["ann"] = UserRecord("ann", "", "", rate_limit=90_000)
+    ta, tb, tc = (open_tunnel(s)[0] for s in (a, b, c))
+    assert a.users["ann"].rate.rate == 90_000  # nobody else moving yet
+    for _ in range(3):
+        for t in (ta, tb, tc):
+            spend(t, 1000)
+        clock.advance(1)
+    assert [s.users["ann"].rate.rate for s in (a, b, c)] == [30_000] * 3
+    # b and c go quiet: a has the whole rate again.
+    for _ in range(3):
+        spend(ta, 1000)
+        clock.advance(1)
+    assert a.users["ann"].rate.rate == 90_000
+
+
+def test_users_without_limits_are_not_published(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["bob"] = UserRecord("bob", "", "")
+    open_tunnel(a, "bob")
+    clock.advance(1)
+    assert table["a"] == {}
+
+
+def test_without_presence_each_server_enforces_alone(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["ann"] = UserRecord("ann", "", "", max_connections=1, rate_limit=90_000)
+    for s in (a, b):
+        s.store.broken = True
+    ta, tb = open_tunnel(a)[0], open_tunnel(b)[0]
+    spend(ta, 1000)
+    spend(tb, 1000)
+    clock.advance(1)
+    clock.advance(1)
+    assert ta.revoked is None and tb.revoked is None
+    assert a.users["ann"].rate.rate == 90_000
+    assert a.counters["db.errors"] >= 2
+
+
+def test_a_stopping_server_clears_its_rows(cluster):
+    (a, b, c), rows, clock, table = cluster
+    rows["ann"] = UserRecord("ann", "", "", max_connections=1)
+    open_tunnel(a)
+    clock.advance(1)
+    assert table["a"] == {"ann": (1, False)}
+    a.stopService()
+    assert table["a"] == {}

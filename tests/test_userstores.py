@@ -85,6 +85,7 @@ def backend(request, tmp_path):
         db.execute("DROP TABLE IF EXISTS mtop_user")
         db.execute("DROP TABLE IF EXISTS mtop_usage_flush")
         db.execute("DROP TABLE IF EXISTS mtop_quota_lease")
+        db.execute("DROP TABLE IF EXISTS mtop_presence")
         db.commit()
         db.close()
     config = tmp_path / "mtop.yaml"
@@ -518,5 +519,62 @@ async def test_without_the_lease_table_flushes_still_work(backend):
         assert store.leases_available is False
         assert await store.add_usage("s1", 1, {"dave": Usage(5, 6, None, release=9)}) is True
         assert _counters(settings, "dave")[:2] == (5, 6)
+    finally:
+        await stopped(store)
+
+
+# Presence (max_connections and rate_limit across servers)
+
+
+@pytest_twisted.ensureDeferred
+async def test_presence_replaces_a_servers_rows_and_reads_the_others(backend):
+    """Each publication replaces the server's rows and answers with the
+    other servers' live rows that have tunnels; lapsed rows are not
+    counted, and are dropped by a later publication."""
+    from mtop.userstore.sql import PRESENCE_PRUNE_AFTER
+
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.presence_available is True
+        assert await store.publish_presence("s1", {"dave": (2, True), "erin": (1, False)}, 30) == {}
+        assert await store.publish_presence("s2", {"dave": (1, False), "zoe": (0, False)}, 30) == {
+            "dave": [("s1", 2, True)],
+            "erin": [("s1", 1, False)],
+        }
+        seen = await store.publish_presence("s3", {}, 30)
+        assert {name: sorted(rows) for name, rows in seen.items()} == {
+            "dave": [("s1", 2, True), ("s2", 1, False)],
+            "erin": [("s1", 1, False)],
+        }
+        # s1 carries only erin now: its dave row is gone.
+        assert await store.publish_presence("s1", {"erin": (1, True)}, 30) == {"dave": [("s2", 1, False)]}
+        # s2 stops renewing: once lapsed it is not counted...
+        sql(settings, "UPDATE mtop_presence SET expires_at = 1 WHERE server_id = 's2'")
+        assert await store.publish_presence("s3", {}, 30) == {"erin": [("s1", 1, True)]}
+        # ...and a pruning publication (every 60th) drops its rows.
+        assert PRESENCE_PRUNE_AFTER < 1_000_000_000
+        store._presence_count = 60
+        await store.publish_presence("s3", {}, 30)
+        assert not sql(settings, "SELECT server_id FROM mtop_presence WHERE server_id = 's2'")
+        rows = sql(settings, "SELECT server_id, username, tunnels, active FROM mtop_presence ORDER BY server_id, username")
+        assert [tuple(row) for row in rows] == [("s1", "erin", 1, 1)]
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_without_the_presence_table_the_store_says_so(backend):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    sql(settings, "DROP TABLE mtop_presence")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.presence_available is False
+        with pytest.raises(StoreUnavailable):
+            await store.publish_presence("s1", {"dave": (1, True)}, 30)
     finally:
         await stopped(store)

@@ -157,6 +157,25 @@ class IQuotaLeases(Interface):
         """Extend every lease of ``server_id`` by ``ttl`` seconds from now."""
 
 
+class IPresence(Interface):
+    """A store where servers sharing it say which users they carry (an
+    optional part of a store; the ``mtop_presence`` table), so a user's
+    ``max_connections`` and ``rate_limit`` hold across servers."""
+
+    presence_available = Attribute(
+        "Whether the presence table exists (``mtopctl db upgrade`` creates it): ``None`` until known."
+    )
+
+    def publish_presence(
+        server_id: str, carried: dict[str, tuple[int, bool]], ttl: float
+    ) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
+        """Replace ``server_id``'s rows by ``carried`` (username: open
+        tunnels, whether they moved bytes lately), live for ``ttl`` seconds;
+        fires with the other servers' live rows that have tunnels, by
+        username: ``[(server_id, tunnels, active), ...]``; fails with
+        `StoreUnavailable`."""
+
+
 class IUserChangeFeed(Interface):
     """A store that tells of changed rows as they change (an optional part
     of a store; PostgreSQL's ``NOTIFY``)."""

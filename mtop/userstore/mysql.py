@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mtop.dsn import describe_dsn, parse_mysql_dsn
-from mtop.userstore import IQuotaLeases, IUsageSink, IUserStore
+from mtop.userstore import IPresence, IQuotaLeases, IUsageSink, IUserStore
 from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 POOL_SIZE = 4
@@ -29,7 +29,7 @@ POOL_SIZE = 4
 _OUTAGE_ERRORS = frozenset({1040, 1053, 1927})
 
 
-@implementer(IUserStore, IUsageSink, IQuotaLeases)
+@implementer(IUserStore, IUsageSink, IQuotaLeases, IPresence)
 class MySQLUserStore(AdbapiUserStore):
     """Users in a MySQL/MariaDB database named by a Go-style or URL DSN
     (`IUserStore`, `IUsageSink`; no change feed: a change shows at the

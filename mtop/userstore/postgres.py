@@ -37,8 +37,8 @@ from zope.interface import implementer
 from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
-from mtop.userstore import ALL_USERS, IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
-from mtop.userstore.sql import LEDGER_DAYS, NOW, QuotaLease, SQLUserStore, UsageFlush, error_line
+from mtop.userstore import ALL_USERS, IPresence, IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
+from mtop.userstore.sql import LEDGER_DAYS, NOW, Presence, QuotaLease, SQLUserStore, UsageFlush, error_line
 from mtop.timers import cancel
 
 POOL_SIZE = 3
@@ -176,7 +176,7 @@ def _connection_class() -> type:
     return Connection
 
 
-@implementer(IUserStore, IUsageSink, IUserChangeFeed, IQuotaLeases)
+@implementer(IUserStore, IUsageSink, IUserChangeFeed, IQuotaLeases, IPresence)
 class PostgresUserStore(SQLUserStore):
     """Users in a PostgreSQL database named by a libpq DSN (URI or
     keywords): `IUserStore`, `IUsageSink`, and `IUserChangeFeed` through
@@ -410,6 +410,14 @@ class PostgresUserStore(SQLUserStore):
             return int(rows[0][0]) if rows else None
 
         return self._query(statement, params).addCallback(granted)
+
+    def _presence_transaction(self, presence: Presence) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
+        # The statements in one request: one implicit transaction, whose
+        # answer is the last statement's rows.
+        steps = presence.statements()
+        statement = "; ".join(sql for sql, _ in steps)
+        params = tuple(value for _, values in steps for value in values)
+        return self._query(statement, params).addCallback(presence.others)
 
     def _execute(self, sql: str, params: tuple = ()) -> Deferred:
         return self._query(sql + " RETURNING 1", params)

@@ -31,9 +31,9 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.database import COLUMNS_SQL, LEASE_TABLE_SQL, POLICY_COLUMN_NAMES, to_format
+from mtop.database import COLUMNS_SQL, POLICY_COLUMN_NAMES, TABLES_SQL, to_format
 from mtop.logs import logger
-from mtop.userstore import IQuotaLeases, IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
+from mtop.userstore import IPresence, IQuotaLeases, IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
 
 BASE_COLUMNS = ("username", "salt", "password")
 #: Policy columns the lookup reads (the counters are for the quota).
@@ -200,7 +200,67 @@ class QuotaLease:
         return grant
 
 
-@implementer(IUserStore, IUsageSink, IQuotaLeases)
+#: Every this many publications a server also drops rows that lapsed
+#: this many seconds ago (servers that stopped without clearing theirs).
+PRESENCE_PRUNE_EVERY = 60
+PRESENCE_PRUNE_AFTER = 60
+
+
+class Presence:
+    """One publication of a server's presence (`IPresence`), as a
+    transaction on a DB-API cursor (SQLite, MySQL; PostgreSQL sends the same
+    statements in one request, `PostgresUserStore`): the server's rows are
+    replaced by what it carries now, live until now + ``ttl`` by the
+    database's clock, and the other servers' live rows with tunnels are
+    read back.  With ``prune``, rows that lapsed `PRESENCE_PRUNE_AFTER`
+    seconds ago go too."""
+
+    def __init__(
+        self, driver: str, server_id: str, carried: dict[str, tuple[int, bool]], ttl: float, sql: Callable[[str], str], prune: bool
+    ):
+        now = NOW[driver]
+        self.server_id = server_id
+        self.ttl = max(1, int(round(ttl)))
+        self.rows = sorted((name, int(tunnels), int(bool(active))) for name, (tunnels, active) in carried.items())
+        self.delete = (sql("DELETE FROM mtop_presence WHERE server_id = ?"), (server_id,))
+        self.prune = (
+            (sql(f"DELETE FROM mtop_presence WHERE expires_at < {now} - ?"), (PRESENCE_PRUNE_AFTER,)) if prune else None
+        )
+        marks = ", ".join([f"(?, ?, ?, ?, {now} + ?)"] * len(self.rows))
+        self.insert = (
+            (
+                sql(f"INSERT INTO mtop_presence (server_id, username, tunnels, active, expires_at) VALUES {marks}"),
+                tuple(value for name, tunnels, active in self.rows for value in (server_id, name, tunnels, active, self.ttl)),
+            )
+            if self.rows
+            else None
+        )
+        self.select = (
+            sql(
+                "SELECT server_id, username, tunnels, active FROM mtop_presence "
+                f"WHERE server_id <> ? AND tunnels > 0 AND expires_at > {now}"
+            ),
+            (server_id,),
+        )
+
+    def statements(self) -> list[tuple[str, tuple]]:
+        """What runs, in order (the last one answers)."""
+        return [step for step in (self.prune, self.delete, self.insert, self.select) if step is not None]
+
+    def run_blocking(self, cursor: Any) -> dict[str, list[tuple[str, int, bool]]]:
+        for statement, params in self.statements():
+            cursor.execute(statement, params)
+        return self.others(cursor.fetchall())
+
+    @staticmethod
+    def others(rows: Iterable) -> dict[str, list[tuple[str, int, bool]]]:
+        found: dict[str, list[tuple[str, int, bool]]] = {}
+        for server_id, username, tunnels, active in rows:
+            found.setdefault(str(username), []).append((str(server_id), int(tunnels), bool(active)))
+        return found
+
+
+@implementer(IUserStore, IUsageSink, IQuotaLeases, IPresence)
 class SQLUserStore(Service):
     """The users of one SQL database (`IUserStore`) and their traffic
     counters (`IUsageSink`); a Service owning its connection pool."""
@@ -218,6 +278,9 @@ class SQLUserStore(Service):
         #: Whether ``mtop_quota_lease`` exists (`IQuotaLeases`): ``None``
         #: until known.
         self.leases_available: bool | None = None
+        #: Whether ``mtop_presence`` exists (`IPresence`): ``None`` until known.
+        self.presence_available: bool | None = None
+        self._presence_count = 0
 
     # Subclasses
 
@@ -335,15 +398,21 @@ class SQLUserStore(Service):
                 self._log.info("users: {store} policy columns now {columns}", store=self.description, columns=", ".join(columns) or "none")
             self.policy_columns = columns
             self._columns_known = True
-            return self._run_query(LEASE_TABLE_SQL[self.driver]).addCallback(leases)
+            return self._run_query(TABLES_SQL[self.driver]).addCallback(tables)
 
-        def leases(rows: list) -> None:
-            available = bool(rows)
-            if self.leases_available is not None and available != self.leases_available:
-                self._log.info(
-                    "users: {store} {now} quota leases", store=self.description, now="now has" if available else "no longer has"
-                )
-            self.leases_available = available
+        def tables(rows: list) -> None:
+            have = {str(row[0]).lower() for row in rows}
+            for attribute, table, what in (
+                ("leases_available", "mtop_quota_lease", "quota leases"),
+                ("presence_available", "mtop_presence", "presence (cluster-wide max_connections and rate_limit)"),
+            ):
+                available = table in have
+                known = getattr(self, attribute)
+                if known is not None and available != known:
+                    self._log.info(
+                        "users: {store} {now} {what}", store=self.description, now="now has" if available else "no longer has", what=what
+                    )
+                setattr(self, attribute, available)
 
         def failed(failure: Failure) -> None:
             self._log.debug("users: cannot list the columns of mtop_user: {error}", error=error_line(failure))
@@ -414,6 +483,23 @@ class SQLUserStore(Service):
             raise StoreUnavailable(f"{self.description}: no quota leases")
         sql = self._sql(f"UPDATE mtop_quota_lease SET expires_at = {NOW[self.driver]} + ? WHERE server_id = ?")
         return self._observed(maybeDeferred(self._execute, sql, (max(1, int(ttl)), server_id))).addErrback(self._unavailable)
+
+    # IPresence
+
+    def publish_presence(
+        self, server_id: str, carried: dict[str, tuple[int, bool]], ttl: float
+    ) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
+        """Replace ``server_id``'s presence rows by ``carried`` and read the
+        other servers' (`Presence`; `IPresence`)."""
+        if not self.running or not self.presence_available:
+            raise StoreUnavailable(f"{self.description}: no presence table")
+        self._presence_count += 1
+        prune = self._presence_count % PRESENCE_PRUNE_EVERY == 1
+        presence = Presence(self.driver, server_id, carried, ttl, self._sql, prune)
+        return self._observed(maybeDeferred(self._presence_transaction, presence)).addErrback(self._unavailable)
+
+    def _presence_transaction(self, presence: Presence) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
+        raise NotImplementedError
 
     def _execute(self, sql: str, params: tuple = ()) -> Deferred:
         """A statement that returns no rows."""
@@ -538,6 +624,9 @@ class AdbapiUserStore(SQLUserStore):
 
     def _lease_transaction(self, lease: QuotaLease) -> Deferred[int | None]:
         return self.pool.runInteraction(lease.run_blocking, self.lease_begin)
+
+    def _presence_transaction(self, presence: Presence) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
+        return self.pool.runInteraction(presence.run_blocking)
 
     def _execute(self, sql: str, params: tuple = ()) -> Deferred:
         return self.pool.runOperation(sql, params)

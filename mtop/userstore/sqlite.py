@@ -12,7 +12,7 @@ from urllib.parse import quote
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.userstore import IQuotaLeases, IUsageSink, IUserStore
+from mtop.userstore import IPresence, IQuotaLeases, IUsageSink, IUserStore
 from mtop.userstore.sql import AdbapiUserStore, QuietConnectionPool
 
 
@@ -35,7 +35,7 @@ class _SQLiteModule:
     connect = staticmethod(_connect)
 
 
-@implementer(IUserStore, IUsageSink, IQuotaLeases)
+@implementer(IUserStore, IUsageSink, IQuotaLeases, IPresence)
 class SQLiteUserStore(AdbapiUserStore):
     """Users in a SQLite file (`IUserStore`, `IUsageSink`); one connection
     in adbapi's thread pool.  No change feed: SQLite cannot tell of other

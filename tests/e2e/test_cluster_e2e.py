@@ -366,6 +366,27 @@ def test_the_shipped_haproxy_config_is_valid():
         assert needed in text
 
 
+def start_cluster(configs, name: str, workers: int) -> list[ServerProcess]:
+    servers = []
+    for i, config in enumerate(configs):
+        server = ServerProcess(f"{name}{i + 1}", config, config.parent)
+        server._wait_ready = lambda server=server, i=i: server.wait_for(rf"MTop TLS listening on {re.escape(HOSTS[i])}:", 20)
+        _processes.append(server)
+        servers.append(server)
+        server.start()
+    if workers > 1:
+        for server in servers:
+            server.wait_for(r"worker 2 started", 20)
+    return servers
+
+
+def stop_cluster(servers) -> None:
+    for server in servers:
+        server.stop()
+        if server in _processes:
+            _processes.remove(server)
+
+
 # A quota across servers
 
 
@@ -472,18 +493,10 @@ def test_a_quota_holds_across_servers(e2e_setup, tmp_path, shared_database, work
     run_ctl(configs[0], "user", "add", "-u", user[0], "--password-stdin", stdin=user[1] + "\n")
     run_ctl(configs[0], "user", "set", "-u", user[0], "--quota", str(QUOTA))
     sink = Sink()
-    servers = []
+    servers = start_cluster(configs, "quota", workers)
     try:
-        for i, config in enumerate(configs):
-            server = ServerProcess(f"quota{i + 1}", config, config.parent)
-            server._wait_ready = lambda server=server, i=i: server.wait_for(rf"MTop TLS listening on {re.escape(HOSTS[i])}:", 20)
-            _processes.append(server)
-            servers.append(server)
-            server.start()
         if workers > 1:
-            for server in servers:
-                server.wait_for(r"worker 2 started", 20)
-                time.sleep(0.5)
+            time.sleep(0.5)
         deadline = time.monotonic() + 40
         ends: list[str] = []
         threads = [
@@ -512,10 +525,7 @@ def test_a_quota_holds_across_servers(e2e_setup, tmp_path, shared_database, work
         assert counted[0] >= moved and counted[0] <= QUOTA * 1.05, (counted, moved)
     finally:
         sink.close()
-        for server in servers:
-            server.stop()
-            if server in _processes:
-                _processes.remove(server)
+        stop_cluster(servers)
 
 
 def totals_of(driver: str, dsn: str) -> dict[str, tuple[int, int]]:
@@ -528,3 +538,138 @@ def totals_of(driver: str, dsn: str) -> dict[str, tuple[int, int]]:
     with pymysql.connect(**parse_mysql_dsn(dsn)) as conn, conn.cursor() as cursor:
         cursor.execute("SELECT username, bytes_up, bytes_down FROM mtop_user")
         return {name: (up, down) for name, up, down in cursor.fetchall()}
+
+
+# max_connections and rate_limit across servers (mtop_presence)
+
+
+def login(host: str, port: int, ca: Path, user, target_port: int):
+    """A TLS socket whose tunnel is open, or ``None`` if the login was
+    refused (closed without a reply)."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.set_alpn_protocols(["mtop"])
+    tls = context.wrap_socket(socket.create_connection((host, port), timeout=10), server_hostname="localhost")
+    tls.settimeout(10)
+    tls.sendall(wire.encode_auth(wire.AuthRequest(user[0], user[1], "127.0.0.1", target_port)))
+    try:
+        reply = _read_exactly(tls, 2)
+    except (EOFError, OSError):
+        tls.close()
+        return None
+    assert reply == wire.REPLY_SUCCESS, reply
+    return tls
+
+
+def alive(tls) -> bool:
+    """Whether the tunnel still echoes."""
+    try:
+        tls.settimeout(5)
+        tls.sendall(b"ping")
+        return _read_exactly(tls, 4) == b"ping"
+    except (EOFError, OSError):
+        return False
+
+
+def presence_configs(tmp_path, setup, driver: str, dsn: str, workers: int) -> list[Path]:
+    return cluster_configs(
+        tmp_path, setup, port_free_on_all(HOSTS),
+        f"  workers: {workers}\n  auth_failure_delay: 0\n"
+        f"db:\n  driverName: {driver}\n  dsn: '{dsn}'\n  presence_interval: 1\n  cache_ttl: 0\n",
+    )
+
+
+def test_max_connections_holds_across_servers(e2e_setup, tmp_path, cluster_dsn, make_target):
+    """``max_connections: 2`` across three servers of two workers each (6
+    processes): one at a time, the third login is refused wherever it
+    lands; six at once, all may pass the race, and within two presence
+    intervals only two are left."""
+    configs = presence_configs(tmp_path, e2e_setup, "psql", cluster_dsn, 2)
+    port = int(re.search(r":(\d+)\"", configs[0].read_text()).group(1))
+    run_ctl(configs[0], "db", "init")
+    user = USERS[0]
+    run_ctl(configs[0], "user", "add", "-u", user[0], "--password-stdin", stdin=user[1] + "\n")
+    run_ctl(configs[0], "user", "set", "-u", user[0], "--max-conns", "2")
+    target = make_target(echo)
+    servers = start_cluster(configs, "conns", 2)
+    try:
+        held = []
+        for host in HOSTS[:2]:
+            tls = login(host, port, e2e_setup.ca, user, target.port)
+            assert tls is not None and alive(tls)
+            held.append(tls)
+            time.sleep(1.5)  # a presence interval and then some
+        for host in HOSTS:
+            assert login(host, port, e2e_setup.ca, user, target.port) is None, f"a third tunnel through {host}"
+        for tls in held:
+            tls.close()
+        time.sleep(2.5)
+        burst = [login(host, port, e2e_setup.ca, user, target.port) for host in HOSTS for _ in range(2)]
+        opened = [tls for tls in burst if tls is not None]
+        time.sleep(3)
+        left = [tls for tls in opened if alive(tls)]
+        print(f"max_connections 2 across {len(HOSTS)} servers x 2 workers: {len(opened)} of 6 opened at once, "
+              f"{len(left)} alive 3 s later")
+        assert len(opened) >= 2 and len(left) == 2, (len(opened), len(left))
+        for tls in opened:
+            tls.close()
+        logs = "".join(server.log() for server in servers)
+        assert "Traceback" not in logs
+        if len(opened) > 2:
+            assert "too many tunnels across servers (max_connections 2)" in logs
+    finally:
+        stop_cluster(servers)
+
+
+RATE = 1 << 20
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_rate_limit_holds_across_servers(e2e_setup, tmp_path, shared_database, workers):
+    """``rate_limit: 1 MiB/s`` with the user pushing as fast as it can
+    through each of three servers: over 10 s what reaches the target stays
+    within 1.2 MiB/s (the issue's bound), and the user is not starved
+    either (at least 0.7 MiB/s)."""
+    driver, dsn = shared_database
+    configs = presence_configs(tmp_path, e2e_setup, driver, dsn, workers)
+    port = int(re.search(r":(\d+)\"", configs[0].read_text()).group(1))
+    run_ctl(configs[0], "db", "init")
+    user = USERS[0]
+    run_ctl(configs[0], "user", "add", "-u", user[0], "--password-stdin", stdin=user[1] + "\n")
+    run_ctl(configs[0], "user", "set", "-u", user[0], "--rate", str(RATE))
+    sink = Sink()
+    servers = start_cluster(configs, "rate", workers)
+    stop = threading.Event()
+
+    def push(host):
+        chunk = os.urandom(64 << 10)
+        while not stop.is_set():
+            tls = login(host, port, e2e_setup.ca, user, sink.port)
+            if tls is None:
+                time.sleep(0.2)
+                continue
+            with tls:
+                try:
+                    while not stop.is_set():
+                        tls.sendall(chunk)
+                except OSError:
+                    pass
+
+    threads = [threading.Thread(target=push, args=(host,), daemon=True) for host in HOSTS for _ in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(3)  # the burst of the first second, and every server has published
+        start, received = time.monotonic(), sink.received
+        time.sleep(10)
+        rate = (sink.received - received) / (time.monotonic() - start)
+        print(f"rate_limit 1 MiB/s, {driver}, {len(HOSTS)} servers x {workers} workers, pushing through all: "
+              f"{rate / (1 << 20):.3f} MiB/s over 10 s")
+        assert 0.7 * RATE <= rate <= 1.2 * RATE, rate / RATE
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+        sink.close()
+        stop_cluster(servers)
+    for server in servers:
+        assert "Traceback" not in server.log(), server.describe()
