@@ -520,7 +520,10 @@ class UserSessions(MultiService):
             carried[user.name] = (len(user.tunnels), moved != user.moved or waiting)
             user.moved = moved
         self._publishing = True
-        d = maybeDeferred(store.publish_presence, self.server_id, carried, self.presence_ttl)
+        # A server with no rows and nobody to publish only reads (no write
+        # a second to an idle database).
+        publish = carried if carried or self._published else None
+        d = maybeDeferred(store.publish_presence, self.server_id, publish, self.presence_ttl)
         d.addTimeout(self.authenticator.query_timeout, self.clock)
         d.addCallbacks(self._presence_read, self._presence_failed, callbackArgs=(carried,))
         d.addBoth(self._presence_done)

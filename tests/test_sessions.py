@@ -566,12 +566,16 @@ class PresenceStore(Store):
         self.table = table
         self.rows = rows
         self.published = 0
+        self.reads = 0
 
     def publish_presence(self, server_id, carried, ttl):
         if self.broken:
             return fail(StoreUnavailable("down"))
         self.published += 1
-        self.table[server_id] = dict(carried)
+        if carried is None:
+            self.reads += 1
+        else:
+            self.table[server_id] = dict(carried)
         others = {}
         for sid, users in self.table.items():
             if sid != server_id:
@@ -643,9 +647,19 @@ def test_the_rate_limit_is_shared_among_servers_moving_data(cluster):
 def test_users_without_limits_are_not_published(cluster):
     (a, b, c), rows, clock, table = cluster
     rows["bob"] = UserRecord("bob", "", "")
-    open_tunnel(a, "bob")
+    tunnel = open_tunnel(a, "bob")[0]
     clock.advance(1)
-    assert table["a"] == {}
+    assert "a" not in table and a.store.reads == 1  # nothing written, the others read
+    rows["bob"] = UserRecord("bob", "", "", max_connections=3)
+    clock.advance(5)  # the recheck brings the limit
+    clock.advance(1)
+    assert table["a"] == {"bob": (1, False)}
+    a.release(tunnel, "bob")
+    clock.advance(1)
+    assert table["a"] == {}  # the rows go once
+    reads = a.store.reads
+    clock.advance(1)
+    assert a.store.reads == reads + 1  # then it only reads again
 
 
 def test_without_presence_each_server_enforces_alone(cluster):

@@ -578,3 +578,17 @@ async def test_without_the_presence_table_the_store_says_so(backend):
             await store.publish_presence("s1", {"dave": (1, True)}, 30)
     finally:
         await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_presence_read_writes_nothing(backend):
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        await store.publish_presence("s1", {"dave": (1, True)}, 30)
+        assert await store.publish_presence("s2", None, 30) == {"dave": [("s1", 1, True)]}
+        assert [tuple(row) for row in sql(settings, "SELECT server_id FROM mtop_presence")] == [("s1",)]
+    finally:
+        await stopped(store)

@@ -167,10 +167,11 @@ class IPresence(Interface):
     )
 
     def publish_presence(
-        server_id: str, carried: dict[str, tuple[int, bool]], ttl: float
+        server_id: str, carried: dict[str, tuple[int, bool]] | None, ttl: float
     ) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
         """Replace ``server_id``'s rows by ``carried`` (username: open
-        tunnels, whether they moved bytes lately), live for ``ttl`` seconds;
+        tunnels, whether they moved bytes lately), live for ``ttl`` seconds
+        (``None``: write nothing, only read, for a server without rows);
         fires with the other servers' live rows that have tunnels, by
         username: ``[(server_id, tunnels, active), ...]``; fails with
         `StoreUnavailable`."""

@@ -213,18 +213,27 @@ class Presence:
     replaced by what it carries now, live until now + ``ttl`` by the
     database's clock, and the other servers' live rows with tunnels are
     read back.  With ``prune``, rows that lapsed `PRESENCE_PRUNE_AFTER`
-    seconds ago go too."""
+    seconds ago go too.  ``carried`` ``None``: only read (a server that
+    carries nobody and has no rows: nothing to write)."""
 
     def __init__(
-        self, driver: str, server_id: str, carried: dict[str, tuple[int, bool]], ttl: float, sql: Callable[[str], str], prune: bool
+        self,
+        driver: str,
+        server_id: str,
+        carried: dict[str, tuple[int, bool]] | None,
+        ttl: float,
+        sql: Callable[[str], str],
+        prune: bool,
     ):
         now = NOW[driver]
         self.server_id = server_id
         self.ttl = max(1, int(round(ttl)))
-        self.rows = sorted((name, int(tunnels), int(bool(active))) for name, (tunnels, active) in carried.items())
-        self.delete = (sql("DELETE FROM mtop_presence WHERE server_id = ?"), (server_id,))
+        self.rows = sorted((name, int(tunnels), int(bool(active))) for name, (tunnels, active) in (carried or {}).items())
+        self.delete = (sql("DELETE FROM mtop_presence WHERE server_id = ?"), (server_id,)) if carried is not None else None
         self.prune = (
-            (sql(f"DELETE FROM mtop_presence WHERE expires_at < {now} - ?"), (PRESENCE_PRUNE_AFTER,)) if prune else None
+            (sql(f"DELETE FROM mtop_presence WHERE expires_at < {now} - ?"), (PRESENCE_PRUNE_AFTER,))
+            if prune and carried is not None
+            else None
         )
         marks = ", ".join([f"(?, ?, ?, ?, {now} + ?)"] * len(self.rows))
         self.insert = (
@@ -487,13 +496,14 @@ class SQLUserStore(Service):
     # IPresence
 
     def publish_presence(
-        self, server_id: str, carried: dict[str, tuple[int, bool]], ttl: float
+        self, server_id: str, carried: dict[str, tuple[int, bool]] | None, ttl: float
     ) -> Deferred[dict[str, list[tuple[str, int, bool]]]]:
         """Replace ``server_id``'s presence rows by ``carried`` and read the
         other servers' (`Presence`; `IPresence`)."""
         if not self.running or not self.presence_available:
             raise StoreUnavailable(f"{self.description}: no presence table")
-        self._presence_count += 1
+        if carried is not None:
+            self._presence_count += 1
         prune = self._presence_count % PRESENCE_PRUNE_EVERY == 1
         presence = Presence(self.driver, server_id, carried, ttl, self._sql, prune)
         return self._observed(maybeDeferred(self._presence_transaction, presence)).addErrback(self._unavailable)
