@@ -118,12 +118,21 @@ class Authenticator:
 
     def apply_settings(self, settings: Any) -> None:
         """`ISettingsConsumer`: the cache, timeout and outage grace of
-        ``settings.auth`` from now on; what was verified under the old
-        settings is forgotten."""
+        ``settings.auth`` from now on.  What was verified before is kept
+        within the new bounds, so a reload costs no password checks: the
+        next login of each user reads its row again (nothing is taken on
+        trust from before the reload), and skips scrypt if the row holds
+        the very hash its password was verified against."""
         self.cache_ttl = settings.auth.cache_ttl
         self.query_timeout = settings.auth.query_timeout
         self.outage_grace = settings.auth.outage_grace
-        self.forget()
+        now = self.clock.seconds()
+        keep = max(self.cache_ttl, self.outage_grace)
+        for name, entry in list(self._cache.items()):
+            entry.fresh_until = min(entry.fresh_until, now)
+            entry.stale_until = min(entry.stale_until, entry.verified + keep)
+            if entry.stale_until <= now:
+                del self._cache[name]
 
     def forget(self, username: str | None = None) -> None:
         """Drop cached verifications (of one user, or all)."""

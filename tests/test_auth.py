@@ -224,3 +224,29 @@ def test_refresh_of_unchanged_row_skips_the_expensive_check():
     store.rows["bob"] = dataclasses.replace(store.rows["bob"], enabled=False)
     clock.advance(5.1)
     assert results(auth.authenticate("bob", "bobpw")) == [False]
+
+
+def test_a_reload_keeps_verified_logins_but_reads_their_rows_again():
+    """Settings applied again (a reload): no password is checked again
+    whose row still holds the hash it was verified against, and every
+    user's row is read again first."""
+    from types import SimpleNamespace
+
+    store, clock = DictStore(), Clock()
+    store.rows["bob"] = UserRecord("bob", "s", passwords.scrypt_hash("bobpw", log2_n=4))
+    checks = []
+
+    def counting(f, *args):
+        checks.append(f)
+        return maybeDeferred(f, *args)
+
+    auth = Authenticator(store, clock, counting, cache_ttl=5, query_timeout=2, outage_grace=600)
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert (store.lookups, len(checks)) == (1, 1)
+    auth.apply_settings(SimpleNamespace(auth=SimpleNamespace(cache_ttl=5, query_timeout=2, outage_grace=600)))
+    assert results(auth.authenticate("bob", "bobpw")) == [True]
+    assert (store.lookups, len(checks)) == (2, 1)
+    # A grace shortened below the entry's age drops it.
+    clock.advance(60)
+    auth.apply_settings(SimpleNamespace(auth=SimpleNamespace(cache_ttl=5, query_timeout=2, outage_grace=30)))
+    assert auth._cache == {}

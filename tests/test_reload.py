@@ -92,7 +92,11 @@ def test_reload_applies_acl_limits_throttle_and_timeouts(tree, events):
         + "limits: {max_per_client: 5}\nauth_throttle: {max_failures: 2, max_in_flight: 3}\nlog: {level: debug}\n"
     )
     auth = consumer(reloader, Authenticator)
-    auth._cache["someone"] = object()
+    from mtop.auth import _Verified
+
+    now = auth.clock.seconds()
+    auth._cache["someone"] = _Verified(b"t", now, now + 5, now + 600, None, b"s")
+    auth._cache["long-ago"] = _Verified(b"t", now - 100, now + 5, now + 600, None, b"s")
     assert reloader.reload()
     assert factory.dialer.acl.refusal("127.0.0.1", 80) is not None
     assert factory.dialer.acl.refusal("1.1.1.1", 25) is not None
@@ -102,7 +106,9 @@ def test_reload_applies_acl_limits_throttle_and_timeouts(tree, events):
     assert factory.login_gate.limit == 3
     assert factory.settings.handshake_timeout == 7 and factory.settings.fallback == ("127.0.0.1", 8080)
     assert (auth.cache_ttl, auth.query_timeout, auth.outage_grace) == (9, 2, 30)
-    assert auth._cache == {}  # verified under the old settings
+    # Kept within the new bounds (30 s of grace), each to be read again.
+    assert list(auth._cache) == ["someone"] and auth._cache["someone"].fresh_until <= now
+    assert auth._cache["someone"].stale_until == now + 30
     assert _predicate.logLevelForNamespace(None) == LEVELS["debug"]
     assert any(m.startswith("config reloaded from ") for m in messages(events))
 
