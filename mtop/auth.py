@@ -16,6 +16,10 @@ blanked) or ``None``; `Authenticator.authenticate` fires ``True`` or
   the very hash the same password was verified against is confirmed by the
   lookup alone (so a busy user costs one query per ``cache_ttl``, not one
   scrypt, and its tunnels do not all wait for one);
+* with workers, takes another worker's verification of the same password
+  against the same hash (`mtop.loginshare.LoginShare`), so each user costs
+  one scrypt per machine, not one per worker, and a restarted worker is
+  not cold;
 * checks unknown users against a dummy scrypt hash, so they cost what a
   wrong password costs;
 * refuses users the row's policy refuses (``enabled`` false, past
@@ -92,10 +96,13 @@ class Authenticator:
         query_timeout: float = 5.0,
         outage_grace: float = 0.0,
         workers: Any = None,
+        share: Any = None,
     ):
         """``run_in_thread(f, *args)`` runs an expensive check off the
         reactor thread; ``workers`` (a `mtop.fairqueue.FairWorkers`), when
-        given, runs them instead, shared fairly between client addresses."""
+        given, runs them instead, shared fairly between client addresses;
+        ``share`` (a `mtop.loginshare.LoginShare`) is where the workers of
+        one server share their verifications."""
         self.store = store
         self.clock = clock
         self.run_in_thread = run_in_thread
@@ -103,7 +110,13 @@ class Authenticator:
         self.cache_ttl = cache_ttl
         self.query_timeout = query_timeout
         self.outage_grace = outage_grace
-        self._key = os.urandom(32)
+        self.share = share
+        # With a share, the tokens are the ones the other workers compute.
+        self._key = share.key if share is not None else os.urandom(32)
+        #: Password checks by kind: ``hashed`` (scrypt ran), ``reused`` (this
+        #: password was verified against this hash here before), ``shared``
+        #: (by another worker), ``fast`` (a legacy hash).
+        self.checks = dict.fromkeys(("hashed", "reused", "shared", "fast"), 0)
         self._cache: dict[str, _Verified] = {}
         self._inflight: dict[tuple[str, bytes], list[Deferred]] = {}
         self._stored: dict[tuple[str, bytes], bytes] = {}
@@ -194,9 +207,11 @@ class Authenticator:
         policy = None if record is None else dataclasses.replace(record, salt="", password="")
         stored = b"" if record is None else self._stored_token(record)
 
-        def checked(ok: bool) -> UserRecord | None:
+        def checked(ok: bool, hashed: bool = False) -> UserRecord | None:
             if ok and key is not None:
                 self._stored[key] = stored
+                if hashed and self.share is not None:
+                    self.share.put(key[0], key[1], stored)
             return policy if ok else None
 
         if record is not None and key is not None:
@@ -209,11 +224,23 @@ class Authenticator:
             ):
                 # This password was verified against this very hash: the
                 # answer would be the same.
+                self.checks["reused"] += 1
                 return checked(record.password != "" and record.refusal(now) is None)
+            if (
+                self.share is not None
+                and record.password
+                and self.share.confirms(key[0], key[1], stored, max(self.cache_ttl, self.outage_grace))
+            ):
+                self.checks["shared"] += 1  # another worker verified it
+                return checked(record.refusal(now) is None)
         if record is None or passwords.is_expensive(record.password):
+            self.checks["hashed"] += 1
             if self.workers is not None:
-                return self.workers.run(client, _check, record, password, now).addCallback(checked)
-            return self.run_in_thread(_check, record, password, now).addCallback(checked)
+                d = self.workers.run(client, _check, record, password, now)
+            else:
+                d = self.run_in_thread(_check, record, password, now)
+            return d.addCallback(checked, True)
+        self.checks["fast"] += 1
         return checked(_check(record, password, now))
 
     def _from_cache(self, failure: Failure, username: str, token: bytes) -> UserRecord | None | Failure:

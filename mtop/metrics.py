@@ -22,6 +22,8 @@ Metrics (all per process):
 ``mtop_user_traffic_bytes_total``  the same per ``user`` (only with
                                    ``metrics.per_user: true``)
 ``mtop_auth_total{result}``        logins: ok, failed, unavailable
+``mtop_password_checks_total{how}`` passwords checked: hashed (scrypt ran),
+                                   reused, shared (by another worker), fast
 ``mtop_refused_total{reason}``     connections refused: acl, banned,
                                    client-denied, max-tunnels, max-handshakes,
                                    max-handshakes-per-client,
@@ -146,6 +148,16 @@ class _ServerCollector:
         for result in ("ok", "failed", "unavailable"):
             auth.add_metric([result], counters.get(f"auth.{result}", 0))
         yield auth
+
+        checks = CounterMetricFamily(
+            "mtop_password_checks",
+            "Passwords checked after a user lookup, by how: hashed (scrypt ran), reused (verified against this hash "
+            "here before), shared (by another worker), fast (a legacy hash).",
+            labels=["how"],
+        )
+        for how, count in factory.authenticator.checks.items():
+            checks.add_metric([how], count)
+        yield checks
 
         refused = CounterMetricFamily("mtop_refused", "Connections refused, by reason.", labels=["reason"])
         reasons = prefixed(counters, "refused")

@@ -113,6 +113,21 @@ def user_store(config: Config, reactor: Any) -> Service:
     return SQLiteUserStore(db.dsn)
 
 
+def _login_share(number: int | None) -> Any:
+    """The workers' shared verified logins (`mtop.loginshare`), in a
+    worker whose supervisor made them; ``None`` otherwise."""
+    if number is None:
+        return None
+    from mtop.loginshare import LoginShare
+    from mtop.logs import logger
+
+    try:
+        return LoginShare.inherited()
+    except (OSError, ValueError) as e:
+        logger().warn("worker {number}: verified logins not shared with the other workers: {error}", number=number, error=e)
+        return None
+
+
 def makeService(options: Options, reactor: Any = None) -> MultiService:
     """The server's service tree for ``options`` (on ``reactor``, the
     installed one by default)."""
@@ -160,7 +175,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     def run_in_thread(f, *args):
         return deferToThreadPool(reactor, reactor.getThreadPool(), f, *args)
 
-    authenticator = Authenticator(store, reactor, run_in_thread, workers=FairWorkers(reactor))
+    authenticator = Authenticator(store, reactor, run_in_thread, workers=FairWorkers(reactor), share=_login_share(number))
     # The sessions own the store: their last traffic flush runs before it
     # closes.
     # One set of counters for the server's events and the sessions' database

@@ -10,7 +10,10 @@ Each worker binds every listener itself with ``SO_REUSEPORT``, so the
 kernel spreads new TCP connections and QUIC flows (by their address pair)
 over the workers.  For listeners on port 0 the supervisor picks the port
 first (and holds a TCP port bound, not listening, so nothing else takes
-it).  Each worker is a whole server on its own: its caches, limits,
+it).  The supervisor also keeps the table where the workers share their
+verified logins (`mtop.loginshare`), so each user's password is checked
+with scrypt once per machine.  Each worker is otherwise a whole server on
+its own: its caches, limits,
 throttle and metrics are its own (so limits are per process), while
 per-user traffic and quotas add up through the database as for separate
 servers.  With ``metrics.listen`` on port P, worker i (from 1) serves its
@@ -30,11 +33,14 @@ from twisted.internet.defer import Deferred, DeferredList
 from twisted.internet.protocol import ProcessProtocol
 
 from mtop.config import Config, ListenAddress
+from mtop.loginshare import SHARE_FD_ENV
 from mtop.logs import logger
 
 #: The environment variables a worker gets.
 WORKER_ENV = "MTOP_WORKER"
 PORTS_ENV = "MTOP_WORKER_PORTS"
+#: The descriptor a worker finds the shared verified logins on.
+SHARE_FD = 3
 
 #: A worker that dies is started again after this long (doubling while
 #: they keep dying within a minute, up to `RESTART_MAX`).
@@ -169,6 +175,9 @@ class WorkerSupervisor(Service):
         self._restart_delay: dict[int, float] = {}
         self._last_start: dict[int, float] = {}
         self._previous_hup: Any = None
+        #: The workers' shared verified logins (`mtop.loginshare`): kept
+        #: here, so a worker started again finds what the others verified.
+        self.login_share: Any = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -191,6 +200,7 @@ class WorkerSupervisor(Service):
 
     def startService(self) -> None:
         self._resolve_ports()
+        self._share_logins()
         super().startService()
         self._log.info("starting {count} workers", count=self.count)
         for number in range(1, self.count + 1):
@@ -200,15 +210,30 @@ class WorkerSupervisor(Service):
         except ValueError:
             self._previous_hup = None
 
+    def _share_logins(self) -> None:
+        if self.login_share is not None:
+            return
+        from mtop.loginshare import LoginShare
+
+        try:
+            self.login_share = LoginShare.create()
+        except (OSError, AttributeError, ValueError) as e:  # no memfd_create here
+            self._log.warn("verified logins not shared between workers: {error}", error=e)
+
     def _start(self, number: int) -> None:
         if self.stopping:
             return
         env = dict(os.environ)
         env[WORKER_ENV] = str(number)
         env[PORTS_ENV] = ",".join(f"{index}={port}" for index, port in self.ports.items())
+        fds: dict[int, Any] = {0: "w", 1: 1, 2: 2}
+        env.pop(SHARE_FD_ENV, None)
+        if self.login_share is not None:
+            fds[SHARE_FD] = self.login_share.fd
+            env[SHARE_FD_ENV] = str(SHARE_FD)
         worker = _Worker(self, number)
         self._last_start[number] = self.reactor.seconds()
-        self.reactor.spawnProcess(worker, self.argv[0], self.argv, env=env, childFDs={0: "w", 1: 1, 2: 2})
+        self.reactor.spawnProcess(worker, self.argv[0], self.argv, env=env, childFDs=fds)
         self.workers[number] = worker
         self._log.info("worker {number} started (pid {pid})", number=number, pid=worker.pid)
 

@@ -62,8 +62,13 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
                 clients.append(client)
                 client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"%02d" % i)
                 assert client.read_exactly(4) == b"\x01\x00" + b"%02d" % i
-            per_worker = [scrape(port)['mtop_tunnels_open{state="relay"}'] for port in metrics]
+            scraped = [scrape(port) for port in metrics]
+            per_worker = [values['mtop_tunnels_open{state="relay"}'] for values in scraped]
             assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker  # the kernel spread them
+            # alice's password was checked with scrypt once on the machine:
+            # the other worker took the first one's verification.
+            checks = {how: sum(v[f'mtop_password_checks_total{{how="{how}"}}'] for v in scraped) for how in ("hashed", "shared")}
+            assert checks == {"hashed": 1, "shared": 1}, checks
         finally:
             for client in clients:
                 client.close()
@@ -74,6 +79,7 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
         replaced = int(server.wait_for(r"worker 1 started \(pid (\d+)\)", 10, since=since).group(1))
         assert replaced != pids[1]
         server.wait_for(r"MTop TLS listening on 127\.0\.0\.1:", 20, since=since)
+        port1 = int(server.wait_for(r"Prometheus metrics listening on 127\.0\.0\.1:(\d+)", 20, since=since).group(1))
         for i in range(6):  # served all along, by whichever worker
             client = connect(server, e2e_setup)
             try:
@@ -81,6 +87,21 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
                 assert client.read_exactly(4) == b"\x01\x00ok"
             finally:
                 client.close()
+        # The new worker did not start cold: what it served, it took from
+        # the verification the first worker made before it died.
+        for _ in range(40):
+            if scrape(port1)['mtop_auth_total{result="ok"}'] > 0:
+                break
+            client = connect(server, e2e_setup)
+            try:
+                client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"ok")
+                assert client.read_exactly(4) == b"\x01\x00ok"
+            finally:
+                client.close()
+        again = scrape(port1)
+        assert again['mtop_auth_total{result="ok"}'] > 0, again
+        assert again['mtop_password_checks_total{how="hashed"}'] == 0, again
+        assert again['mtop_password_checks_total{how="shared"}'] == 1, again
 
         # Killed without a chance to stop them, the supervisor leaves no worker behind.
         server.proc.send_signal(signal.SIGKILL)
