@@ -61,8 +61,8 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Protocol
 
 from twisted.application.service import IService, MultiService
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.task import LoopingCall
+from twisted.internet.defer import Deferred, TimeoutError, maybeDeferred, succeed
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.python.failure import Failure
 
 from mtop.auth import Authenticator, utc_now
@@ -88,6 +88,9 @@ LEASE_SLICE_MAX = 64 << 20
 #: A lease not renewed (every recheck) lapses after this long at the least,
 #: so what a crashed server had leased comes free again.
 LEASE_TTL_MIN = 30.0
+#: The last flush (at stop) is tried this many times, this far apart.
+FINAL_FLUSH_TRIES = 3
+FINAL_FLUSH_PAUSE = 0.5
 #: A server's presence rows live this many publications (at least
 #: `PRESENCE_TTL_MIN` seconds) unless published again.
 PRESENCE_TTL_INTERVALS = 3
@@ -354,11 +357,24 @@ class UserSessions(MultiService):
             # This server's rows go now, not when they lapse.
             gone = maybeDeferred(self.presence.publish_presence, self.server_id, {}, self.presence_ttl)
             gone.addErrback(lambda _: None)
-        d = self.flush()
-        d.addTimeout(self.flush_timeout, self.clock)
+        d = self._last_flush(FINAL_FLUSH_TRIES)
         d.addErrback(self._last_flush_failed)
         d.addBoth(lambda _: MultiService.stopService(self))
         return d
+
+    def _last_flush(self, tries: int) -> Deferred:
+        """The last flush, tried again (the same batch, so exactly once)
+        after a transient failure such as a deadlock victim's."""
+        d = self.flush()
+        d.addTimeout(self.flush_timeout, self.clock)
+
+        def again(failure: Failure) -> Any:
+            if tries <= 1 or failure.check(TimeoutError):
+                return failure
+            self._log.info("users: the last traffic flush failed ({error}); trying again", error=failure.getErrorMessage())
+            return deferLater(self.clock, FINAL_FLUSH_PAUSE, lambda: None).addCallback(lambda _: self._last_flush(tries - 1))
+
+        return d.addErrback(again)
 
     def _last_flush_failed(self, failure: Failure) -> None:
         lost = {name: (u.up, u.down) for name, u in (self._batch or {}).items()}

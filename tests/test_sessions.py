@@ -8,6 +8,7 @@ from datetime import datetime
 
 import pytest
 from twisted.application.service import Service
+from twisted.python.failure import Failure
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
 from zope.interface import implementer
@@ -308,6 +309,29 @@ def test_stopping_flushes_what_is_left(sessions):
     d = s.stopService()
     assert store.rows["ann"].bytes_down == 42
     assert d.called
+
+
+def test_a_last_flush_that_fails_once_is_tried_again(sessions):
+    """A deadlock victim's flush at stop is not the end of its traffic."""
+    s, store, clock = sessions
+    t1, _ = open_tunnel(s)
+    t1.relay.bytes_down = 42
+    failures = []
+    add_usage = store.add_usage
+
+    def once_broken(server_id, seq, usage):
+        if not failures:
+            failures.append(seq)
+            return fail(StoreUnavailable("Deadlock found when trying to get lock (1213)"))
+        return add_usage(server_id, seq, usage)
+
+    store.add_usage = once_broken
+    done = []
+    s.stopService().addBoth(done.append)
+    assert not done and store.rows["ann"].bytes_down == 0
+    clock.advance(0.5)
+    assert len(done) == 1 and not isinstance(done[0], Failure) and store.rows["ann"].bytes_down == 42
+    assert [seq for seq, _ in store.flushes] == failures  # the same batch, once
 
 
 def test_the_fake_store_provides_what_it_declares():

@@ -76,6 +76,10 @@ PRUNE_LEDGER = {
 }
 
 
+#: Flushes prune the ledger the first time and then every this many times.
+PRUNE_EVERY = 60
+
+
 class UsageFlush:
     """One exactly-once flush: skipped whole if ``(server_id, seq)`` is
     already in ``mtop_usage_flush``, else the increments and the ledger row
@@ -290,6 +294,7 @@ class SQLUserStore(Service):
         #: Whether ``mtop_presence`` exists (`IPresence`): ``None`` until known.
         self.presence_available: bool | None = None
         self._presence_count = 0
+        self._flush_count = 0
 
     # Subclasses
 
@@ -472,7 +477,12 @@ class SQLUserStore(Service):
         (`IUsageSink`)."""
         if not self.running:
             raise StoreUnavailable(f"the user store {self.description} is not running")
-        flush = UsageFlush(server_id, seq, usage, self._sql, PRUNE_LEDGER.get(self.driver), bool(self.leases_available))
+        # Pruning scans the ledger (and on MySQL/MariaDB locks what it scans,
+        # which can deadlock with other servers' flushes): the first flush
+        # and every PRUNE_EVERY-th.
+        self._flush_count += 1
+        prune = PRUNE_LEDGER.get(self.driver) if self._flush_count % PRUNE_EVERY == 1 else None
+        flush = UsageFlush(server_id, seq, usage, self._sql, prune, bool(self.leases_available))
         d = self._observed(maybeDeferred(self._transaction, flush))
         return d.addErrback(self._unavailable)
 

@@ -521,6 +521,9 @@ def test_a_quota_holds_across_servers(e2e_setup, tmp_path, shared_database, work
         for server in servers:
             assert "Traceback" not in server.log(), server.describe()
         counted = totals_of(driver, dsn)[user[0]]
+        if counted[0] < moved:
+            for server in servers:
+                print(server.describe())
         # The counters hold what the relays moved (up; nothing came down).
         assert counted[0] >= moved and counted[0] <= QUOTA * 1.05, (counted, moved)
     finally:
