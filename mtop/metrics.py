@@ -22,6 +22,8 @@ Metrics (all per process):
 ``mtop_user_traffic_bytes_total``  the same per ``user`` (only with
                                    ``metrics.per_user: true``)
 ``mtop_auth_total{result}``        logins: ok, failed, unavailable
+``mtop_unflushed_bytes``           traffic not yet in the user table (what a
+                                   crash would leave uncounted)
 ``mtop_password_checks_total{how}`` passwords checked: hashed (scrypt ran),
                                    reused, shared (by another worker), fast
 ``mtop_refused_total{reason}``     connections refused: acl, banned,
@@ -158,6 +160,15 @@ class _ServerCollector:
         for how, count in factory.authenticator.checks.items():
             checks.add_metric([how], count)
         yield checks
+
+        sessions = factory.sessions
+        if sessions is not None:
+            yield GaugeMetricFamily(
+                "mtop_unflushed_bytes",
+                "Traffic counted here and not yet written to the user table: what a crash now would leave uncounted "
+                "(db.flush_interval bounds it).",
+                value=sessions.unflushed_total(),
+            )
 
         refused = CounterMetricFamily("mtop_refused", "Connections refused, by reason.", labels=["reason"])
         reasons = prefixed(counters, "refused")

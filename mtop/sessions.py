@@ -626,10 +626,24 @@ class UserSessions(MultiService):
             total += pending.up + pending.down
         if self._batch is not None and user.name in self._batch:
             total += self._batch[user.name].up + self._batch[user.name].down
+        return total + self._uncounted(user)
+
+    @staticmethod
+    def _uncounted(user: _User) -> int:
+        """Bytes ``user``'s relays moved since they were last counted."""
+        total = 0
         for tunnel, (up, down) in user.tunnels.items():
             if tunnel.relay is not None:
                 total += tunnel.relay.bytes_up - up + tunnel.relay.bytes_down - down
         return total
+
+    def unflushed_total(self) -> int:
+        """Bytes of every user this server has not written to the table
+        (what a crash now would leave uncounted)."""
+        total = sum(p.up + p.down for p in self.pending.values())
+        if self._batch is not None:
+            total += sum(u.up + u.down for u in self._batch.values())
+        return total + sum(self._uncounted(user) for user in self.users.values())
 
     # Live changes
 

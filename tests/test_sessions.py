@@ -709,3 +709,15 @@ def test_a_stopping_server_clears_its_rows(cluster):
     assert table["a"] == {"ann": (1, False)}
     a.stopService()
     assert table["a"] == {}
+
+
+def test_unflushed_traffic_is_what_a_crash_would_lose(sessions):
+    s, store, clock = sessions
+    t1, _ = open_tunnel(s)
+    t1.relay.bytes_up, t1.relay.bytes_down = 100, 20
+    assert s.unflushed_total() == 120
+    clock.advance(5)  # flushed
+    assert s.unflushed_total() == 0 and store.rows["ann"].bytes_up == 100
+    t1.relay.bytes_down += 7
+    s.release(t1, "ann")  # counted, not yet written
+    assert s.unflushed_total() == 7

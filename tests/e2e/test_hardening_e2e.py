@@ -262,6 +262,8 @@ def test_metrics_endpoint_counts_tunnels_bytes_logins_and_refusals(start_server,
         assert live['mtop_user_traffic_bytes_total{direction="down",user="alice"}'] == 1000
         assert live['mtop_auth_total{result="ok"}'] == 1
         assert live["mtop_handshake_seconds_count"] == 1 and live["mtop_connect_seconds_count"] == 1
+        # Both ways until the next flush (0 if one ran in between).
+        assert live["mtop_unflushed_bytes"] in (0, 2000), live["mtop_unflushed_bytes"]
     finally:
         client.close()
     for password, target_port in ((e2e_setup.wrong_password, target.port), (None, 9)):
@@ -280,6 +282,8 @@ def test_metrics_endpoint_counts_tunnels_bytes_logins_and_refusals(start_server,
     assert after['mtop_auth_total{result="failed"}'] == 1
     assert after['mtop_traffic_bytes_total{direction="down"}'] == 1000
     assert after["mtop_db_errors_total"] == 0 and after["mtop_throttled_addresses"] == 0
+    # alice's password: hashed once (scrypt), then the wrong one hashed too.
+    assert after['mtop_password_checks_total{how="hashed"}'] + after['mtop_password_checks_total{how="fast"}'] == 2
 
 
 def test_climber_metrics_count_tunnels_servers_and_failovers(server, make_climber, make_target):
