@@ -87,6 +87,8 @@ class ServerConfig:
     #: On SIGTERM, open tunnels get this long to finish before they are
     #: closed (0: closed at once).
     drain_timeout: float = 30.0
+    #: Every tunnel goes to this ``(host, port)`` (see `ListenerConfig`).
+    destination: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,9 @@ class ListenerConfig:
     proxy_protocol: bool = False
     #: TCP Fast Open queue length of its listening socket (TLS; 0: off).
     tcp_fast_open: int = 0
+    #: ``(host, port)`` every tunnel on it goes to, whatever target the
+    #: client names (mos-tls-tunnel's ``-d``), or ``None``.
+    destination: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -528,6 +533,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         workers=section.get("workers", d.workers, as_workers),
         tcp_fast_open=section.get("tcp_fast_open", d.tcp_fast_open, as_fast_open_queue),
         drain_timeout=section.get("drain_timeout", d.drain_timeout, as_non_negative_seconds),
+        destination=section.get("destination", d.destination, as_host_port),
     )
     if config.proxy_protocol and config.type == "quic" and not has_listeners:
         raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")
@@ -541,7 +547,10 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     """``listeners:``, each ``{type, listen, crt, key, proto}`` with what it
     leaves out taken from ``server:``; without it, the ``server:`` block."""
     if value is None:
-        listener = ListenerConfig(server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol)
+        listener = ListenerConfig(
+            server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol,
+            destination=server.destination,
+        )
         return (_with_fast_open(listener, server),)
     if not isinstance(value, list) or not value:
         raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {shown(value)}")
@@ -561,8 +570,10 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
         proxy_protocol = section.get("proxy_protocol", server.proxy_protocol and listener_type == "tls", as_bool)
         if proxy_protocol and listener_type == "quic":
             raise ConfigError(f"{section.key('proxy_protocol')}: the PROXY protocol is for TLS on TCP, not for QUIC")
+        destination = section.get("destination", server.destination, as_host_port)
         section.finish()
-        listener = _with_fast_open(ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol), server)
+        listener = ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol, destination=destination)
+        listener = _with_fast_open(listener, server)
         for other in listeners:
             if (other.type, other.listen) == (listener.type, listener.listen):
                 raise ConfigError(f"{section.key('listen')}: {listen} is already a {listener_type} listener")

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from mtop.config import Config, ConfigError, ListenAddress, ListenerConfig, ServerConfig
 from mtop.interfaces import ISettingsConsumer
 from mtop.listening import ListeningService, listening_endpoint
+from mtop.wire import format_hostport
 
 
 #: What to run when QUIC is configured but the reactor cannot host it.
@@ -107,14 +108,17 @@ def listener_services(
     ``index`` (its place in the config).  In a worker (``worker_ports``:
     listener index -> port), listeners bind with ``SO_REUSEPORT``.
     ``quic_max_streams``: concurrent tunnels per QUIC connection."""
+    from mtop.server import DestinationFactory
+
     services: list[Any] = []
     for index, item in enumerate(prepared):
         listener = item.config
         port = listener.listen.port if worker_ports is None else worker_ports.get(index, listener.listen.port)
+        tunnels = factory if listener.destination is None else DestinationFactory(factory, listener.destination)
         if listener.type == "quic":
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
-            protocol = QuicServerProtocol(reactor, factory, item.security, handshake_timeout, quic_max_streams)
+            protocol = QuicServerProtocol(reactor, tunnels, item.security, handshake_timeout, quic_max_streams)
             services.append(QuicListenerService(reactor, protocol, listener, index, port, reuse_port=worker_ports is not None))
             continue
         if worker_ports is None:
@@ -124,7 +128,7 @@ def listener_services(
 
             endpoint = ReusePortEndpoint(reactor, listener.listen, port)
         address = ListenAddress(listener.listen.host, port)
-        serving = partial(_tls_serving, factory, reactor, handshake_timeout, listener.proxy_protocol)
+        serving = partial(_tls_serving, tunnels, reactor, handshake_timeout, listener.proxy_protocol)
         services.append(TLSListener(listener, index, endpoint, address, item.security, serving))
     return services
 
@@ -168,6 +172,8 @@ class TLSListener(ListeningService):
         self.index = index
         self.security = security
         note = " (PROXY protocol header required)" if listener.proxy_protocol else ""
+        if listener.destination is not None:
+            note += f" (every tunnel to {format_hostport(*listener.destination)})"
         super().__init__(endpoint, serving(self.current_security), "MTop TLS", address, note)
 
     def current_security(self) -> Any:

@@ -146,6 +146,9 @@ class TunnelProtocol(TunnelEnd):
 
     PENDING_STATES = frozenset({"auth", "connecting", "fallback"})
     request: wire.AuthRequest | None = None
+    #: ``(host, port)`` the tunnel goes to whatever the client names (its
+    #: listener's ``destination``; set by `DestinationFactory`), or ``None``.
+    destination: tuple[str, int] | None = None
     _admitted = False
     _login_slot = False
     _fallback_reason: str | None = None
@@ -316,7 +319,12 @@ class TunnelProtocol(TunnelEnd):
                 return
             self._admitted = True
         self._dialled = self.clock.seconds()
-        dialling = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
+        if self.destination is not None:
+            # The operator's destination: not subject to the destination ACL
+            # (which judges what clients name), like the fallback.
+            dialling = self.factory.dialer.connect_unchecked(*self.destination, _TargetFactory(self))
+        else:
+            dialling = self.factory.dialer.connect(self.request.host, self.request.port, _TargetFactory(self))
         self.wait_for("connecting", dialling).addErrback(self._connect_error)
 
     def _auth_failed(self) -> None:
@@ -496,12 +504,13 @@ class TunnelProtocol(TunnelEnd):
             self.factory.sessions.release(self, self.request.username)
         request = self.request
         (self._log.debug if check else self._log.info)(
-            "tunnel {outcome}: client={client} user={user} target={target} "
+            "tunnel {outcome}: client={client} user={user} target={target}{destination_text} "
             "up={bytes_up} down={bytes_down} duration={duration:.3f}s{detail_text}",
             outcome=self.outcome,
             client=self.peer,
             user=request.username if request else None,
             target=request.target if request else None,
+            destination_text=f" destination={wire.format_hostport(*self.destination)}" if self.destination else "",
             bytes_up=bytes_up,
             bytes_down=bytes_down,
             duration=self.clock.seconds() - self.started,
@@ -509,6 +518,31 @@ class TunnelProtocol(TunnelEnd):
             detail_text=f" ({self.detail})" if self.detail else "",
             tunnel_event=True,
         )
+
+
+class DestinationFactory:
+    """The tunnel factory of a listener with a fixed ``destination``
+    (``host, port``): `TunnelFactory`'s tunnels (the same limits, users and
+    policy), each sent there whatever target the client names; the named
+    target is still logged."""
+
+    def __init__(self, factory: "TunnelFactory", destination: tuple[str, int]):
+        self.factory = factory
+        self.destination = destination
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.factory, name)
+
+    def buildProtocol(self, addr: Any) -> TunnelProtocol | None:
+        return self._fixed(self.factory.buildProtocol(addr))
+
+    def build_stream_protocol(self, addr: Any, parent: Any) -> TunnelProtocol | None:
+        return self._fixed(self.factory.build_stream_protocol(addr, parent))
+
+    def _fixed(self, protocol: TunnelProtocol | None) -> TunnelProtocol | None:
+        if protocol is not None:
+            protocol.destination = self.destination
+        return protocol
 
 
 @implementer(ISettingsConsumer)

@@ -130,7 +130,9 @@ class LogLevel:
 
 
 def _listener_shape(config: Config) -> tuple:
-    return tuple((item.type, item.listen, item.proxy_protocol, item.tcp_fast_open) for item in config.listeners)
+    return tuple(
+        (item.type, item.listen, item.proxy_protocol, item.tcp_fast_open, item.destination) for item in config.listeners
+    )
 
 
 #: What a running process cannot change: the name a reload's warning uses,

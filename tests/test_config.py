@@ -291,3 +291,20 @@ def test_only_sqlite_databases_are_checked_for_a_file(confdir):
     data = _data()
     data["db"] = {"driverName": "psql", "dsn": "postgres://postgres@127.0.0.1/mtop"}
     require_database(load_config_data(data, str(confdir / "mtop.yaml")))
+
+
+def test_a_fixed_destination_per_listener(confdir):
+    config = load_config_data(
+        {
+            "server": {"crt": "server.crt", "key": "server.key", "destination": "127.0.0.1:8388"},
+            "listeners": [{"type": "tls"}, {"type": "quic", "destination": "[::1]:53"}],
+        },
+        str(confdir / "mtop.yaml"),
+        check_files=False,
+    )
+    assert [listener.destination for listener in config.listeners] == [("127.0.0.1", 8388), ("::1", 53)]
+    assert load_config_data(_data(), str(confdir / "mtop.yaml")).listeners[0].destination is None
+    with pytest.raises(ConfigError, match=r"server.destination: ':8388' needs a host and a port"):
+        load_config_data(_data(destination=":8388"), str(confdir / "mtop.yaml"))
+    with pytest.raises(ConfigError, match=r"listeners\[0\].destination: 'ss' has no port"):
+        load_config_data({**_data(), "listeners": [{"destination": "ss"}]}, str(confdir / "mtop.yaml"))

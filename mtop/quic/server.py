@@ -32,7 +32,7 @@ from mtop.interfaces import ISettingsConsumer
 from mtop.limits import client_key
 from mtop.listening import ipv6_available, listen_failed
 from mtop.logs import logger
-from mtop.wire import format_address
+from mtop.wire import format_address, format_hostport
 from mtop.quic import backend as backends
 from mtop.quic.connection import (
     DEFAULT_MAX_STREAMS,
@@ -454,10 +454,12 @@ class QuicListenerService(Service):
             raise listen_failed(self._log, self.label, ListenAddress(self.interface, self.port_number), e) from None
         host = self.port.getHost()
         shown = f"[{host.host}]:{host.port}" if ":" in host.host else f"{host.host}:{host.port}"
+        destination = getattr(self.protocol.factory, "destination", None)
         self._log.info(
-            "{label} listening on {address} ({library})",
+            "{label} listening on {address} ({library}){note}",
             label=self.label, address=shown, port=host.port,
             library=backends.describe(backends.of(self.protocol.configuration)),
+            note=f" (every tunnel to {format_hostport(*destination)})" if destination else "",
         )
 
     def _adopt_reuseport(self) -> Any:
