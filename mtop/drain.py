@@ -70,6 +70,8 @@ class Drain:
 
     def __call__(self) -> Deferred:
         timeout = self.timeout()
+        if self.install_signals:
+            self._take_signals()
         if timeout <= 0 or self.draining:
             return succeed(None)
         self.draining = True
@@ -88,8 +90,6 @@ class Drain:
             idle=idle,
         )
         self._done = Deferred()
-        if self.install_signals:
-            self._take_signals()
         self._deadline = self.clock.seconds() + timeout
         self._check()
         return self._done
@@ -114,7 +114,6 @@ class Drain:
         if self._poll is not None and self._poll.active():
             self._poll.cancel()
         self._poll = None
-        self._give_back_signals()
         took = self.clock.seconds() - self._started
         if cut is None:
             self._log.info("drained: every tunnel ended within {took:.1f}s", took=took)
@@ -127,14 +126,19 @@ class Drain:
         done, self._done = self._done, None
         done.callback(None)
 
-    # Signals: while draining, SIGTERM and SIGINT end the wait (twistd's
-    # own handlers would only try to stop a reactor already stopping).
+    # Signals: from the first stop on, SIGTERM and SIGINT end the drain's
+    # wait, and after it are noted and ignored: twistd's own handlers would
+    # try to stop a reactor already stopping, with a traceback (shadowsocks'
+    # ss-server, for one, sends its plugin a second SIGTERM).
 
     def _take_signals(self) -> None:
+        if self._previous:
+            return
+
         def handler(signum: int, frame: Any) -> None:
             from twisted.internet import reactor
 
-            reactor.callFromThread(self.cut)
+            reactor.callFromThread(self._signalled)
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             try:
@@ -142,11 +146,19 @@ class Drain:
             except (ValueError, OSError):  # not the main thread
                 pass
 
-    def _give_back_signals(self) -> None:
+    def restore_signals(self) -> None:
+        """Give the stop signals back to whoever had them (for a process
+        that goes on after a drain: tests)."""
         for signum, previous in self._previous.items():
             try:
                 signal.signal(signum, previous)
             except (ValueError, OSError, TypeError):
                 pass
         self._previous = {}
+
+    def _signalled(self) -> None:
+        if self._done is not None and not self._done.called:
+            self.cut()
+        else:
+            self._log.info("stop signal repeated: already stopping (the last traffic flush is bounded by its timeout)")
 

@@ -72,6 +72,31 @@ def daemonizing(options: Any) -> bool:
         return False
 
 
+def _take_stop_signals(log: Any) -> None:
+    import signal
+
+    from twisted.internet import reactor
+
+    stopping = []
+
+    def stop(signum: int) -> None:
+        if stopping:
+            log.info("stop signal repeated: already stopping")
+            return
+        stopping.append(signum)
+        log.info("received {signal}, shutting down", signal=signal.Signals(signum).name)
+        reactor.stop()
+
+    def handler(signum: int, frame: Any) -> None:
+        reactor.callFromThread(stop, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            signal.signal(signum, handler)
+        except (ValueError, OSError):  # not the main thread
+            pass
+
+
 class TapService(MultiService):
     """The root service of a tap (an `IServiceCollection`).
 
@@ -92,6 +117,12 @@ class TapService(MultiService):
         self.daemon = daemon
         #: Run before any service stops, and waited for (`mtop.drain.Drain`).
         self.drain: Any = None
+        #: Take SIGTERM and SIGINT from twistd when started (set by the
+        #: taps): the first stops the reactor, a repeated one is noted,
+        #: where twistd's would try to stop the stopping reactor, with a
+        #: traceback (shadowsocks sends its plugins two; so does a process
+        #: group's stop).  A drain takes them over while it runs.
+        self.stop_signals = False
 
     def stopService(self) -> Any:
         if self.drain is None or not self.running:
@@ -116,6 +147,12 @@ class TapService(MultiService):
             if self.daemon:
                 raise
             raise SystemExit(1) from None
+        if self.stop_signals:
+            from twisted.internet import reactor
+
+            # After the reactor has installed its own (twistd starts the
+            # services before it runs).
+            reactor.callWhenRunning(_take_stop_signals, self._log)
 
 
 class ConfigUsageError(usage.UsageError):
