@@ -79,6 +79,22 @@ class Options(TapOptions):
         self["forwards"].append({"listen": listen, "target": target})
 
     def postOptions(self) -> None:
+        from mtop.sip003 import from_environment
+
+        try:
+            plugin = from_environment()
+            if plugin is not None:
+                from climber.sip003 import climber_data
+
+                self.config_data = load_climber_data(climber_data(plugin), None)
+                for server in self.config_data.usable_servers:
+                    client_context(server.ca or None, server.proto, server.insecure)
+                _check_quic_reactor(self.config_data, "shadowsocks plugin")
+        except (ConfigError, TLSConfigError) as e:
+            raise ConfigUsageError(f"shadowsocks plugin: {e}") from None
+        if plugin is not None:
+            use_log_format(self.config_data.log.format, self.parent)
+            return
         path = self["config"]
         try:
             links = self._links()
@@ -244,6 +260,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     config = options.config_data
     set_level(config.log.level)
     root = TapService(daemon=daemonizing(options))
+    root.stop_signals = True
     StartupNotes(config).setServiceParent(root)
     fastpath.log_data_path_at_start(root)
 

@@ -43,9 +43,18 @@ class Options(TapOptions):
     settings: RuntimeSettings
 
     def postOptions(self) -> None:
+        from mtop import sip003
+
         path = self["config"]
         try:
-            self.config_data = load_config(path)
+            plugin = sip003.from_environment()
+            if plugin is not None:
+                # ss-server's plugin: one listener on the public address, every
+                # tunnel to ss-server; the rest from the config.
+                path = sip003.config_path(plugin, path)
+                self.config_data = sip003.server_config(plugin, load_config(path))
+            else:
+                self.config_data = load_config(path)
             if any(listener.type == "quic" for listener in self.config_data.listeners):
                 install_quic_reactor()
             _check_driver(self.config_data)
@@ -158,6 +167,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     # config's by the reloader.
     consumers: list[Any] = [LogLevel()]
     root = TapService(daemon=daemonizing(options))
+    root.stop_signals = True
     StartupNotes(config).setServiceParent(root)
     fastpath.log_data_path_at_start(root)
     workers = effective_workers(config.server.workers)

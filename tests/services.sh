@@ -83,7 +83,16 @@ haproxy_program() {
     apt_install haproxy
 }
 
+shadowsocks_programs() {
+    # The SIP003 tests run ss-server and ss-local (shadowsocks-libev) with
+    # our plugins, from command lines of their own on loopback ports.
+    command -v ss-server >/dev/null 2>&1 && command -v ss-local >/dev/null 2>&1 && return 0
+    can_install || { echo "services: shadowsocks-libev is not installed (apt-get install shadowsocks-libev)" >&2; return 1; }
+    apt_install shadowsocks-libev
+}
+
 postgres
 mariadb
 haproxy_program
+shadowsocks_programs
 exit 0
