@@ -327,7 +327,10 @@ def test_limits_tunnels_rate_and_quota(database, servers, e2e_setup, echo_target
             time.sleep(0.05)
     server.wait_for(r"tunnel over-quota: .* user=hal", 5)
     assert not Tunnel(server, e2e_setup.ca, "hal", "Hal-pw-6", echo_target.port).ok
-    time.sleep(1.5)
+    # Written by the next flush (every 1 s; later on a loaded machine).
+    deadline = time.monotonic() + 15
+    while sum(counters(database, "hal")) < 2_000_000 and time.monotonic() < deadline:
+        time.sleep(0.2)
     up, down = counters(database, "hal")
     # Cut within a chunk or two (each way) of the quota.
     assert 2_000_000 <= up + down < 2_000_000 + 300_000
