@@ -89,6 +89,11 @@ class ServerConfig:
     drain_timeout: float = 30.0
     #: Every tunnel goes to this ``(host, port)`` (see `ListenerConfig`).
     destination: tuple[str, int] | None = None
+    #: WebSocket listeners: the upgrade's path, trusted proxies (``None``:
+    #: loopback for ``ws``, none for ``wss``) and seconds between pings.
+    path: str = "/"
+    trusted_proxies: tuple | None = None
+    ws_ping_interval: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,15 @@ class ListenerConfig:
     #: ``(host, port)`` every tunnel on it goes to, whatever target the
     #: client names (mos-tls-tunnel's ``-d``), or ``None``.
     destination: tuple[str, int] | None = None
+    #: WebSocket (``ws``, ``wss``): the request path of the upgrade.
+    path: str = "/"
+    #: WebSocket: proxies whose ``Forwarded``/``X-Forwarded-For`` name the
+    #: client (IP networks).
+    trusted_proxies: tuple = ()
+
+    @property
+    def on_tcp(self) -> bool:
+        return self.type in TCP_TYPES
 
 
 @dataclass(frozen=True)
@@ -229,7 +243,15 @@ EXAMPLE_DSNS = {
     "mysql": "root:password@tcp(127.0.0.1:3306)/mtop",
 }
 TLS_VERSIONS = ("1.2", "1.3")
-SERVER_TYPES = ("tls", "quic")
+SERVER_TYPES = ("tls", "quic", "wss", "ws")
+#: Listener types on TCP (the others are on UDP).
+TCP_TYPES = ("tls", "wss", "ws")
+#: Where a ``ws`` listener (no TLS: for a reverse proxy or CDN on the same
+#: host) listens when its entry names no address.
+WS_DEFAULT_LISTEN = "127.0.0.1:8080"
+#: Whose ``Forwarded``/``X-Forwarded-For`` a ``ws`` listener believes when
+#: its entry names none: the reverse proxy on the same host.
+WS_DEFAULT_TRUSTED = ("127.0.0.0/8", "::1/128")
 
 
 def is_bare_port(value: Any) -> bool:
@@ -512,7 +534,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         raise ConfigError(f"server.proto: {proto!r} must be 1 to 255 bytes long")
     crt = section.get("crt", "", path_in(base))
     key = section.get("key", "", path_in(base))
-    if check_files and not has_listeners:
+    if check_files and not has_listeners and server_type != "ws":
         require_readable("server.crt", crt)
         require_readable("server.key", key)
     config = ServerConfig(
@@ -534,6 +556,9 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         tcp_fast_open=section.get("tcp_fast_open", d.tcp_fast_open, as_fast_open_queue),
         drain_timeout=section.get("drain_timeout", d.drain_timeout, as_non_negative_seconds),
         destination=section.get("destination", d.destination, as_host_port),
+        path=section.get("path", d.path, as_ws_path),
+        trusted_proxies=section.get("trusted_proxies", d.trusted_proxies, as_networks),
+        ws_ping_interval=section.get("ws_ping_interval", d.ws_ping_interval, as_non_negative_seconds),
     )
     if config.proxy_protocol and config.type == "quic" and not has_listeners:
         raise ConfigError("server.proxy_protocol: the PROXY protocol is for TLS on TCP, not for QUIC")
@@ -547,10 +572,15 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     """``listeners:``, each ``{type, listen, crt, key, proto}`` with what it
     leaves out taken from ``server:``; without it, the ``server:`` block."""
     if value is None:
+        listen = server.listen
+        if server.type == "ws" and listen == ServerConfig.listen:
+            listen = parse_listen(WS_DEFAULT_LISTEN)
         listener = ListenerConfig(
-            server.type, server.listen, server.crt, server.key, server.proto, server.proxy_protocol,
-            destination=server.destination,
+            server.type, listen, server.crt, server.key, server.proto, server.proxy_protocol,
+            destination=server.destination, path=server.path,
+            trusted_proxies=_trusted(server.type, server.trusted_proxies),
         )
+        _warn_open_ws(listener, "server.listen", warnings)
         return (_with_fast_open(listener, server),)
     if not isinstance(value, list) or not value:
         raise ConfigError(f"listeners: expected a list of {{type, listen}} entries, got {shown(value)}")
@@ -563,16 +593,27 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
             raise ConfigError(f"{section.key('proto')}: {proto!r} must be 1 to 255 bytes long")
         crt = section.get("crt", server.crt, path_in(base))
         key = section.get("key", server.key, path_in(base))
-        if check_files:
+        if check_files and listener_type != "ws":
             require_readable(section.key("crt"), crt)
             require_readable(section.key("key"), key)
-        listen = section.get("listen", server.listen, lambda k, v: parse_listen(v, k))
-        proxy_protocol = section.get("proxy_protocol", server.proxy_protocol and listener_type == "tls", as_bool)
+        default_listen = parse_listen(WS_DEFAULT_LISTEN) if listener_type == "ws" else server.listen
+        listen = section.get("listen", default_listen, lambda k, v: parse_listen(v, k))
+        proxy_protocol = section.get("proxy_protocol", server.proxy_protocol and listener_type in TCP_TYPES, as_bool)
         if proxy_protocol and listener_type == "quic":
             raise ConfigError(f"{section.key('proxy_protocol')}: the PROXY protocol is for TLS on TCP, not for QUIC")
         destination = section.get("destination", server.destination, as_host_port)
+        path = section.get("path", server.path, as_ws_path)
+        trusted = section.get("trusted_proxies", server.trusted_proxies, as_networks)
+        if listener_type not in ("ws", "wss"):
+            for name in ("path", "trusted_proxies"):
+                if name in item:
+                    raise ConfigError(f"{section.key(name)}: only WebSocket listeners (type ws or wss) have one")
         section.finish()
-        listener = ListenerConfig(listener_type, listen, crt, key, proto, proxy_protocol, destination=destination)
+        listener = ListenerConfig(
+            listener_type, listen, crt, key, proto, proxy_protocol, destination=destination, path=path,
+            trusted_proxies=_trusted(listener_type, trusted),
+        )
+        _warn_open_ws(listener, section.key("listen"), warnings)
         listener = _with_fast_open(listener, server)
         for other in listeners:
             if (other.type, other.listen) == (listener.type, listener.listen):
@@ -581,9 +622,33 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
     return tuple(listeners)
 
 
+def _trusted(listener_type: str, configured: tuple | None) -> tuple:
+    if listener_type not in ("ws", "wss"):
+        return ()
+    if configured is None:
+        return as_networks("trusted_proxies", list(WS_DEFAULT_TRUSTED)) if listener_type == "ws" else ()
+    return configured
+
+
+def _warn_open_ws(listener: ListenerConfig, key: str, warnings: list[str]) -> None:
+    host = listener.listen.host
+    if listener.type == "ws" and host not in ("127.0.0.1", "::1", "localhost") and not (host or "").startswith("127."):
+        warnings.append(
+            f"{key}: a ws listener (no TLS) on {listener.listen}: passwords cross the network in the clear "
+            "unless only a TLS-terminating proxy on this host can reach it"
+        )
+
+
+def as_ws_path(key: str, value: Any) -> str:
+    path = as_string(key, value)
+    if not path.startswith("/") or any(c in path for c in "?# \t\r\n") or not path.isascii() or len(path) > 1024:
+        raise ConfigError(f"{key}: {path!r} is not a request path: it starts with '/' and has no spaces, '?' or '#'")
+    return path
+
+
 def _with_fast_open(listener: ListenerConfig, server: ServerConfig) -> ListenerConfig:
-    """``listener`` with ``server.tcp_fast_open`` if it is on TCP (TLS)."""
-    if listener.type != "tls" or not server.tcp_fast_open:
+    """``listener`` with ``server.tcp_fast_open`` if it is on TCP."""
+    if not listener.on_tcp or not server.tcp_fast_open:
         return listener
     return replace(listener, tcp_fast_open=server.tcp_fast_open)
 

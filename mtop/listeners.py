@@ -1,5 +1,7 @@
 """The server's listeners, from ``listeners:`` (or the ``server:`` block):
-TLS on TCP and QUIC on UDP, possibly both on the same port number.
+TLS on TCP and QUIC on UDP, possibly both on the same port number, and
+WebSocket (``wss``: over TLS; ``ws``: behind a TLS-terminating proxy) on
+TCP (`mtop.websocket`).
 
 `prepare_listeners` loads what each listener needs from the config (its
 certificate, as a TLS context or a QUIC configuration) and checks the
@@ -32,6 +34,9 @@ from mtop.wire import format_hostport
 
 #: What to run when QUIC is configured but the reactor cannot host it.
 QUIC_COMMAND = "twistd -r asyncio mtop --config FILE"
+
+#: The ALPN protocol of ``wss`` listeners and climber's ``wss`` servers.
+WSS_ALPN = "http/1.1"
 
 #: The QUIC idle timeout when tunnels never idle out (``idle_timeout: 0``):
 #: a connection (not a tunnel) with no packets for this long is closed.
@@ -81,6 +86,12 @@ def prepare_listeners(config: Config, reactor: Any = None) -> list[PreparedListe
                 )
             except (QuicConfigError, BackendUnavailable) as e:
                 raise ConfigError(str(e)) from None
+        elif listener.type == "ws":
+            security = None  # TLS is the reverse proxy's
+        elif listener.type == "wss":
+            # A web server's ALPN: HTTP/1.1 (a client offering only h2 gets
+            # none, and its request goes to the fallback or a 404).
+            security = server_context(listener.crt, listener.key, WSS_ALPN, server.tls_min_version, fallback=True)
         else:
             security = server_context(
                 listener.crt, listener.key, listener.proto, server.tls_min_version, fallback=server.fallback is not None
@@ -102,6 +113,7 @@ def listener_services(
     handshake_timeout: float,
     worker_ports: dict[int, int] | None = None,
     quic_max_streams: int = 512,
+    ws_ping_interval: float = 30.0,
 ) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
     tunnel protocols; each has ``listener`` (its `ListenerConfig`) and
@@ -128,18 +140,24 @@ def listener_services(
 
             endpoint = ReusePortEndpoint(reactor, listener.listen, port)
         address = ListenAddress(listener.listen.host, port)
-        serving = partial(_tls_serving, tunnels, reactor, handshake_timeout, listener.proxy_protocol)
+        if listener.type in ("ws", "wss"):
+            from mtop.websocket import WebSocketFactory
+
+            tunnels = WebSocketFactory(tunnels, reactor, listener.path, listener.trusted_proxies, ws_ping_interval)
+        serving = partial(_tls_serving, tunnels, reactor, handshake_timeout, listener.proxy_protocol, listener.type != "ws")
         services.append(TLSListener(listener, index, endpoint, address, item.security, serving))
     return services
 
 
-def _tls_serving(factory: Any, reactor: Any, handshake_timeout: float, proxy_protocol: bool, current: Callable[[], Any]) -> Any:
-    """The protocol factory of a TLS listener: ``factory``'s tunnels over
-    TLS with the context ``current()`` returns, behind a PROXY protocol
-    header if the listener wants one."""
+def _tls_serving(
+    factory: Any, reactor: Any, handshake_timeout: float, proxy_protocol: bool, tls: bool, current: Callable[[], Any]
+) -> Any:
+    """The protocol factory of a TCP listener: ``factory``'s protocols over
+    TLS with the context ``current()`` returns (``tls``; a ``ws`` listener
+    has none), behind a PROXY protocol header if the listener wants one."""
     from mtop.tlstransport import server_tls_factory
 
-    serving = server_tls_factory(factory, current, reactor)
+    serving = server_tls_factory(factory, current, reactor) if tls else factory
     if proxy_protocol:
         from mtop.proxyproto import ProxyHeaderFactory
 
@@ -174,7 +192,11 @@ class TLSListener(ListeningService):
         note = " (PROXY protocol header required)" if listener.proxy_protocol else ""
         if listener.destination is not None:
             note += f" (every tunnel to {format_hostport(*listener.destination)})"
-        super().__init__(endpoint, serving(self.current_security), "MTop TLS", address, note)
+        label = "MTop TLS"
+        if listener.type in ("ws", "wss"):
+            label = f"MTop WebSocket ({listener.type})"
+            note = f" (path {listener.path})" + note
+        super().__init__(endpoint, serving(self.current_security), label, address, note)
 
     def current_security(self) -> Any:
         """The TLS context a new connection gets."""

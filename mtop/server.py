@@ -389,6 +389,16 @@ class TunnelProtocol(TunnelEnd):
     # Fallback: not an MTop client, or a failed login, with a fallback web
     # server configured.
 
+    def not_websocket(self, reason: str, request: bytes, refusal: bytes) -> None:
+        """`mtop.websocket`: ``request`` (all this client sent) is not its
+        listener's WebSocket upgrade: to the fallback web server when one
+        is configured, else answered ``refusal`` (a plain 404)."""
+        if self.factory.settings.fallback is not None:
+            self._to_fallback(reason, request)
+        else:
+            self.outcome, self.detail = "bad-request", reason
+            self.close_after(refusal)
+
     def _fallback_allowed(self) -> bool:
         """A fallback is configured and this is a TLS connection (a QUIC
         stream cannot look like a web site)."""

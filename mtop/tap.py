@@ -223,7 +223,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     watcher.setServiceParent(root)
     listeners = listener_services(
         settings.listeners, factory, reactor, config.server.handshake_timeout, worker_ports() if number is not None else None,
-        config.quic.max_streams,
+        config.quic.max_streams, config.server.ws_ping_interval,
     )
     for service in listeners:
         service.setServiceParent(root)
