@@ -41,6 +41,7 @@ from mtop.config import (
     as_packet_size,
     as_seconds,
     as_string,
+    as_ws_path,
     bare_port_error,
     choice,
     is_bare_port,
@@ -54,8 +55,10 @@ from mtop.redact import shown
 from mtop.urls import DEFAULT_PROTO, URLError, parse_url
 
 STRATEGIES = ("random", "round_robin", "failover", "fastest")
-SERVER_TYPES = ("tls", "quic")
-SUPPORTED_TYPES = ("tls", "quic")
+SERVER_TYPES = ("tls", "quic", "wss")
+SUPPORTED_TYPES = ("tls", "quic", "wss")
+#: Seconds between a ``wss`` connection's pings (under CDNs' 100 s).
+DEFAULT_PING_INTERVAL = 30.0
 DEFAULT_MAX_STREAMS = 100
 #: TLS connections kept ready per ``type: tls`` server unless configured
 #: (`climber.prewarm`); the most that can be asked for.
@@ -98,6 +101,20 @@ class ServerEntry:
     tcp_fast_open: bool = False
     #: QUIC: the library (``quic.backend``: auto, qh3 or aioquic).
     quic_backend: str = "auto"
+    #: WebSocket (``wss``): the upgrade's path, its Host header (``None``:
+    #: the TLS server name, with the port unless 443) and seconds between
+    #: pings (0: none).
+    path: str = "/"
+    ws_host: str | None = None
+    ping_interval: float = DEFAULT_PING_INTERVAL
+
+    @property
+    def host_header(self) -> str:
+        if self.ws_host:
+            return self.ws_host
+        name = self.sni or self.host
+        name = f"[{name}]" if ":" in name else name
+        return name if self.port == 443 else f"{name}:{self.port}"
 
     @property
     def name(self) -> str:
@@ -229,6 +246,9 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
         require_readable(section.key("ca"), ca)
     max_streams = section.get("max_streams", DEFAULT_MAX_STREAMS, _stream_count)
     packet_size = section.get("quic_packet_size", DEFAULT_QUIC_PACKET_SIZE, as_packet_size)
+    ws_path = section.get("path", None, as_ws_path)
+    ws_host = section.get("ws_host", None, as_string) or None
+    ping_interval = section.get("ping_interval", DEFAULT_PING_INTERVAL, as_non_negative_seconds)
     tcp_settings = _TCPSettings(
         section,
         section.get("prewarm", None, _prewarm_count),
@@ -248,14 +268,12 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
                 raise ConfigError(f"{key}: {e}") from None
             proto = section.get("proto", link.proto, as_string)
             server_type = section.get("type", link.type, choice(SERVER_TYPES))
-            entries.append(
-                tcp_settings.apply(
-                    ServerEntry(
-                        link.host, link.port, link.username, link.password, server_type, ca, proto, sni, insecure,
-                        pipelining, enabled, max_streams, packet_size,
-                    )
-                )
+            entry = ServerEntry(
+                link.host, link.port, link.username, link.password, server_type, ca, proto, sni or link.sni, insecure,
+                pipelining, enabled, max_streams, packet_size,
+                path=ws_path or link.path, ws_host=ws_host or link.ws_host, ping_interval=ping_interval,
             )
+            entries.append(tcp_settings.apply(entry))
     else:
         if section.data.get("host") is None:  # absent, or "host:" with no value
             raise ConfigError(f"{section.name}: a server needs host (with username and password) or url")
@@ -280,11 +298,17 @@ def _server_entries(section: Section, base: str) -> list[ServerEntry]:
             enabled,
             max_streams,
             packet_size,
+            path=ws_path or "/",
+            ws_host=ws_host,
+            ping_interval=ping_interval,
         )
         entries.append(tcp_settings.apply(entry))
     for entry in entries:
         if not entry.proto or len(entry.proto.encode()) > 255:
             raise ConfigError(f"{section.key('proto')}: {entry.proto!r} must be 1 to 255 bytes long")
+        if entry.type != "wss" and (ws_path is not None or ws_host is not None):
+            key = section.key("path" if ws_path is not None else "ws_host")
+            raise ConfigError(f"{key}: server {entry.name} is {entry.type}; only type: wss servers have one")
     section.finish()
     return entries
 
@@ -304,6 +328,13 @@ class _TCPSettings:
         streams of one shared connection: asking it for prewarmed
         connections or TCP Fast Open is a config error (a warning would
         leave the reader believing it works)."""
+        if entry.type == "wss":
+            if self.prewarm:
+                raise ConfigError(
+                    f"{self.section.key('prewarm')}: server {entry.name} is wss; prewarmed connections are "
+                    "for type: tls servers (set 0 or leave it out)"
+                )
+            return replace(entry, prewarm=0, tcp_fast_open=self.tcp_fast_open)
         if entry.type != "quic":
             prewarm = DEFAULT_PREWARM if self.prewarm is None else self.prewarm
             return replace(entry, prewarm=prewarm, prewarm_max_age=self.prewarm_max_age, tcp_fast_open=self.tcp_fast_open)

@@ -433,12 +433,45 @@ def connect_server(
     return HostnameEndpoint(reactor, host, port, timeout=timeout).connect(factory)
 
 
+class WebSocketConnector(ServerConnector):
+    """How tunnels reach a ``type: wss`` server (through a CDN or reverse
+    proxy, or straight to a ``wss`` listener): TLS with ALPN ``http/1.1``,
+    then the WebSocket upgrade (``path``, the Host header), then MTop in
+    binary messages (`mtop.websocket.WebSocketDial`).  No prewarmed
+    connections (yet): each tunnel makes its own.  An upgrade answered with
+    an HTTP status (a wrong path or Host; a CDN whose origin is down) fails
+    the tunnel with what the status was: 5xx as the server being
+    unreachable (the next one is tried), anything else as final."""
+
+    def __init__(self, entry: ServerEntry, reactor: Any):
+        from dataclasses import replace
+
+        from mtop.listeners import WSS_ALPN
+
+        super().__init__(replace(entry, prewarm=0, proto=WSS_ALPN), reactor)
+
+    def _connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
+        from mtop.websocket import WebSocketDial
+
+        entry = self.entry
+
+        def refused(detail: str, status: int | None) -> None:
+            kind = "unreachable" if status is not None and status >= 500 else "protocol"
+            protocol.error = TunnelError(kind, detail, entry.name)
+
+        dial = WebSocketDial(protocol, entry.host_header, entry.path, reactor, entry.ping_interval, refused)
+        return super()._connect(reactor, dial, timeout)
+
+
 def connector_for(reactor: Any, entry: ServerEntry, idle_timeout: float) -> Any:
-    """The connector for ``entry``'s transport (TLS, or QUIC streams)."""
+    """The connector for ``entry``'s transport (TLS, WebSocket over TLS,
+    or QUIC streams)."""
     if entry.type == "quic":
         from climber.quic import QuicConnector
 
         return QuicConnector(reactor, entry, idle_timeout)
+    if entry.type == "wss":
+        return WebSocketConnector(entry, reactor)
     return ServerConnector(entry, reactor)
 
 

@@ -5,7 +5,14 @@ Format (the original control tool's)::
     mtop://USER:PASSWORD@HOST:PORT/TYPE?proto=ALPN
 
 with user and password percent-encoded as URL userinfo, IPv6 hosts in
-brackets, ``TYPE`` one of ``tls`` or ``quic``.
+brackets, ``TYPE`` one of ``tls`` or ``quic``; and for WebSocket
+(``wss``, usually through a CDN or reverse proxy)::
+
+    mtop://USER:PASSWORD@HOST:PORT/wss?path=/tunnel&sni=NAME&host=NAME
+
+with the upgrade's request path, the TLS server name and the Host header
+(each left out when it is the default: ``/``, the link's host).  ``sni``
+may come with any type.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import parse_qs, quote, unquote, urlsplit
 
-TRANSPORTS = ("tls", "quic")
+TRANSPORTS = ("tls", "quic", "wss")
 DEFAULT_PROTO = "mtop"
 
 
@@ -29,12 +36,22 @@ class ServerLink:
     port: int
     type: str = "tls"
     proto: str = DEFAULT_PROTO
+    #: WebSocket: the upgrade's path and Host header (``None``: the host).
+    path: str = "/"
+    ws_host: str | None = None
+    #: The TLS server name, when not the host.
+    sni: str | None = None
 
     def __repr__(self) -> str:
+        extra = ""
+        if self.type == "wss":
+            extra = f", path={self.path!r}, ws_host={self.ws_host!r}"
+        if self.sni:
+            extra += f", sni={self.sni!r}"
         return (
             f"ServerLink(username={self.username!r}, password=<hidden>, "
             f"host={self.host!r}, port={self.port}, type={self.type!r}, "
-            f"proto={self.proto!r})"
+            f"proto={self.proto!r}{extra})"
         )
 
 
@@ -62,7 +79,22 @@ def make_url(link: ServerLink) -> str:
         raise URLError(f"port {link.port} is outside 1-65535")
     host = f"[{link.host}]" if ":" in link.host else link.host
     userinfo = f"{quote(link.username, safe='')}:{quote(link.password, safe='')}"
-    return f"mtop://{userinfo}@{host}:{link.port}/{link.type}?proto={quote(link.proto, safe='')}"
+    query = f"proto={quote(link.proto, safe='')}"
+    if link.type == "wss":
+        _check_path(link.path)
+        query = ""
+        if link.path != "/":
+            query += f"&path={quote(link.path, safe='/')}"
+        if link.ws_host:
+            query += f"&host={quote(link.ws_host, safe=':[]')}"
+    if link.sni:
+        query += f"&sni={quote(link.sni, safe='')}"
+    return f"mtop://{userinfo}@{host}:{link.port}/{link.type}?{query.lstrip('&')}".rstrip("?")
+
+
+def _check_path(path: str) -> None:
+    if not path.startswith("/") or any(c in path for c in "?# ") or not path.isascii():
+        raise URLError(f"path {path!r} is not a request path (it starts with '/', no spaces, '?' or '#')")
 
 
 def parse_url(url: str) -> ServerLink:
@@ -92,6 +124,9 @@ def parse_url(url: str) -> ServerLink:
         raise URLError(f"transport {transport!r} is not one of {', '.join(TRANSPORTS)}")
     query = parse_qs(parts.query, keep_blank_values=True)
     proto = query.get("proto", [DEFAULT_PROTO])[-1] or DEFAULT_PROTO
+    path = query.get("path", ["/"])[-1] or "/"
+    if transport == "wss":
+        _check_path(path)
     username, password = unquote(parts.username), unquote(parts.password)
     _check_credentials(username, password)
     return ServerLink(
@@ -101,4 +136,7 @@ def parse_url(url: str) -> ServerLink:
         port=port,
         type=transport,
         proto=proto,
+        path=path,
+        ws_host=query.get("host", [None])[-1] or None,
+        sni=query.get("sni", [None])[-1] or None,
     )

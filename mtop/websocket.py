@@ -513,9 +513,12 @@ class WebSocketDial(Protocol):
     ``protocol`` over a `WebSocketStream` from the start (what it writes
     waits for the ``101``), and tells it ``handshakeCompleted`` once the
     upgrade is accepted.  An answer other than ``101`` is passed to
-    ``refused`` (with a line saying what it was) and the connection closed."""
+    ``refused`` (with a line saying what it was, and the status) and the connection closed."""
 
-    def __init__(self, protocol: Any, host: str, path: str, clock: Any, ping_interval: float, refused: Callable[[str], None]):
+    def __init__(
+        self, protocol: Any, host: str, path: str, clock: Any, ping_interval: float,
+        refused: Callable[[str, int | None], None],
+    ):
         self.protocol = protocol
         self.host = host
         self.path = path
@@ -543,7 +546,7 @@ class WebSocketDial(Protocol):
         head = self._head + data
         if head.find(b"\r\n\r\n") < 0:
             if len(head) > MAX_HEAD:
-                self._refuse("answered the WebSocket upgrade with over 8 KiB of headers")
+                self._refuse("answered the WebSocket upgrade with over 8 KiB of headers", None)
             else:
                 self._head = head
             return
@@ -552,21 +555,23 @@ class WebSocketDial(Protocol):
             stream.ws.receive_data(head)
             answer = next((e for e in stream.ws.events() if isinstance(e, (AcceptConnection, RejectConnection))), None)
         except RemoteProtocolError as e:
-            self._refuse(f"answered the WebSocket upgrade with a bad response ({e})")
+            self._refuse(f"answered the WebSocket upgrade with a bad response ({e})", None)
             return
         if isinstance(answer, RejectConnection):
-            self._refuse(f"answered the WebSocket upgrade with HTTP {answer.status_code} (wrong path or host?)")
+            status = answer.status_code
+            hint = " (wrong path or Host?)" if 400 <= status < 500 else ""
+            self._refuse(f"answered the WebSocket upgrade with HTTP {status}{hint}", status)
             return
         if answer is None:
-            self._refuse("answered the WebSocket upgrade with an incomplete response")
+            self._refuse("answered the WebSocket upgrade with an incomplete response", None)
             return
         stream.open()
         if IHandshakeListener.providedBy(self.protocol):
             self.protocol.handshakeCompleted()
         stream.receive(None)
 
-    def _refuse(self, detail: str) -> None:
-        self.refused(detail)
+    def _refuse(self, detail: str, status: int | None) -> None:
+        self.refused(detail, status)
         self.transport.loseConnection()
 
     def readConnectionLost(self) -> None:

@@ -91,8 +91,28 @@ shadowsocks_programs() {
     apt_install shadowsocks-libev
 }
 
+nginx_program() {
+    # The WebSocket tests run nginx as a TLS-terminating reverse proxy in
+    # front of a ws listener, from a config of their own on a loopback
+    # port.  Debian's package would start its own nginx on port 80 at
+    # install; a policy-rc.d refusing service starts keeps that from
+    # happening (and is removed again unless one was there before).
+    command -v nginx >/dev/null 2>&1 && return 0
+    [ -x /usr/sbin/nginx ] && return 0
+    can_install || { echo "services: nginx is not installed (apt-get install nginx-light)" >&2; return 1; }
+    local policy=/usr/sbin/policy-rc.d own=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && own=1
+    fi
+    apt_install nginx-light
+    local status=$?
+    [ "$own" = 1 ] && rm -f "$policy"
+    return $status
+}
+
 postgres
 mariadb
 haproxy_program
 shadowsocks_programs
+nginx_program
 exit 0
