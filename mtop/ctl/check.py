@@ -1,7 +1,9 @@
 """``mtopctl check``: open one tunnel through a server with a share link
 and report the TLS version (or QUIC), ALPN and timings, or why it failed.
 
-TLS links use a blocking TLS socket from the standard library.  QUIC links
+TLS links use a blocking TLS socket from the standard library; WebSocket
+(``wss``) links the same, with the upgrade (wsproto) before the auth
+message.  QUIC links
 use the project's own QUIC client (`mtop.quic.client`), the one climber
 uses, on a reactor this command runs for the one check: the QUIC adapter
 drives aioquic from a Twisted UDP port, so the default reactor serves.
@@ -49,6 +51,8 @@ def cmd_check(args: argparse.Namespace) -> None:
     )
     if link.type == "quic":
         version, alpn, handshake_ms, total_ms, reply = _exchange_quic(link, request, args)
+    elif link.type == "wss":
+        version, alpn, handshake_ms, total_ms, reply = _exchange_wss(link, request, args)
     else:
         version, alpn, handshake_ms, total_ms, reply = _exchange_tls(link, request, args)
     if len(reply) < wire.REPLY_LENGTH:
@@ -69,16 +73,11 @@ def _exchange_tls(
 ) -> tuple[str, str, float, float, bytes]:
     """(TLS version, ALPN, handshake ms, ms to the reply, the reply) of one
     tunnel over TLS."""
-    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
-    ctx.set_alpn_protocols([link.proto])
-    if args.insecure:
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
+    ctx = _tls_context(link.proto, args)
     started = time.monotonic()
     try:
         with socket.create_connection((link.host, link.port), timeout=args.timeout) as raw:
-            with ctx.wrap_socket(raw, server_hostname=link.host) as tls:
+            with ctx.wrap_socket(raw, server_hostname=link.sni or link.host) as tls:
                 handshake_ms = (time.monotonic() - started) * 1000
                 tls.sendall(wire.encode_auth(request))
                 reply = b""
@@ -92,6 +91,69 @@ def _exchange_tls(
         raise CommandError(f"{link.host}:{link.port}: {e}") from None
     total_ms = (time.monotonic() - started) * 1000
     return version, alpn, handshake_ms, total_ms, reply
+
+
+def _tls_context(alpn: str, args: argparse.Namespace) -> ssl.SSLContext:
+    ctx = ssl.create_default_context(cafile=args.ca) if args.ca else ssl.create_default_context()
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+    ctx.set_alpn_protocols([alpn])
+    if args.insecure:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _exchange_wss(
+    link: ServerLink, request: wire.AuthRequest, args: argparse.Namespace
+) -> tuple[str, str, float, float, bytes]:
+    """(``TLS version + WebSocket``, ALPN, ms to the upgrade, ms to the
+    reply, the reply) of one tunnel over WebSocket."""
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, BytesMessage, CloseConnection, RejectConnection, Request
+
+    from mtop.listeners import WSS_ALPN
+
+    name = link.sni or link.host
+    host = link.ws_host or (f"[{name}]" if ":" in name else name) + ("" if link.port == 443 else f":{link.port}")
+    ws = WSConnection(ConnectionType.CLIENT)
+    ctx = _tls_context(WSS_ALPN, args)
+    started = time.monotonic()
+    reply = b""
+    try:
+        with socket.create_connection((link.host, link.port), timeout=args.timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=name) as tls:
+                tls.sendall(ws.send(Request(host=host, target=link.path)))
+                upgraded = False
+                while len(reply) < wire.REPLY_LENGTH:
+                    data = tls.recv(65536)
+                    if not data:
+                        break
+                    ws.receive_data(data)
+                    for event in ws.events():
+                        if isinstance(event, AcceptConnection):
+                            upgraded = True
+                            handshake_ms = (time.monotonic() - started) * 1000
+                            tls.sendall(ws.send(BytesMessage(data=wire.encode_auth(request))))
+                        elif isinstance(event, RejectConnection):
+                            raise CommandError(
+                                f"{link.host}:{link.port}: the WebSocket upgrade on {link.path} (Host {host}) was "
+                                f"answered with HTTP {event.status_code}: a wrong path or Host, or no wss listener"
+                            )
+                        elif isinstance(event, BytesMessage):
+                            reply += event.data
+                        elif isinstance(event, CloseConnection):
+                            break
+                if not upgraded:
+                    raise CommandError(f"{link.host}:{link.port}: the server closed before answering the WebSocket upgrade")
+                version, alpn = tls.version(), tls.selected_alpn_protocol()
+    except (OSError, ssl.SSLError) as e:
+        raise CommandError(f"{link.host}:{link.port}: {e}") from None
+    except Exception as e:  # wsproto's RemoteProtocolError: not a WebSocket server
+        if isinstance(e, CommandError):
+            raise
+        raise CommandError(f"{link.host}:{link.port}: not a WebSocket answer ({e})") from None
+    total_ms = (time.monotonic() - started) * 1000
+    return f"{version} + WebSocket {link.path}", alpn or "none", handshake_ms, total_ms, reply[: wire.REPLY_LENGTH]
 
 
 class _ReplyReader(Protocol):

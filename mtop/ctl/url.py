@@ -34,7 +34,14 @@ def cmd_url(args: argparse.Namespace) -> None:
         raise CommandError(f"--qr-file {args.qr_file}: the name must end in {' or '.join(QR_FILE_FORMATS)}")
     password = read_password(args)
     try:
-        link = make_url(ServerLink(args.username, password, args.host, args.port, args.type, args.proto))
+        if args.type != "wss" and (args.path or args.ws_host):
+            raise CommandError("--path and --ws-host are for -t wss links (WebSocket)")
+        link = make_url(
+            ServerLink(
+                args.username, password, args.host, args.port, args.type, args.proto,
+                path=args.path or "/", ws_host=args.ws_host, sni=args.sni,
+            )
+        )
     except URLError as e:
         raise CommandError(str(e)) from None
     print(link)
@@ -77,8 +84,11 @@ def register(commands: Commands) -> None:
     add_password_flags(url, salt=False)
     url.add_argument("-H", "--host", required=True, help="server host name or address")
     url.add_argument("-P", "--port", type=_port, default=443)
-    url.add_argument("-t", "--type", choices=("tls", "quic"), default="tls")
-    url.add_argument("-o", "--proto", default="mtop", help="ALPN protocol name")
+    url.add_argument("-t", "--type", choices=("tls", "quic", "wss"), default="tls")
+    url.add_argument("-o", "--proto", default="mtop", help="ALPN protocol name (tls, quic)")
+    url.add_argument("--path", help="wss: the WebSocket listener's path (default /)")
+    url.add_argument("--ws-host", help="wss: the Host header, when not the host (a CDN's origin name)")
+    url.add_argument("--sni", help="the TLS server name, when not the host")
     url.add_argument(
         "--qr", action="store_true", help="also draw the link's QR code in the terminal (for a dark background)"
     )

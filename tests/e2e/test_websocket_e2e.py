@@ -13,11 +13,12 @@ import random
 import re
 import socket
 import ssl
-import struct
+import subprocess
+import sys
 
 import pytest
 
-from conftest import TEST_POLICY
+from conftest import TEST_POLICY, subprocess_env
 from peers import echo, reply_after_eof
 from test_hardening_e2e import WebServer, start_server  # noqa: F401 (a fixture)
 from test_server_e2e import auth_message
@@ -205,3 +206,33 @@ def test_an_upgrade_without_an_auth_message_is_closed(ws_server, e2e_setup):
         ws.close()
     ws_server.wait_for(r"tunnel bad-request: ", 10)
     assert "Traceback" not in ws_server.log()
+
+
+def ctl(*args: str, ok: bool = True) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "mtop.ctl", *args], capture_output=True, text=True, timeout=60, env=subprocess_env(),
+        stdin=subprocess.DEVNULL,
+    )
+    assert (result.returncode == 0) == ok, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    return result.stdout + result.stderr
+
+
+def test_mtopctl_url_and_check_speak_wss(ws_server, e2e_setup, make_target):
+    target = make_target(echo)
+    made = subprocess.run(
+        [sys.executable, "-m", "mtop.ctl", "url", "-u", e2e_setup.alice.name, "--password-stdin", "-H", "127.0.0.1",
+         "-P", str(ws_server.wss_port), "-t", "wss", "--path", PATH, "--sni", "localhost"],
+        input=e2e_setup.alice.password + "\n", capture_output=True, text=True, timeout=60, env=subprocess_env(),
+    )
+    assert made.returncode == 0, made.stderr
+    link = made.stdout.strip()
+    assert link.startswith("mtop://alice:") and link.endswith(f"@127.0.0.1:{ws_server.wss_port}/wss?path={PATH}&sni=localhost")
+    out = ctl("check", "--ca", str(e2e_setup.ca), "--target", f"127.0.0.1:{target.port}", link)
+    assert re.match(rf"OK: TLSv1\.3 \+ WebSocket {PATH}, ALPN http/1\.1, handshake [\d.]+ ms; tunnel to ", out), out
+    wrong = link.replace(f"path={PATH}", "path=/elsewhere")
+    out = ctl("check", "--ca", str(e2e_setup.ca), "--target", f"127.0.0.1:{target.port}", wrong, ok=False)
+    assert "answered with HTTP 404" in out, out
+    bad_password = link.replace("alice:", "alice:x", 1)
+    out = ctl("check", "--ca", str(e2e_setup.ca), "--target", f"127.0.0.1:{target.port}", bad_password, ok=False)
+    assert "refused: authentication failed" in out, out
