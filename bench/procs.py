@@ -36,6 +36,9 @@ USER = "bench"
 
 MTOP_TLS = re.compile(r"MTop TLS listening on 127\.0\.0\.1:(\d+)")
 MTOP_QUIC = re.compile(r"MTop QUIC listening on 127\.0\.0\.1:(\d+)")
+MTOP_WSS = re.compile(r"MTop WebSocket \(wss\) listening on 127\.0\.0\.1:(\d+)")
+#: The path of the benchmark's wss listener.
+WSS_PATH = "/bench"
 CLIMBER_SOCKS5 = re.compile(r"SOCKS5 proxy listening on 127\.0\.0\.1:(\d+)")
 CLIMBER_HTTP = re.compile(r"HTTP proxy listening on 127\.0\.0\.1:(\d+)")
 
@@ -219,6 +222,8 @@ class Workspace:
             # Limits out of the way (0: none).
             "limits": {"max_tunnels": 0, "max_per_client": 0, "max_handshakes": 0},
         }
+        if transport == "wss":
+            data["server"]["path"] = WSS_PATH
         path = self.dir / "mtop.yaml" if port == 0 else self._name("mtop").with_suffix(".yaml")
         path.write_text(yaml.safe_dump(data, sort_keys=False))
         return path
@@ -234,6 +239,9 @@ class Workspace:
         }
         if transport == "quic":
             entry["quic_packet_size"] = self.quic_packet_size
+        elif transport == "wss":
+            entry["path"] = WSS_PATH
+            del entry["proto"]
         elif PREWARM_VARIABLE in os.environ:
             # climber's prewarmed connections per TLS server (its default when unset).
             entry["prewarm"] = int(os.environ[PREWARM_VARIABLE])
@@ -279,7 +287,7 @@ def start_mtop(processes: Processes, ws: Workspace, transport: str = "tls") -> M
             ws.dir, config.with_suffix(".log"),
         )
     )
-    process.wait_for(MTOP_TLS if transport == "tls" else MTOP_QUIC)
+    process.wait_for({"tls": MTOP_TLS, "quic": MTOP_QUIC, "wss": MTOP_WSS}[transport])
     return Mtop(process, port)
 
 

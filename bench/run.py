@@ -12,6 +12,7 @@ machine's load hits every path alike), and reports medians:
 * 8 parallel downloads, aggregate MB/s;
 * setup rate: 1,000 connections, 16 at a time, each with one 32-byte echo
   round trip; per second, with p50/p99 latency;
+* the same one-tunnel transfers and setup rate over WebSocket (``wss``);
 * RSS per idle tunnel of mtop and climber at 2,000 idle tunnels (fresh
   processes each time).
 
@@ -87,7 +88,7 @@ class Measurement:
     run: Callable[[Context], dict[str, float]]
     units: dict[str, str]
     baseline: str | None = None
-    needs: tuple[str, ...] = ()  # long-lived processes: "relay", "tls", "quic"
+    needs: tuple[str, ...] = ()  # long-lived processes: "relay", "tls", "quic", "wss"
 
 
 def _transfer(route: str, front: str, direction: str) -> Callable[[Context], dict[str, float]]:
@@ -179,9 +180,9 @@ def _idle_rss(route: str, used: bool = False) -> Callable[[Context], dict[str, f
 
 def _units(route: str, main: str, cpu_unit: str) -> dict[str, str]:
     units = {main: main}
-    if route in ("tls", "quic", "mtop"):
+    if route in ("tls", "quic", "wss", "mtop"):
         units[f"mtop CPU {cpu_unit}"] = cpu_unit
-    if route in ("tls", "quic"):
+    if route in ("tls", "quic", "wss"):
         units[f"climber CPU {cpu_unit}"] = cpu_unit
     return units
 
@@ -202,6 +203,22 @@ def _measurements() -> list[Measurement]:
                         () if route == "direct" else (route,),
                     )
                 )
+    # WebSocket over TLS (climber's type: wss straight to a wss listener):
+    # one tunnel each way and the setup rate.
+    wss_label = "WebSocket (wss) tunnel"
+    for direction in ("download", "upload"):
+        items.append(
+            Measurement(
+                f"wss-{direction}", f"one {wss_label} via SOCKS5, {direction}", _transfer("wss", "socks5", direction),
+                _units("wss", "MB/s", "s/GB"), f"direct-{direction}", ("wss",),
+            )
+        )
+    items.append(
+        Measurement(
+            "wss-setup", f"setup + 32-byte echo, {wss_label}", _setup("wss"),
+            {**_units("wss", "per s", "ms/tunnel"), "p50 ms": "ms", "p99 ms": "ms"}, "direct-setup", ("wss",),
+        )
+    )
     # The server alone: a client speaking MTop over TLS itself, no climber.
     server_only = ("mtop", "MTop client straight to mtop (TLS, no climber)")
     items.append(
@@ -329,7 +346,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ctx = Context(args, ws, processes, origin)
         if "relay" in needs:
             _, ctx.relay_port = procs.start_relay(processes, ws)
-        for transport in ("tls", "quic"):
+        for transport in ("tls", "quic", "wss"):
             if transport in needs or (transport == "tls" and "mtop" in needs):
                 ctx.servers[transport] = procs.start_mtop(processes, ws, transport)
             if transport in needs:

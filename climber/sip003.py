@@ -5,7 +5,8 @@ as ss-server's plugin, whose listener sends every tunnel to ss-server.
 
 Options (``--plugin-opts``): ``user`` and ``password`` (or ``link``, an
 mtop:// share link, whose host then replaces ``SS_REMOTE_*``), ``ca``,
-``sni``, ``type`` (tls or quic), ``insecure`` (a flag), and ``target``
+``sni``, ``type`` (tls, quic or wss; for wss ``path`` and ``host``, the
+Host header), ``insecure`` (a flag), and ``target``
 (the host:port the tunnel names; the server's fixed destination ignores
 it; default: the server's address).
 """
@@ -18,7 +19,7 @@ from typing import Any
 from mtop.config import ConfigError
 from mtop.sip003 import OPTIONS_VARIABLE, PluginEnvironment, check_options
 
-OPTIONS = ("user", "password", "link", "ca", "sni", "type", "insecure", "target")
+OPTIONS = ("user", "password", "link", "ca", "sni", "type", "insecure", "target", "path", "host")
 
 
 def _hostport(host: str, port: int) -> str:
@@ -38,9 +39,11 @@ def climber_data(plugin: PluginEnvironment) -> dict[str, Any]:
         if not options.get("user") or "password" not in options:
             raise ConfigError(f"{OPTIONS_VARIABLE}: user and password (or link) are needed")
         server.update(host=_hostport(*plugin.remote), username=options["user"], password=options["password"])
-    for key in ("type", "sni"):
+    for key in ("type", "sni", "path"):
         if options.get(key):
             server[key] = options[key]
+    if options.get("host"):
+        server["ws_host"] = options["host"]
     if options.get("ca"):
         server["ca"] = os.path.abspath(options["ca"])
     if "insecure" in options:

@@ -28,12 +28,14 @@ import sys
 from dataclasses import dataclass, replace
 from typing import Mapping
 
-from mtop.config import Config, ConfigError, ListenAddress, ListenerConfig, parse_listen, require_readable
+from mtop.config import Config, ConfigError, ListenAddress, ListenerConfig, as_ws_path, parse_listen, require_readable
 
 VARIABLES = ("SS_REMOTE_HOST", "SS_REMOTE_PORT", "SS_LOCAL_HOST", "SS_LOCAL_PORT")
 OPTIONS_VARIABLE = "SS_PLUGIN_OPTIONS"
 #: The server plugin's options.
-SERVER_OPTIONS = ("config", "type", "crt", "key")
+#: Transports the plugins carry tunnels over.
+PLUGIN_TYPES = ("tls", "quic", "wss")
+SERVER_OPTIONS = ("config", "type", "crt", "key", "path")
 
 
 @dataclass(frozen=True)
@@ -115,13 +117,18 @@ def _listen(host: str, port: int) -> ListenAddress:
 
 def server_config(plugin: PluginEnvironment, config: Config, check_files: bool = True) -> Config:
     """``config`` serving one listener on the public address, every tunnel
-    to ss-server (options: ``type`` tls or quic, ``crt``, ``key``)."""
+    to ss-server (options: ``type`` tls, quic or wss, ``crt``, ``key``,
+    ``path`` for wss)."""
     options = plugin.options
     check_options(options, SERVER_OPTIONS)
     base = config.listeners[0]
-    kind = options.get("type", base.type if base.type in ("tls", "quic") else "tls") or "tls"
-    if kind not in ("tls", "quic"):
-        raise ConfigError(f"{OPTIONS_VARIABLE}: type={kind!r} is not tls or quic")
+    kind = options.get("type", base.type if base.type in PLUGIN_TYPES else "tls") or "tls"
+    if kind not in PLUGIN_TYPES:
+        raise ConfigError(f"{OPTIONS_VARIABLE}: type={kind!r} is not tls, quic or wss")
+    path = options.get("path") or base.path
+    if kind != "wss" and "path" in options:
+        raise ConfigError(f"{OPTIONS_VARIABLE}: path is for type=wss")
+    path = as_ws_path(f"{OPTIONS_VARIABLE} path", path)
     crt = options.get("crt") or base.crt
     key = options.get("key") or base.key
     if check_files:
@@ -129,7 +136,7 @@ def server_config(plugin: PluginEnvironment, config: Config, check_files: bool =
         require_readable(f"{OPTIONS_VARIABLE} key", key)
     listener = ListenerConfig(
         kind, _listen(*plugin.remote), crt, key, base.proto, destination=plugin.local,
-        tcp_fast_open=base.tcp_fast_open if kind == "tls" else 0,
+        tcp_fast_open=base.tcp_fast_open if kind != "quic" else 0, path=path,
     )
     return replace(config, listeners=(listener,))
 
@@ -149,17 +156,26 @@ def _exec_twistd(tap: str) -> None:
     os.execv(argv[0], argv)
 
 
+def _plugin_main(name: str, runner: str, tap: str) -> None:
+    """Check the plugin's environment (a clear message and exit status 2
+    when it is missing or wrong), then become ``twistd TAP``, which reads
+    it again and serves."""
+    try:
+        plugin = from_environment()
+    except ConfigError as e:
+        sys.stderr.write(f"{name}: {e}\n")
+        raise SystemExit(2) from None
+    if plugin is None:
+        sys.stderr.write(f"{name}: run by {runner} --plugin {name} (no SS_REMOTE_HOST in the environment)\n")
+        raise SystemExit(2)
+    _exec_twistd(tap)
+
+
 def server_main() -> None:
     """``mtop-ss-plugin``: ss-server's ``--plugin``."""
-    if from_environment() is None:
-        sys.stderr.write("mtop-ss-plugin: run by ss-server --plugin mtop-ss-plugin (no SS_REMOTE_HOST in the environment)\n")
-        raise SystemExit(2)
-    _exec_twistd("mtop")
+    _plugin_main("mtop-ss-plugin", "ss-server", "mtop")
 
 
 def climber_main() -> None:
     """``climber-ss-plugin``: ss-local's ``--plugin``."""
-    if from_environment() is None:
-        sys.stderr.write("climber-ss-plugin: run by ss-local --plugin climber-ss-plugin (no SS_LOCAL_HOST in the environment)\n")
-        raise SystemExit(2)
-    _exec_twistd("climber")
+    _plugin_main("climber-ss-plugin", "ss-local", "climber")

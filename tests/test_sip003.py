@@ -52,3 +52,17 @@ def test_the_client_plugin_forwards_ss_local_to_the_server():
     }
     with pytest.raises(ConfigError, match="user and password"):
         climber_data(from_environment({**ENV, "SS_PLUGIN_OPTIONS": "type=tls"}))
+
+
+@pytest.mark.parametrize("program", ["mtop-ss-plugin", "climber-ss-plugin"])
+@pytest.mark.parametrize("environment", [{}, {"SS_REMOTE_HOST": "", "SS_REMOTE_PORT": "", "SS_LOCAL_HOST": "127.0.0.1", "SS_LOCAL_PORT": "x"}])
+def test_a_plugin_outside_shadowsocks_says_so(program, environment):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), program)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SS_")} | environment
+    result = subprocess.run([script], capture_output=True, text=True, env=env, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith(f"{program}: ") and "Traceback" not in result.stderr, result.stderr

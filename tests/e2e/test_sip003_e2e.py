@@ -85,15 +85,16 @@ def fetch(proxy: int, port: int, payload: bytes) -> bytes | None:
             return None
 
 
-@pytest.mark.parametrize("transport", ["tls", "quic"])
+@pytest.mark.parametrize("transport", ["tls", "quic", "wss"])
 def test_a_socks5_fetch_through_shadowsocks_with_our_plugins(e2e_setup, tmp_path, make_target, transport):
     target = make_target(echo)
+    extra = ";path=/ss-ws" if transport == "wss" else ""
     public, local = free_port(), free_port()
     key = os.urandom(12).hex()
     server = start(
         [
             ss_program("ss-server"), "-v", "-s", "127.0.0.1", "-p", str(public), "-k", key, "-m", METHOD,
-            "--plugin", "mtop-ss-plugin", "--plugin-opts", f"config={e2e_setup.default_config};type={transport}",
+            "--plugin", "mtop-ss-plugin", "--plugin-opts", f"config={e2e_setup.default_config};type={transport}{extra}",
         ],
         tmp_path / "ss-server.log",
     )
@@ -101,7 +102,7 @@ def test_a_socks5_fetch_through_shadowsocks_with_our_plugins(e2e_setup, tmp_path
         [
             ss_program("ss-local"), "-v", "-s", "127.0.0.1", "-p", str(public), "-l", str(local), "-k", key, "-m", METHOD,
             "--plugin", "climber-ss-plugin",
-            "--plugin-opts", f"user={e2e_setup.alice.name};password={e2e_setup.alice.password};ca={e2e_setup.ca};type={transport}",
+            "--plugin-opts", f"user={e2e_setup.alice.name};password={e2e_setup.alice.password};ca={e2e_setup.ca};type={transport}{extra}",
         ],
         tmp_path / "ss-local.log",
     )
@@ -121,3 +122,5 @@ def test_a_socks5_fetch_through_shadowsocks_with_our_plugins(e2e_setup, tmp_path
     logs = (tmp_path / "ss-server.log").read_text(errors="replace") + (tmp_path / "ss-local.log").read_text(errors="replace")
     assert "Traceback" not in logs, logs[-3000:]
     assert f"(every tunnel to 127.0.0.1:" in logs, logs[-3000:]
+    if transport == "wss":
+        assert "MTop WebSocket (wss) listening on 127.0.0.1:" in logs and "(path /ss-ws)" in logs, logs[-3000:]
