@@ -109,7 +109,9 @@ class WebSocketStream:
         self.sent_eof = False
         self.got_eof = False
         self.lost = False
-        self._heard = True
+        #: Something arrived since the last ping (``_pinged``: one was sent).
+        self._heard = False
+        self._pinged = False
         self._ping_call: Any = None
         if opened:
             self._start_pings()
@@ -201,18 +203,18 @@ class WebSocketStream:
 
     def _start_pings(self) -> None:
         if self.ping_interval > 0 and self._ping_call is None and not self.lost:
-            self._heard = False
             self._ping_call = self.clock.callLater(self.ping_interval, self._ping)
 
     def _ping(self) -> None:
         self._ping_call = None
         if self.lost:
             return
-        if not self._heard:
+        if self._pinged and not self._heard:
             # Nothing, not even a pong, for a whole interval after a ping.
             self.lower.abortConnection()
             return
         self._heard = False
+        self._pinged = True
         self._send(Ping())
         self._ping_call = self.clock.callLater(self.ping_interval, self._ping)
 

@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -236,3 +237,33 @@ def test_mtopctl_url_and_check_speak_wss(ws_server, e2e_setup, make_target):
     bad_password = link.replace("alice:", "alice:x", 1)
     out = ctl("check", "--ca", str(e2e_setup.ca), "--target", f"127.0.0.1:{target.port}", bad_password, ok=False)
     assert "refused: authentication failed" in out, out
+
+
+def test_a_slow_or_oversized_request_head_is_cut(ws_server):
+    # Not complete within handshake_timeout (2 s here): closed.
+    with socket.create_connection(("127.0.0.1", ws_server.ws_port), timeout=10) as sock:
+        sock.sendall(b"GET " + PATH.encode() + b" HTTP/1.1\r\nHost: x\r\n")
+        started = time.monotonic()
+        try:
+            assert sock.recv(4096) == b""
+        except ConnectionResetError:
+            pass  # cut, as a TLS handshake past its deadline is
+        assert time.monotonic() - started < 5
+    # Over 8 KiB without its end: a 404 at once.
+    with socket.create_connection(("127.0.0.1", ws_server.ws_port), timeout=10) as sock:
+        sock.sendall(b"GET " + PATH.encode() + b" HTTP/1.1\r\nX-Pad: " + b"a" * 9000)
+        answer = b""
+        while chunk := sock.recv(4096):
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.1 404 ")
+    ws_server.wait_for(r"tunnel bad-request: .*request head over 8 KiB", 10)
+    assert "Traceback" not in ws_server.log()
+
+
+def test_denied_clients_are_refused_on_websocket_listeners(start_server, e2e_setup):  # noqa: F811
+    server = start_server(ws_listeners(e2e_setup, 'clients:\n  deny: ["127.0.0.1"]\n'))
+    wss_port, ws_port = ports(server)
+    for port, tls in ((wss_port, True), (ws_port, False)):
+        with pytest.raises((OSError, EOFError)):
+            WSClient(port, path=PATH, ca=e2e_setup.ca, tls=tls)
+    assert "Traceback" not in server.log()
