@@ -1503,6 +1503,45 @@ def peak_rss_kib(pid: int, seconds: float) -> int:
     return peak
 
 
+def sender_of(size: int, seed: int = 5):
+    """Target: send ``size`` bytes of ``seed`` as fast as it can, then close."""
+
+    def handler(sock: socket.socket):
+        for chunk in body_chunks(size, seed):
+            sock.sendall(chunk)
+        return size
+
+    return handler
+
+
+def slow_reader_growth(climber, server, target_port: int, size: int, seed: int = 5) -> tuple[int, int]:
+    """A SOCKS5 client of ``climber`` with a small receive buffer opens a
+    tunnel to ``target_port`` (a `sender_of` ``size``, ``seed``) and reads
+    nothing for about two seconds, then all of it (checked); returns how
+    much the RSS of ``server`` and of ``climber`` grew meanwhile, KiB."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+    sock.settimeout(60)
+    with sock:
+        sock.connect(("127.0.0.1", climber.socks5_port))
+        sock.sendall(b"\x05\x01\x00")
+        assert recv_exactly(sock, 2) == b"\x05\x00"
+        server_before, climber_before = rss_kib(server.proc.pid), rss_kib(climber.proc.pid)
+        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + target_port.to_bytes(2, "big"))
+        assert recv_exactly(sock, 10)[:2] == b"\x05\x00"
+        climber_peak = peak_rss_kib(climber.proc.pid, 1.0)
+        server_peak = peak_rss_kib(server.proc.pid, 1.0)
+        digest = hashlib.sha256()
+        count = 0
+        while chunk := sock.recv(1 << 18):
+            digest.update(chunk)
+            count += len(chunk)
+    assert (count, digest.hexdigest()) == (size, body_digest(size, seed))
+    growth = server_peak - server_before, climber_peak - climber_before
+    print(f"RSS growth while not reading: server {growth[0] >> 10} MiB, climber {growth[1] >> 10} MiB")
+    return growth
+
+
 @pytest.fixture(scope="module")
 def memory_climber(server, make_module_climber):
     """A climber of its own, so its memory is not what other tests left."""

@@ -30,9 +30,9 @@ from peers import banner_then_read, echo, recv_to_eof
 from test_climber_e2e import (
     body_chunks,
     body_digest,
-    peak_rss_kib,
     recv_exactly,
-    rss_kib,
+    sender_of,
+    slow_reader_growth,
     socks5_request,
 )
 
@@ -306,17 +306,6 @@ def test_300_tunnels_on_one_connection_stay_alive_for_30_seconds(quic_server, e2
         stop(climber)
 
 
-def sender_of(size: int):
-    def handler(sock: socket.socket):
-        sent = 0
-        for chunk in body_chunks(size, 5):
-            sock.sendall(chunk)
-            sent += len(chunk)
-        return sent
-
-    return handler
-
-
 #: What a process may grow by while 64 MiB wait for a slow reader.
 MEMORY_SLACK_KIB = 24 * 1024
 
@@ -325,27 +314,9 @@ def test_slow_reader_keeps_memory_bounded(quic_climber, quic_server, make_target
     """The client does not read for two seconds while the target sends
     64 MiB: neither process may buffer it."""
     target = make_target(sender_of(SIZE))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(SOCKET_TIMEOUT)
-    with sock:
-        sock.connect(("127.0.0.1", quic_climber.socks5_port))
-        sock.sendall(b"\x05\x01\x00")
-        assert recv_exactly(sock, 2) == b"\x05\x00"
-        server_before, climber_before = rss_kib(quic_server.proc.pid), rss_kib(quic_climber.proc.pid)
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + target.port.to_bytes(2, "big"))
-        assert recv_exactly(sock, 10)[:2] == b"\x05\x00"
-        climber_peak = peak_rss_kib(quic_climber.proc.pid, 1.0)
-        server_peak = peak_rss_kib(quic_server.proc.pid, 1.0)
-        digest = hashlib.sha256()
-        count = 0
-        while chunk := sock.recv(1 << 18):
-            digest.update(chunk)
-            count += len(chunk)
-    assert (count, digest.hexdigest()) == (SIZE, body_digest(SIZE, 5))
-    print(f"RSS growth while not reading: server {(server_peak - server_before) >> 10} MiB, climber {(climber_peak - climber_before) >> 10} MiB")
-    assert server_peak - server_before < MEMORY_SLACK_KIB, quic_server.describe()
-    assert climber_peak - climber_before < MEMORY_SLACK_KIB, quic_climber.describe()
+    server_growth, climber_growth = slow_reader_growth(quic_climber, quic_server, target.port, SIZE)
+    assert server_growth < MEMORY_SLACK_KIB, quic_server.describe()
+    assert climber_growth < MEMORY_SLACK_KIB, quic_climber.describe()
 
 
 def test_wrong_alpn_is_refused(quic_server, e2e_setup, tmp_path):

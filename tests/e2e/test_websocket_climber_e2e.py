@@ -20,7 +20,7 @@ import pytest
 
 from conftest import ALICE
 from peers import banner_then_read, echo, recv_to_eof, reply_after_eof
-from test_climber_e2e import body_chunks, body_digest, peak_rss_kib, recv_exactly, rss_kib, socks5_request
+from test_climber_e2e import body_chunks, body_digest, sender_of, slow_reader_growth, socks5_request
 from test_hardening_e2e import WebServer, start_server  # noqa: F401 (a fixture)
 from test_websocket_e2e import PATH, ports, ws_listeners
 
@@ -202,42 +202,15 @@ def test_half_close_both_ways(wss_setup, make_target):
     server.wait_for(rf"tunnel done: .* target=127\.0\.0\.1:{target.port} up=4 down=6 ", 10)
 
 
-def sender_of(size: int):
-    def handler(sock: socket.socket):
-        for chunk in body_chunks(size, 5):
-            sock.sendall(chunk)
-        return size
-
-    return handler
-
-
 @BOTH
 def test_a_slow_reader_keeps_memory_bounded(wss_setup, make_target):
     """The client does not read for a second while the target sends 64
     MiB: neither mtop nor climber may buffer it."""
     server, climber, _ = wss_setup
     target = make_target(sender_of(SIZE))
-    sock = socket.socket()
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    sock.settimeout(SOCKET_TIMEOUT)
-    with sock:
-        sock.connect(("127.0.0.1", climber.socks5_port))
-        sock.sendall(b"\x05\x01\x00")
-        assert recv_exactly(sock, 2) == b"\x05\x00"
-        server_before, climber_before = rss_kib(server.proc.pid), rss_kib(climber.proc.pid)
-        sock.sendall(b"\x05\x01\x00\x01" + socket.inet_aton("127.0.0.1") + target.port.to_bytes(2, "big"))
-        assert recv_exactly(sock, 10)[:2] == b"\x05\x00"
-        climber_peak = peak_rss_kib(climber.proc.pid, 1.0)
-        server_peak = peak_rss_kib(server.proc.pid, 1.0)
-        digest, count = hashlib.sha256(), 0
-        while chunk := sock.recv(1 << 18):
-            digest.update(chunk)
-            count += len(chunk)
-    assert (count, digest.hexdigest()) == (SIZE, body_digest(SIZE, 5))
-    print(f"RSS growth while not reading: server {(server_peak - server_before) >> 10} MiB, "
-          f"climber {(climber_peak - climber_before) >> 10} MiB")
-    assert server_peak - server_before < MEMORY_SLACK_KIB, server.describe()
-    assert climber_peak - climber_before < MEMORY_SLACK_KIB, climber.describe()
+    server_growth, climber_growth = slow_reader_growth(climber, server, target.port, SIZE)
+    assert server_growth < MEMORY_SLACK_KIB, server.describe()
+    assert climber_growth < MEMORY_SLACK_KIB, climber.describe()
 
 
 @pytest.mark.parametrize("wss_setup", ["nginx"], indirect=True)
