@@ -291,3 +291,31 @@ def test_a_bad_server_file_is_a_usage_error(tmp_path, monkeypatch, content, mess
     with pytest.raises(usage.UsageError) as info:
         parse_options("--server-file", str(path))
     assert message in str(info.value)
+
+
+def test_wss_servers():
+    config = load(
+        "socks5:\n  listen: 127.0.0.1:1080\nservers:\n"
+        "  - host: cdn.example.com:443\n    type: wss\n    username: u\n    password: p\n"
+        "    path: /t\n    sni: front.example.com\n    ping_interval: 20\n"
+        "  - url: 'mtop://u:p@cdn.example.com:8443/wss?path=/x&host=origin.example.com'\n"
+    )
+    first, second = config.servers
+    assert (first.type, first.path, first.ws_host, first.ping_interval, first.prewarm) == ("wss", "/t", None, 20.0, 0)
+    assert first.host_header == "front.example.com"
+    assert (second.path, second.ws_host, second.host_header) == ("/x", "origin.example.com", "origin.example.com")
+    plain = load("socks5:\n  listen: 127.0.0.1:1080\nservers:\n  - host: 203.0.113.5:8443\n    type: wss\n    username: u\n    password: p\n")
+    assert (plain.servers[0].path, plain.servers[0].host_header) == ("/", "203.0.113.5:8443")
+
+
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        ("type: wss\n    prewarm: 2", r"prewarm: server cdn.example.com:443 is wss"),
+        ("type: tls\n    path: /t", r"path: server cdn.example.com:443 is tls; only type: wss"),
+        ("type: wss\n    path: t", r"path: 't' is not a request path"),
+    ],
+)
+def test_wss_errors_name_the_key(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        load(f"servers:\n  - host: cdn.example.com:443\n    username: u\n    password: p\n    {entry}\n")

@@ -308,3 +308,49 @@ def test_a_fixed_destination_per_listener(confdir):
         load_config_data(_data(destination=":8388"), str(confdir / "mtop.yaml"))
     with pytest.raises(ConfigError, match=r"listeners\[0\].destination: 'ss' has no port"):
         load_config_data({**_data(), "listeners": [{"destination": "ss"}]}, str(confdir / "mtop.yaml"))
+
+
+def test_websocket_listeners(confdir):
+    import ipaddress
+
+    path = str(confdir / "mtop.yaml")
+    config = load_config_data(
+        {
+            "server": {"crt": "server.crt", "key": "server.key", "ws_ping_interval": "20s"},
+            "listeners": [
+                {"type": "wss", "path": "/t"},
+                {"type": "ws", "path": "/t"},
+                {"type": "ws", "listen": "[::1]:8081", "trusted_proxies": ["10.0.0.0/8"]},
+            ],
+        },
+        path,
+        check_files=False,
+    )
+    wss, ws, other = config.listeners
+    assert (wss.type, wss.path, wss.trusted_proxies, wss.listen.port) == ("wss", "/t", (), 443)
+    # A ws listener is for a proxy on this host: loopback, trusted, by default.
+    assert (ws.listen.host, ws.listen.port) == ("127.0.0.1", 8080)
+    assert ws.trusted_proxies == (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    assert other.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),) and other.path == "/"
+    assert config.server.ws_ping_interval == 20.0 and not config.warnings
+    # No certificate needed for ws alone.
+    alone = load_config_data({"server": {"type": "ws"}}, path)
+    assert alone.listeners[0].listen.host == "127.0.0.1"
+    # On every interface: a warning (passwords in the clear).
+    open_ws = load_config_data({"server": {"type": "ws", "listen": ":8080"}}, path)
+    assert any("in the clear" in w for w in open_ws.warnings)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ({"server": {"type": "ws", "path": "tunnel"}}, r"server.path: 'tunnel' is not a request path"),
+        ({"server": {"type": "ws", "path": "/a?b"}}, r"server.path: '/a\?b' is not a request path"),
+        ({"server": {"type": "ws"}, "listeners": [{"type": "tls", "path": "/t"}]}, r"listeners\[0\].path: only WebSocket"),
+        ({"server": {"type": "ws", "trusted_proxies": ["nope"]}}, r"server.trusted_proxies: 'nope' is not a network"),
+        ({"server": {"type": "wss2"}}, r"server.type: 'wss2' is not one of tls, quic, wss, ws"),
+    ],
+)
+def test_websocket_errors_name_the_key(confdir, data, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config_data(data, str(confdir / "mtop.yaml"), check_files=False)

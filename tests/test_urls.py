@@ -55,3 +55,21 @@ _credential = st.text(min_size=1, max_size=60).filter(lambda t: len(t.encode()) 
 def test_round_trip(user, password, host, port, kind):
     link = ServerLink(user, password, host, port, kind)
     assert parse_url(make_url(link)) == link
+
+
+def test_wss_links_carry_path_host_and_sni():
+    link = ServerLink("alice", "p w", "cdn.example.com", 443, "wss", path="/t/x", ws_host="origin.example.com", sni="front.example.com")
+    url = make_url(link)
+    assert url == "mtop://alice:p%20w@cdn.example.com:443/wss?path=/t/x&host=origin.example.com&sni=front.example.com"
+    assert parse_url(url) == link
+    # Defaults are left out; a TLS link is as the original writes it.
+    assert make_url(ServerLink("a", "b", "h", 443, "wss")) == "mtop://a:b@h:443/wss"
+    assert make_url(ServerLink("a", "b", "h", 443)) == "mtop://a:b@h:443/tls?proto=mtop"
+    assert "secret" not in repr(ServerLink("a", "secret", "h", 443, "wss", path="/p"))
+
+
+def test_a_wss_link_with_a_bad_path_is_refused():
+    with pytest.raises(URLError, match="is not a request path"):
+        parse_url("mtop://a:b@h:443/wss?path=nope")
+    with pytest.raises(URLError, match="is not a request path"):
+        make_url(ServerLink("a", "b", "h", 443, "wss", path="/a b"))
