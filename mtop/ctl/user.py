@@ -6,43 +6,44 @@ from __future__ import annotations
 
 import argparse
 
-from mtop import passwords
+from mtop import users
 from mtop.ctl.common import CommandError, Commands, add_password_flags, db_settings, read_password
-from mtop.database import DatabaseError, SyncDatabase, connect
+from mtop.database import connect
+from mtop.users import LEGACY_SALT_LENGTH, UserAdmin, UserError, open_users  # noqa: F401 (LEGACY_SALT_LENGTH: tests)
 
 _UNSET = object()
 
 
 def _check_username(username: str) -> None:
-    size = len(username.encode("utf-8"))
-    if not 1 <= size <= 128:
-        raise CommandError(f"user name {username!r} must be 1 to 128 bytes long")
-
-
-#: The length of the salts the original's ``mctl`` writes; ``--legacy``
-#: rows get the same, so they are exactly what the original would write.
-LEGACY_SALT_LENGTH = 12
+    try:
+        users.check_username(username)
+    except UserError as e:
+        raise CommandError(e.message) from None
 
 
 def _hash_for(args: argparse.Namespace, password: str) -> tuple[str, str]:
     """(salt column, password column) for ``password`` as the flags ask."""
-    if args.salt is not None:
-        salt = args.salt
-    else:
-        salt = passwords.new_salt(LEGACY_SALT_LENGTH) if args.legacy else passwords.new_salt()
-    if len(salt) > 32:
-        raise CommandError("the salt is longer than 32 characters (mtop_user.salt is VARCHAR(32))")
-    if args.legacy:
-        return salt, passwords.legacy_hash(salt, password)
-    return salt, passwords.scrypt_hash(password)
+    try:
+        return users.password_columns(password, args.legacy, args.salt)
+    except UserError as e:
+        raise CommandError(e.message) from None
 
 
-def _open(args: argparse.Namespace) -> SyncDatabase:
-    db = connect(db_settings(args))
-    if not db.columns():
-        db.close()
-        raise DatabaseError("there is no mtop_user table; run 'mtopctl db init' first")
-    return db
+class _Users:
+    """``with _Users(args) as admin``: a `UserAdmin` on the config's
+    database, closed at the end; its `UserError` become `CommandError`."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+
+    def __enter__(self) -> UserAdmin:
+        self.admin = open_users(connect(db_settings(self.args)))
+        return self.admin
+
+    def __exit__(self, kind, error, traceback) -> None:
+        self.admin.db.close()
+        if isinstance(error, UserError):
+            raise CommandError(error.message) from None
 
 
 def cmd_user_add(args: argparse.Namespace) -> None:
@@ -50,26 +51,9 @@ def cmd_user_add(args: argparse.Namespace) -> None:
     _check_username(args.username)
     password = read_password(args)
     salt, stored = _hash_for(args, password)
-    db = _open(args)
-    try:
-        db.execute("INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)", (args.username, salt, stored))
-        db.commit()
-    except db.IntegrityError:
-        raise CommandError(f"user {args.username!r} already exists; use 'user passwd' to change the password") from None
-    finally:
-        db.close()
+    with _Users(args) as admin:
+        admin.add(args.username, password, args.legacy, salt)
     print(f"user {args.username} added")
-
-
-def _change(args: argparse.Namespace, sql: str, params: tuple) -> None:
-    db = _open(args)
-    try:
-        cursor = db.execute(sql, params)
-        db.commit()
-        if cursor.rowcount == 0:
-            raise CommandError(f"no user {args.username!r}")
-    finally:
-        db.close()
 
 
 def _sql_string(text: str, what: str) -> str:
@@ -104,97 +88,47 @@ def cmd_user_hash(args: argparse.Namespace) -> None:
 def cmd_user_passwd(args: argparse.Namespace) -> None:
     """Give a user a new password (and salt)."""
     password = read_password(args)
-    salt, stored = _hash_for(args, password)
-    _change(
-        args,
-        "UPDATE mtop_user SET salt = ?, password = ?, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
-        (salt, stored, args.username),
-    )
+    salt, _ = _hash_for(args, password)
+    with _Users(args) as admin:
+        admin.set_password(args.username, password, args.legacy, salt)
     print(f"password of {args.username} changed")
 
 
 def cmd_user_del(args: argparse.Namespace) -> None:
     """Delete a user."""
-    _change(args, "DELETE FROM mtop_user WHERE username = ?", (args.username,))
+    with _Users(args) as admin:
+        admin.delete(args.username)
     print(f"user {args.username} deleted")
 
 
 def cmd_user_list(args: argparse.Namespace) -> None:
     """List the users with their kind of password hash, never the hash."""
-    db = _open(args)
-    try:
-        rows = db.execute(
-            "SELECT username, password, created_time, updated_time FROM mtop_user ORDER BY username"
-        ).fetchall()
-    finally:
-        db.close()
+    with _Users(args) as admin:
+        _, rows = admin.list()
     print(f"{'USERNAME':<32} {'HASH':<8} {'CREATED':<20} UPDATED")
-    for username, stored, created, updated in rows:
-        kind = "scrypt" if passwords.is_expensive(stored or "") else ("legacy" if stored else "none")
-        print(f"{username:<32} {kind:<8} {str(created or '')[:19]:<20} {str(updated or '')[:19]}")
+    for row in rows:
+        print(f"{row['username']:<32} {row['password']:<8} {row['created_time'] or '':<20} {row['updated_time'] or ''}")
 
 
 # The argument types of ``user set``.  Their names stay as they are:
 # argparse names a type function in its "invalid <name> value" message.
 
-_SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-NONE_WORDS = ("none", "never", "unlimited", "off")
-
-
-def _limit(text: str, units: dict[str, int], what: str) -> int | None:
-    """A non-negative number with an optional unit suffix, or ``none``."""
-    value = text.strip().lower()
-    if value in NONE_WORDS:
-        return None
-    if units and value.endswith("b"):  # 10MiB, 10MB, 10B
-        value = value.removesuffix("ib").removesuffix("b")
-    unit = value[-1:] if value[-1:] in units and value[-1:].isalpha() else ""
-    try:
-        amount = float(value[: len(value) - len(unit)]) if units else int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-    amount *= units.get(unit, 1)
-    if not 0 <= amount < 2**63:  # also NaN and infinity
-        raise argparse.ArgumentTypeError(f"{text!r} must be from 0 to 2^63")
-    return int(amount)
-
-
-def _size(text: str) -> int | None:
-    """Bytes: ``1048576``, ``512K``, ``10M``, ``2G``, ``1T`` (powers of
-    1024; ``KiB``/``MiB``/... too), or ``none`` for no limit."""
-    return _limit(text, _SIZE_UNITS, "a size; use bytes, 512K, 10M, 2G or none")
-
-
-def _count(text: str) -> int | None:
-    return _limit(text, {}, "a whole number (or none)")
-
-
-def _date(text: str) -> str | None:
-    """UTC: ``2027-01-31``, ``2027-01-31T12:00`` or ``2027-01-31 12:00:00``;
-    ``never`` for no expiry.  Returned as ``YYYY-MM-DD HH:MM:SS``."""
-    from datetime import datetime
-
-    if text.strip().lower() in NONE_WORDS:
-        return None
-    try:
-        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a date; use 2027-01-31 or '2027-01-31 12:00' (UTC) or never") from None
-    if when.tzinfo is not None:
-        from datetime import timezone
-
+def _argument(parse):
+    def parsed(text: str):
         try:
-            when = when.astimezone(timezone.utc).replace(tzinfo=None)
-        except OverflowError:  # 0001-01-01T00:00+01:00 is before year 1 in UTC
-            raise argparse.ArgumentTypeError(f"{text!r} is outside the years 1 to 9999 in UTC") from None
-    # Not strftime: glibc's %Y writes year 1 as "1", not "0001".
-    return when.isoformat(sep=" ", timespec="seconds")
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parsed
 
 
-def _require_policy(db: SyncDatabase, columns: list[str]) -> None:
-    missing = [c for c in columns if c not in db.columns()]
-    if missing:
-        raise CommandError(f"mtop_user has no {', '.join(missing)} column; add them with 'mtopctl db upgrade'")
+_size = _argument(users.parse_size)
+_size.__name__ = "_size"
+_count = _argument(users.parse_count)
+_count.__name__ = "_count"
+_date = _argument(users.parse_date)
+_date.__name__ = "_date"
 
 
 def cmd_user_set(args: argparse.Namespace) -> None:
@@ -208,19 +142,8 @@ def cmd_user_set(args: argparse.Namespace) -> None:
             changes[column] = value
     if not changes:
         raise CommandError("nothing to set; give --enable/--disable, --expires, --max-conns, --rate or --quota")
-    db = _open(args)
-    try:
-        _require_policy(db, list(changes))
-        assignments = ", ".join(f"{column} = ?" for column in changes)
-        cursor = db.execute(
-            f"UPDATE mtop_user SET {assignments}, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
-            (*changes.values(), args.username),
-        )
-        db.commit()
-        if cursor.rowcount == 0:
-            raise CommandError(f"no user {args.username!r}")
-    finally:
-        db.close()
+    with _Users(args) as admin:
+        admin.set_policy(args.username, changes)
     shown = ", ".join(f"{column}={'none' if value is None else value}" for column, value in changes.items())
     print(f"user {args.username}: {shown}")
 
@@ -240,28 +163,22 @@ def _human(size: int) -> str:
 
 def cmd_user_show(args: argparse.Namespace) -> None:
     """Show one user's columns (those the table has), sizes also in KiB/MiB/...."""
-    db = _open(args)
-    try:
-        have = db.columns()
-        columns = ["username", "password", "created_time", "updated_time", *[c for c in _SHOW_COLUMNS if c in have]]
-        row = db.execute(f"SELECT {', '.join(columns)} FROM mtop_user WHERE username = ?", (args.username,)).fetchone()
-        db.commit()
-    finally:
-        db.close()
-    if row is None:
-        raise CommandError(f"no user {args.username!r}")
-    values = dict(zip(columns, row))
-    stored = values["password"] or ""
-    values["password"] = "scrypt" if passwords.is_expensive(stored) else ("legacy sha256" if stored else "none (cannot log in)")
+    with _Users(args) as admin:
+        record = admin.get(args.username)
+    order = ["username", "password", "created_time", "updated_time", *_SHOW_COLUMNS]
+    values = {key: record[key] for key in order if key in record}
+    values["password"] = {"scrypt": "scrypt", "legacy": "legacy sha256"}.get(record["password"], "none (cannot log in)")
+    values["created_time"] = values["created_time"] or ""
+    values["updated_time"] = values["updated_time"] or ""
     if "enabled" in values:
-        values["enabled"] = "yes" if values["enabled"] is None or bool(values["enabled"]) else "no"
+        values["enabled"] = "yes" if values["enabled"] else "no"
     for column in ("rate_limit", "quota_bytes", "max_connections", "expires_at", "last_seen"):
         if column in values and values[column] is None:
             values[column] = "never" if column in ("expires_at", "last_seen") else "none"
     if "rate_limit" in values and values["rate_limit"] != "none":
         values["rate_limit"] = f"{values['rate_limit']} bytes/s ({_human(int(values['rate_limit']))}/s)"
     if "bytes_up" in values:
-        up, down = int(values["bytes_up"] or 0), int(values["bytes_down"] or 0)
+        up, down = record["bytes_up"], record["bytes_down"]
         values["bytes_up"], values["bytes_down"] = f"{up} ({_human(up)})", f"{down} ({_human(down)})"
         used = f"{up + down} ({_human(up + down)})"
         if "quota_bytes" in values and values["quota_bytes"] != "none":
@@ -276,15 +193,8 @@ def cmd_user_show(args: argparse.Namespace) -> None:
 
 def cmd_user_reset_usage(args: argparse.Namespace) -> None:
     """Set a user's traffic counters (and so their used quota) to 0."""
-    db = _open(args)
-    try:
-        _require_policy(db, ["bytes_up", "bytes_down"])
-        cursor = db.execute("UPDATE mtop_user SET bytes_up = 0, bytes_down = 0 WHERE username = ?", (args.username,))
-        db.commit()
-        if cursor.rowcount == 0:
-            raise CommandError(f"no user {args.username!r}")
-    finally:
-        db.close()
+    with _Users(args) as admin:
+        admin.reset_usage(args.username)
     print(f"usage of {args.username} reset to 0")
 
 
