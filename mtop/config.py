@@ -13,6 +13,7 @@ directory of the process is.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import shlex
 from dataclasses import dataclass, field, replace
@@ -185,6 +186,18 @@ class HealthConfig:
 
 
 @dataclass(frozen=True)
+class AdminConfig:
+    """``admin:``: where to serve the admin API (``None``: nowhere), and
+    its TLS certificate (``tls``: the server's, or ``crt``/``key`` of its
+    own; without TLS only on a loopback address)."""
+
+    listen: ListenAddress | None = None
+    tls: bool = False
+    crt: str = ""
+    key: str = ""
+
+
+@dataclass(frozen=True)
 class ClientsConfig:
     """``clients:``: client address allow and block lists, as written
     (networks, addresses, list file paths; relative paths made absolute).
@@ -209,6 +222,7 @@ class Config:
     metrics: MetricsConfig = MetricsConfig()
     health: HealthConfig = HealthConfig()
     quic: QuicConfig = QuicConfig()
+    admin: AdminConfig = AdminConfig()
     #: What to listen on: ``listeners:`` if given, else the ``server:`` block.
     listeners: tuple[ListenerConfig, ...] = ()
     path: str | None = None
@@ -759,6 +773,37 @@ def load_metrics(section: Section) -> MetricsConfig:
     return config
 
 
+def _is_loopback(host: str | None) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return host is not None and ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_admin(section: Section, server: ServerConfig, base: str, check_files: bool) -> AdminConfig:
+    """``admin: {listen, tls, crt, key}``: the admin API's listener."""
+    listen = section.get("listen", None, lambda k, v: parse_listen(v, k))
+    crt = section.get("crt", "", path_in(base))
+    key = section.get("key", "", path_in(base))
+    tls = section.get("tls", bool(crt or key), as_bool)
+    section.finish()
+    if bool(crt) != bool(key):
+        raise ConfigError("admin.crt and admin.key: give both (or neither, for the server's with tls: true)")
+    if tls and not crt:
+        crt, key = server.crt, server.key
+    if listen is not None and not tls and not _is_loopback(listen.host):
+        raise ConfigError(
+            f"admin.listen: {listen} without TLS would carry admin passwords and tokens in the clear; "
+            "listen on a loopback address (127.0.0.1:8444) or set admin.tls: true"
+        )
+    if listen is not None and tls and check_files:
+        require_readable("admin.crt", crt)
+        require_readable("admin.key", key)
+    return AdminConfig(listen=listen, tls=tls, crt=crt, key=key)
+
+
 def _load_health(section: Section) -> HealthConfig:
     """``health: {listen}``."""
     config = HealthConfig(listen=section.get("listen", None, lambda k, v: parse_listen(v, k)))
@@ -840,8 +885,10 @@ def load_config_data(data: Any, path: str | None = None, check_files: bool = Tru
     metrics = load_metrics(Section("metrics", top.get("metrics", {}, lambda k, v: v), warnings))
     health = _load_health(Section("health", top.get("health", {}, lambda k, v: v), warnings))
     quic = load_quic(Section("quic", top.get("quic", {}, lambda k, v: v), warnings))
+    admin = _load_admin(Section("admin", top.get("admin", {}, lambda k, v: v), warnings), server, base, check_files)
     top.finish()
     return Config(
+        admin=admin,
         quic=quic,
         health=health,
         server=server,

@@ -116,6 +116,27 @@ CREATE TABLE IF NOT EXISTS mtop_presence (
 )
 """
 
+#: Admin accounts of the admin API and panel (`mtop.admins`): the
+#: password as an scrypt hash, never in clear.
+ADMIN_TABLE = """
+CREATE TABLE IF NOT EXISTS mtop_admin (
+    name VARCHAR(128) NOT NULL PRIMARY KEY,
+    password VARCHAR(1024) NOT NULL,
+    created_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+)
+"""
+
+#: Bearer tokens of the admin API: the SHA-256 of the token (the token
+#: itself is shown once, when made), whose admin, and a label.
+ADMIN_TOKEN_TABLE = """
+CREATE TABLE IF NOT EXISTS mtop_admin_token (
+    token_hash CHAR(64) NOT NULL PRIMARY KEY,
+    name VARCHAR(128) NOT NULL,
+    label VARCHAR(128) NOT NULL DEFAULT '',
+    created_time TIMESTAMP DEFAULT CURRENT_TIMESTAMP
+)
+"""
+
 #: MTop's optional tables, which a server uses when they are there.
 OPTIONAL_TABLES = ("mtop_quota_lease", "mtop_presence")
 _OPTIONAL_NAMES = ", ".join(f"'{name}'" for name in OPTIONAL_TABLES)
@@ -241,6 +262,8 @@ class SyncDatabase:
             self.execute(FLUSH_TABLE)
             self.execute(LEASE_TABLE)
             self.execute(PRESENCE_TABLE)
+            self.execute(ADMIN_TABLE)
+            self.execute(ADMIN_TOKEN_TABLE)
             self.commit()
             have = self.columns()
             added = []

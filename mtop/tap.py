@@ -255,6 +255,11 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         from mtop.health import health_service
 
         health_service(reactor, config.health.listen, health, reuse_port=number is not None).setServiceParent(root)
+    if config.admin.listen is not None and (number is None or number == 1):
+        # One admin API per server (a worker setup's first worker serves it).
+        from mtop.adminapi import admin_service
+
+        admin_service(reactor, config).setServiceParent(root)
     ConfigReloader(config, reactor, consumers).setServiceParent(root)
     from mtop.drain import Drain
 

@@ -201,7 +201,7 @@ class UserAdmin:
             self._columns = self.db.columns()
         return self._columns
 
-    def _require(self, columns: list[str] | tuple[str, ...]) -> None:
+    def require(self, columns: list[str] | tuple[str, ...]) -> None:
         missing = [c for c in columns if c not in self.columns]
         if missing:
             raise UserError(f"mtop_user has no {', '.join(missing)} column; add them with 'mtopctl db upgrade'", None, 409)
@@ -234,7 +234,7 @@ class UserAdmin:
         `policy_value`); the servers see them live."""
         if not changes:
             raise UserError("nothing to change", None)
-        self._require(list(changes))
+        self.require(list(changes))
         assignments = ", ".join(f"{column} = ?" for column in changes)
         self._update(
             username, f"UPDATE mtop_user SET {assignments}, updated_time = CURRENT_TIMESTAMP WHERE username = ?",
@@ -242,7 +242,7 @@ class UserAdmin:
         )
 
     def reset_usage(self, username: str) -> None:
-        self._require(("bytes_up", "bytes_down"))
+        self.require(("bytes_up", "bytes_down"))
         self._update(username, "UPDATE mtop_user SET bytes_up = 0, bytes_down = 0 WHERE username = ?", (username,))
 
     def _update(self, username: str, sql: str, params: tuple) -> None:
@@ -301,11 +301,11 @@ class UserAdmin:
         if sort not in SORT_KEYS:
             raise UserError(f"cannot sort by {sort!r} (one of {', '.join(SORT_KEYS)})", "sort")
         if sort == "used":
-            self._require(("bytes_up", "bytes_down"))
+            self.require(("bytes_up", "bytes_down"))
             order = "(COALESCE(bytes_up, 0) + COALESCE(bytes_down, 0))"
         else:
             if sort not in ("username", "created_time", "updated_time"):
-                self._require((sort,))
+                self.require((sort,))
             order = sort
         where, params = "", ()
         if search:

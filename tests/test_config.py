@@ -354,3 +354,17 @@ def test_websocket_listeners(confdir):
 def test_websocket_errors_name_the_key(confdir, data, message):
     with pytest.raises(ConfigError, match=message):
         load_config_data(data, str(confdir / "mtop.yaml"), check_files=False)
+
+
+def test_admin_section(confdir):
+    path = str(confdir / "mtop.yaml")
+    base = {"server": {"crt": "server.crt", "key": "server.key"}}
+    assert load_config_data(base, path, check_files=False).admin.listen is None
+    local = load_config_data({**base, "admin": {"listen": "127.0.0.1:8444"}}, path, check_files=False).admin
+    assert (local.listen.port, local.tls) == (8444, False)
+    tls = load_config_data({**base, "admin": {"listen": ":8444", "tls": True}}, path, check_files=False).admin
+    assert tls.tls and tls.crt.endswith("server.crt") and tls.key.endswith("server.key")
+    with pytest.raises(ConfigError, match=r"admin.listen: :8444 without TLS would carry admin passwords"):
+        load_config_data({**base, "admin": {"listen": ":8444"}}, path, check_files=False)
+    with pytest.raises(ConfigError, match="admin.crt and admin.key: give both"):
+        load_config_data({**base, "admin": {"listen": ":8444", "crt": "a.crt"}}, path, check_files=False)

@@ -20,7 +20,7 @@ from typing import Sequence
 
 import mtop
 
-from mtop.ctl import cert, check, db, url, user
+from mtop.ctl import admin, cert, check, db, url, user
 from mtop.ctl.common import DEFAULT_CONFIG, CommandError
 from mtop.database import DatabaseError
 from mtop.redact import redact
@@ -33,7 +33,7 @@ from mtop.ctl.user import _count, _date, _size
 __all__ = ["CommandError", "build_parser", "main", "version", "_count", "_date", "_port", "_size"]
 
 # In the order ``mtopctl --help`` lists them.
-_COMMANDS = (db, user, url, check, cert)
+_COMMANDS = (db, user, url, check, cert, admin)
 
 #: The distribution's name in setup.cfg (``[metadata] name``).
 DISTRIBUTION = "mtop"

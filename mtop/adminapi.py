@@ -1,0 +1,538 @@
+"""The admin API: users over HTTP, JSON under ``/api/v1/``.
+
+Served by ``twistd mtop`` when ``admin.listen`` is set, or alone by
+``twistd mtop-admin`` (one API for a cluster sharing the database).
+Scripts authenticate with a bearer token (``mtopctl admin token``); a
+token that is wrong counts against the client's address like a failed
+tunnel login (`mtop.limits.AuthThrottle`), and a banned address gets 429.
+
+Routes (the OpenAPI description at ``/api/v1/openapi.json`` is built from
+the same table, `ROUTES`, and a test holds it to them):
+
+=======  ===============================  =====================================
+GET      /api/v1/users                    page, per_page, sort, order, q
+POST     /api/v1/users                    create (password given or generated,
+                                          shown once)
+GET      /api/v1/users/{name}             one user
+PATCH    /api/v1/users/{name}             password, enabled, expires_at,
+                                          max_connections, rate_limit,
+                                          quota_bytes
+DELETE   /api/v1/users/{name}             delete
+POST     /api/v1/users/{name}/reset-usage set the traffic counters to 0
+GET      /api/v1/me                       the admin the token is for
+=======  ===============================  =====================================
+
+Every answer is JSON; an error is ``{"error": {"message", "field"}}`` with
+the status `mtop.users.UserError` names (the same messages as
+``mtopctl``), and nothing else reaches a response: an unexpected failure
+is logged and answered 500 without its details.  Requests are bounded:
+headers 16 KiB, body 64 KiB (JSON only), 30 s idle.  Each change is
+logged as an audit line with the admin's name.
+
+The database work of a request runs in a small thread pool, each thread
+with its own connection (`DatabaseThreads`): the blocking
+`mtop.users.UserAdmin`, one thread hop per request.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import threading
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.web import http, server
+from twisted.web.resource import Resource
+
+from mtop.admins import Admins
+from mtop.database import DatabaseError, DBSettings, connect
+from mtop.logs import logger
+from mtop.users import POLICY, SORT_KEYS, UserAdmin, UserError, check_password, policy_value
+
+#: The largest request body read.
+MAX_BODY = 64 * 1024
+#: The most users one page lists.
+MAX_PER_PAGE = 500
+#: Characters of a generated password (URL-safe base64 of 18 bytes: 24).
+GENERATED_PASSWORD_BYTES = 18
+#: Seconds a connection may stay idle.
+IDLE_TIMEOUT = 30
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, field: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.field = status, message, field
+
+
+class DatabaseThreads:
+    """Blocking database work off the reactor: a thread pool whose threads
+    each keep one connection to ``settings``' database (reopened after an
+    error)."""
+
+    def __init__(self, reactor: Any, settings: DBSettings, threads: int = 4):
+        self.reactor = reactor
+        self.settings = settings
+        self.pool = ThreadPool(1, threads, name="mtop-admin-db")
+        self._local = threading.local()
+        self._connections: list[Any] = []
+
+    def start(self) -> None:
+        self.pool.start()
+
+    def stop(self) -> None:
+        self.pool.stop()
+        for db in self._connections:
+            try:
+                db.close()
+            except Exception:
+                pass
+
+    def run(self, work: Callable[[Any], Any]) -> Any:
+        """A Deferred firing with ``work(db)`` run in a pool thread."""
+        return deferToThreadPool(self.reactor, self.pool, self._in_thread, work)
+
+    def _in_thread(self, work: Callable[[Any], Any]) -> Any:
+        db = getattr(self._local, "db", None)
+        if db is None:
+            db = self._local.db = connect(self.settings)
+            self._connections.append(db)
+        try:
+            return work(db)
+        except UserError:
+            raise
+        except Exception:
+            # A broken connection is not reused.
+            self._local.db = None
+            try:
+                self._connections.remove(db)
+                db.close()
+            except Exception:
+                pass
+            raise
+
+
+#: (method, path pattern, handler name, summary); ``{name}`` is one segment.
+ROUTES: tuple[tuple[str, str, str, str], ...] = (
+    ("GET", "/api/v1/users", "list_users", "List users (paged, sortable, searchable)"),
+    ("POST", "/api/v1/users", "create_user", "Create a user (the password given, or generated and shown once)"),
+    ("GET", "/api/v1/users/{name}", "get_user", "One user"),
+    ("PATCH", "/api/v1/users/{name}", "change_user", "Change a user's password or policy"),
+    ("DELETE", "/api/v1/users/{name}", "delete_user", "Delete a user"),
+    ("POST", "/api/v1/users/{name}/reset-usage", "reset_usage", "Set a user's traffic counters to 0"),
+    ("GET", "/api/v1/me", "me", "The admin this token is for"),
+)
+
+#: Fields PATCH takes.
+CHANGE_FIELDS = ("password", *POLICY)
+
+
+def _match(pattern: str, segments: list[str]) -> dict[str, str] | None:
+    parts = pattern.strip("/").split("/")
+    if len(parts) != len(segments):
+        return None
+    found = {}
+    for part, segment in zip(parts, segments):
+        if part.startswith("{"):
+            if not segment:
+                return None
+            found[part[1:-1]] = segment
+        elif part != segment:
+            return None
+    return found
+
+
+class LimitedRequest(server.Request):
+    """A request whose body may be at most `MAX_BODY` bytes (a declared
+    length over it, or a chunked body growing past it, is answered 413)."""
+
+    too_large = False
+
+    def gotLength(self, length: int | None) -> None:
+        if length is not None and length > MAX_BODY:
+            self.too_large = True
+            length = 0
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.too_large:
+            return
+        if self.content.tell() + len(data) > MAX_BODY:
+            self.too_large = True
+            return
+        super().handleContentChunk(data)
+
+
+class AdminResource(Resource):
+    """The whole API as one leaf resource (routing by `ROUTES`)."""
+
+    isLeaf = True
+    _log = logger()
+
+    def __init__(self, threads: DatabaseThreads, throttle: Any):
+        super().__init__()
+        self.threads = threads
+        self.throttle = throttle
+
+    # Dispatch
+
+    def render(self, request: server.Request) -> bytes | int:
+        try:
+            return self._route(request)
+        except Exception:
+            self._log.failure("admin API: request failed")
+            return self._error(request, ApiError(500, "internal error (logged)"))
+
+    def _route(self, request: server.Request) -> bytes | int:
+        request.setHeader(b"content-type", b"application/json; charset=utf-8")
+        request.setHeader(b"cache-control", b"no-store")
+        request.setHeader(b"x-content-type-options", b"nosniff")
+        try:
+            segments = [unquote(part.decode("utf-8", "strict")) for part in request.path.split(b"/")[1:]]
+        except UnicodeDecodeError:
+            return self._error(request, ApiError(400, "the path is not UTF-8"))
+        if segments and segments[-1] == "" and len(segments) > 1:
+            segments = segments[:-1]
+        method = request.method.decode("ascii", "replace")
+        if segments == ["api", "v1", "openapi.json"] and method == "GET":
+            return self._json(request, 200, openapi())
+        allowed = []
+        for route_method, pattern, handler, _ in ROUTES:
+            found = _match(pattern, segments)
+            if found is None:
+                continue
+            if route_method != method:
+                allowed.append(route_method)
+                continue
+            self._serve(request, getattr(self, handler), found)
+            return server.NOT_DONE_YET
+        if allowed:
+            request.setHeader(b"allow", ", ".join(allowed).encode())
+            return self._error(request, ApiError(405, f"{method} is not allowed here (only {', '.join(allowed)})"))
+        return self._error(request, ApiError(404, "no such API path"))
+
+    def _serve(self, request: server.Request, handler: Callable, params: dict[str, str]) -> None:
+        client = getattr(request.getClientAddress(), "host", "?")
+        if getattr(request, "too_large", False):
+            self._finish(request, *self._error_body(ApiError(413, f"the request body is over {MAX_BODY // 1024} KiB")))
+            return
+        if self.throttle.banned(client):
+            self._finish(request, *self._error_body(ApiError(429, "too many failed logins from this address; wait")))
+            return
+        auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            request.setHeader(b"www-authenticate", b'Bearer realm="mtop"')
+            self._finish(request, *self._error_body(ApiError(401, "a bearer token is needed (mtopctl admin token)")))
+            return
+        try:
+            body = self._body(request)
+        except ApiError as e:
+            self._finish(request, *self._error_body(e))
+            return
+
+        def work(db: Any) -> tuple:
+            admin = Admins(db).token_admin(token.strip())
+            if admin is None:
+                raise ApiError(401, "the token is not valid")
+            return handler(UserAdmin(db), admin, params, request.args, body)
+
+        done = self.threads.run(work)
+        done.addCallbacks(lambda result: self._done(request, *result), lambda f: self._failed(request, f, client))
+
+    def _done(self, request: server.Request, status: int, body: Any, audit: tuple | None = None) -> None:
+        if audit is not None:
+            admin, action, username, detail = audit
+            self._log.info(
+                "admin {admin}: {action} user={user}{detail}", admin=admin, action=action, user=username, detail=detail,
+                audit=True,
+            )
+        self._finish(request, status, body)
+
+    def _body(self, request: server.Request) -> dict[str, Any] | None:
+        if request.method not in (b"POST", b"PATCH"):
+            return None
+        raw = request.content.read() if request.content is not None else b""
+        if not raw:
+            return {}
+        kind = (request.getHeader(b"content-type") or b"").decode("latin-1").split(";")[0].strip().lower()
+        if kind != "application/json":
+            raise ApiError(415, "send JSON (content-type: application/json)")
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+
+    def _failed(self, request: server.Request, failure: Failure, client: str) -> None:
+        error = failure.value
+        if isinstance(error, ApiError):
+            if error.status == 401 and self.throttle.failed(client):
+                self._log.warn("admin API: client {client} banned after failed logins", client=client)
+            self._finish(request, *self._error_body(error))
+        elif isinstance(error, UserError):
+            self._finish(request, *self._error_body(ApiError(error.status, error.message, error.field)))
+        elif isinstance(error, DatabaseError):
+            self._log.error("admin API: database: {error}", error=str(error))
+            self._finish(request, *self._error_body(ApiError(503, "the user database is not available")))
+        else:
+            self._log.failure("admin API: request failed", failure)
+            self._finish(request, *self._error_body(ApiError(500, "internal error (logged)")))
+
+    @staticmethod
+    def _error_body(error: ApiError) -> tuple:
+        return error.status, {"error": {"message": error.message, "field": error.field}}
+
+    def _error(self, request: server.Request, error: ApiError) -> bytes:
+        status, body = self._error_body(error)
+        return self._json(request, status, body)
+
+    @staticmethod
+    def _json(request: server.Request, status: int, body: Any) -> bytes:
+        request.setResponseCode(status)
+        if body is None:
+            return b""
+        return json.dumps(body, separators=(",", ":")).encode("utf-8")
+
+    def _finish(self, request: server.Request, status: int, body: Any) -> None:
+        if request.finished or request._disconnected:
+            return
+        data = self._json(request, status, body)
+        if data:
+            request.write(data)
+        request.finish()
+
+    # Handlers: run in a database thread; (status, body[, audit]) or a
+    # UserError/ApiError.  The audit line (admin, action, user, detail) is
+    # logged by the reactor's thread once the change is done.
+
+    def list_users(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        page = _int_arg(args, "page", 1, 1, 10**9)
+        per_page = _int_arg(args, "per_page", 50, 1, MAX_PER_PAGE)
+        sort = _str_arg(args, "sort", "username")
+        order = _str_arg(args, "order", "asc")
+        if order not in ("asc", "desc"):
+            raise ApiError(400, "order must be asc or desc", "order")
+        if sort not in SORT_KEYS:
+            raise ApiError(400, f"cannot sort by {sort!r} (one of {', '.join(SORT_KEYS)})", "sort")
+        total, rows = users.list((page - 1) * per_page, per_page, sort, order == "desc", _str_arg(args, "q", ""))
+        return 200, {"total": total, "page": page, "per_page": per_page, "users": rows}
+
+    def create_user(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        _known(body, ("username", "password", *POLICY))
+        username = body.get("username")
+        password = body.get("password")
+        generated = password is None
+        if generated:
+            password = secrets.token_urlsafe(GENERATED_PASSWORD_BYTES)
+        changes = {column: policy_value(column, body[column]) for column in POLICY if column in body}
+        if not generated:
+            check_password(password)
+        if changes:
+            users.require(list(changes))
+        users.add(username, password)
+        if changes:
+            users.set_policy(username, changes)
+        answer: dict[str, Any] = {"user": users.get(username)}
+        if generated:
+            answer["password"] = password  # shown this once
+        return 201, answer, (admin, "created", username, _fields(changes))
+
+    def get_user(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        return 200, {"user": users.get(params["name"])}
+
+    def change_user(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        _known(body, CHANGE_FIELDS)
+        if not body:
+            raise ApiError(400, f"nothing to change; give one of {', '.join(CHANGE_FIELDS)}")
+        name = params["name"]
+        changes = {column: policy_value(column, body[column]) for column in POLICY if column in body}
+        if "password" in body:
+            users.set_password(name, check_password(body["password"]))
+        if changes:
+            users.set_policy(name, changes)
+        return 200, {"user": users.get(name)}, (admin, "changed", name, _fields(changes, "password" in body))
+
+    def delete_user(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        users.delete(params["name"])
+        return 204, None, (admin, "deleted", params["name"], "")
+
+    def reset_usage(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        users.reset_usage(params["name"])
+        return 200, {"user": users.get(params["name"])}, (admin, "reset the usage of", params["name"], "")
+
+    def me(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        return 200, {"admin": admin}
+
+
+def _known(body: dict[str, Any], fields: tuple[str, ...]) -> None:
+    for key in body:
+        if key not in fields:
+            raise ApiError(400, f"unknown field {key!r} (known: {', '.join(fields)})", key)
+
+
+def _fields(changes: dict[str, Any], password: bool = False) -> str:
+    shown = [f"{column}={'none' if value is None else value}" for column, value in changes.items()]
+    if password:
+        shown.insert(0, "password=(changed)")
+    return (" " + " ".join(shown)) if shown else ""
+
+
+def _str_arg(args: dict[bytes, list[bytes]], name: str, default: str) -> str:
+    values = args.get(name.encode())
+    if not values:
+        return default
+    try:
+        return values[-1].decode("utf-8")
+    except UnicodeDecodeError:
+        raise ApiError(400, f"{name} is not UTF-8", name) from None
+
+
+def _int_arg(args: dict[bytes, list[bytes]], name: str, default: int, low: int, high: int) -> int:
+    text = _str_arg(args, name, "")
+    if not text:
+        return default
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= high:
+        raise ApiError(400, f"{name} must be a whole number from {low} to {high}", name)
+    return int(text)
+
+
+# OpenAPI
+
+_USER_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "username": {"type": "string"},
+        "password": {"type": "string", "enum": ["scrypt", "legacy", "none"], "description": "the kind of hash, never the hash"},
+        "created_time": {"type": ["string", "null"]},
+        "updated_time": {"type": ["string", "null"]},
+        "enabled": {"type": "boolean"},
+        "expires_at": {"type": ["string", "null"], "description": "UTC, YYYY-MM-DD HH:MM:SS"},
+        "last_seen": {"type": ["string", "null"]},
+        "max_connections": {"type": ["integer", "null"]},
+        "rate_limit": {"type": ["integer", "null"], "description": "bytes per second"},
+        "quota_bytes": {"type": ["integer", "null"]},
+        "bytes_up": {"type": "integer"},
+        "bytes_down": {"type": "integer"},
+        "used": {"type": "integer"},
+    },
+}
+_POLICY_PROPERTIES = {
+    "enabled": {"type": "boolean"},
+    "expires_at": {"type": ["string", "null"], "description": "2027-01-31, 2027-01-31T12:00Z, or null: never"},
+    "max_connections": {"type": ["integer", "string", "null"]},
+    "rate_limit": {"type": ["integer", "string", "null"], "description": "bytes per second, or 512K, 10M"},
+    "quota_bytes": {"type": ["integer", "string", "null"], "description": "bytes, or 10G"},
+}
+_ERROR = {"type": "object", "properties": {"error": {"type": "object", "properties": {
+    "message": {"type": "string"}, "field": {"type": ["string", "null"]}}}}}
+
+
+def openapi() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of `ROUTES`."""
+    paths: dict[str, Any] = {}
+    for method, pattern, handler, summary in ROUTES:
+        operation: dict[str, Any] = {
+            "operationId": handler,
+            "summary": summary,
+            "security": [{"bearer": []}],
+            "responses": {
+                "default": {"description": "an error", "content": {"application/json": {"schema": _ERROR}}},
+            },
+        }
+        if "{name}" in pattern:
+            operation["parameters"] = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+        user_response = {"content": {"application/json": {"schema": {
+            "type": "object", "properties": {"user": _USER_SCHEMA, "password": {"type": "string"}}}}}}
+        if handler == "list_users":
+            operation["parameters"] = [
+                {"name": "page", "in": "query", "schema": {"type": "integer", "minimum": 1}},
+                {"name": "per_page", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PER_PAGE}},
+                {"name": "sort", "in": "query", "schema": {"type": "string", "enum": list(SORT_KEYS)}},
+                {"name": "order", "in": "query", "schema": {"type": "string", "enum": ["asc", "desc"]}},
+                {"name": "q", "in": "query", "schema": {"type": "string"}, "description": "part of the name"},
+            ]
+            operation["responses"]["200"] = {"description": "a page", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"total": {"type": "integer"}, "page": {"type": "integer"},
+                                                 "per_page": {"type": "integer"}, "users": {"type": "array", "items": _USER_SCHEMA}}}}}}
+        elif handler == "create_user":
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["username"],
+                "properties": {"username": {"type": "string"}, "password": {"type": "string"}, **_POLICY_PROPERTIES},
+                "additionalProperties": False}}}}
+            operation["responses"]["201"] = {"description": "created; password only when generated", **user_response}
+        elif handler == "change_user":
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"password": {"type": "string"}, **_POLICY_PROPERTIES},
+                "additionalProperties": False}}}}
+            operation["responses"]["200"] = {"description": "the user as changed", **user_response}
+        elif handler == "delete_user":
+            operation["responses"]["204"] = {"description": "deleted"}
+        elif handler == "me":
+            operation["responses"]["200"] = {"description": "the admin", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"admin": {"type": "string"}}}}}}
+        else:
+            operation["responses"]["200"] = {"description": "the user", **user_response}
+        paths.setdefault(pattern, {})[method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MTop admin API", "version": "1"},
+        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "paths": paths,
+    }
+
+
+def admin_site(resource: AdminResource) -> server.Site:
+    root = Resource()
+    root.putChild(b"api", resource)
+    site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.requestFactory = LimitedRequest
+    site.noisy = False
+    site.log = lambda request: None  # the audit lines say what changed
+    return site
+
+
+def admin_service(reactor: Any, config: Any) -> Any:
+    """The admin API's listening service for ``config`` (an
+    `mtop.config.Config` with ``admin.listen``): TLS if configured, the
+    database threads started and stopped with it."""
+    from twisted.application.service import MultiService, Service
+
+    from mtop.limits import AuthThrottle
+    from mtop.listening import ListeningService, listening_endpoint
+
+    admin = config.admin
+    threads = DatabaseThreads(reactor, DBSettings(config.db.driverName, config.db.dsn))
+    resource = AdminResource(threads, AuthThrottle(reactor, config.auth_throttle))
+    site = admin_site(resource)
+    serving: Any = site
+    scheme = "http"
+    if admin.tls:
+        from mtop.tls import server_context
+        from mtop.tlstransport import server_tls_factory
+
+        context = server_context(admin.crt, admin.key, "http/1.1", config.server.tls_min_version, fallback=True)
+        serving = server_tls_factory(site, lambda: context, reactor)
+        scheme = "https"
+
+    class Threads(Service):
+        def startService(self) -> None:
+            super().startService()
+            threads.start()
+
+        def stopService(self) -> None:
+            super().stopService()
+            threads.stop()
+
+    parent = MultiService()
+    Threads().setServiceParent(parent)
+    ListeningService(
+        listening_endpoint(reactor, admin.listen), serving, "Admin API", admin.listen, f" ({scheme}, /api/v1/)"
+    ).setServiceParent(parent)
+    return parent
