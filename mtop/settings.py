@@ -144,6 +144,7 @@ NEEDS_RESTART: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("listeners", _listener_shape),
     ("db", lambda config: (config.db.driverName, config.db.dsn, config.db.recheck_interval, config.db.flush_interval)),
     ("metrics", lambda config: config.metrics),
+    ("admin", lambda config: config.admin),
     ("workers", lambda config: config.server.workers),
     # twistd's log observer is chosen once, before the tap starts.
     ("log.format", lambda config: config.log.format),

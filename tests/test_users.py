@@ -121,3 +121,26 @@ def test_names_and_passwords_are_checked(admin):
         admin.add("eve", "p" * 256)
     assert bad.value.field == "password"
     assert isinstance(admin, UserAdmin)
+
+
+def test_admins_and_tokens(admin):
+    from mtop.admins import Admins, token_hash
+
+    admins = Admins(admin.db)
+    admins.add("ops", "Ops-pw-1")
+    with pytest.raises(UserError, match="already exists"):
+        admins.add("ops", "x")
+    assert admins.check_password("ops", "Ops-pw-1") and not admins.check_password("ops", "nope")
+    assert not admins.check_password("ghost", "Ops-pw-1")
+    token = admins.new_token("ops", "ci")
+    assert admins.token_admin(token) == "ops" and admins.token_admin(token + "x") is None
+    stored = [row[0] for row in admin.db.execute("SELECT token_hash FROM mtop_admin_token").fetchall()]
+    assert stored == [token_hash(token)] and token not in stored  # only the hash is kept
+    assert admins.list() == [("ops", admins.list()[0][1], 1)]
+    admins.set_password("ops", "Ops-pw-2")
+    assert admins.check_password("ops", "Ops-pw-2")
+    admins.delete("ops")
+    assert admins.token_admin(token) is None and admins.list() == []
+    with pytest.raises(UserError, match="no admin 'ops'") as missing:
+        admins.new_token("ops")
+    assert missing.value.status == 404
