@@ -41,39 +41,29 @@ class Admins:
     def __init__(self, db: SyncDatabase):
         self.db = db
 
-    def _run(self, sql: str, params: tuple = ()) -> Any:
-        db = self.db
-        try:
-            cursor = db.execute(sql, params)
-            db.commit()
-        except db.Error:
-            db.rollback()
-            raise
-        return cursor
-
     def add(self, name: str, password: str) -> None:
         check_admin_name(name)
         check_password(password)
         db = self.db
         try:
-            self._run("INSERT INTO mtop_admin (name, password) VALUES (?, ?)", (name, passwords.scrypt_hash(password)))
+            self.db.run("INSERT INTO mtop_admin (name, password) VALUES (?, ?)", (name, passwords.scrypt_hash(password)))
         except db.IntegrityError:
             raise UserError(f"admin {name!r} already exists", "name", 409) from None
 
     def set_password(self, name: str, password: str) -> None:
         check_password(password)
-        if self._run("UPDATE mtop_admin SET password = ? WHERE name = ?", (passwords.scrypt_hash(password), name)).rowcount == 0:
+        if self.db.run("UPDATE mtop_admin SET password = ? WHERE name = ?", (passwords.scrypt_hash(password), name)).rowcount == 0:
             raise UserError(f"no admin {name!r}", "name", 404)
 
     def delete(self, name: str) -> None:
         """Delete an admin and their tokens."""
-        if self._run("DELETE FROM mtop_admin WHERE name = ?", (name,)).rowcount == 0:
+        if self.db.run("DELETE FROM mtop_admin WHERE name = ?", (name,)).rowcount == 0:
             raise UserError(f"no admin {name!r}", "name", 404)
-        self._run("DELETE FROM mtop_admin_token WHERE name = ?", (name,))
+        self.db.run("DELETE FROM mtop_admin_token WHERE name = ?", (name,))
 
     def list(self) -> list[tuple[str, str, int]]:
         """(name, created, tokens) of every admin."""
-        rows = self._run(
+        rows = self.db.run(
             "SELECT a.name, a.created_time, COUNT(t.token_hash) FROM mtop_admin a "
             "LEFT JOIN mtop_admin_token t ON t.name = a.name GROUP BY a.name, a.created_time ORDER BY a.name"
         ).fetchall()
@@ -82,26 +72,26 @@ class Admins:
     def check_password(self, name: str, password: str) -> bool:
         """Whether ``password`` is ``name``'s (scrypt either way: an unknown
         name costs the same)."""
-        row = self._run("SELECT password FROM mtop_admin WHERE name = ?", (name,)).fetchone()
+        row = self.db.run("SELECT password FROM mtop_admin WHERE name = ?", (name,)).fetchone()
         stored = row[0] if row else passwords.dummy_hash()
         return passwords.verify(stored, "", password) and row is not None
 
     def new_token(self, name: str, label: str = "") -> str:
         """A new bearer token for ``name`` (shown once: only its hash is kept)."""
-        if self._run("SELECT 1 FROM mtop_admin WHERE name = ?", (name,)).fetchone() is None:
+        if self.db.run("SELECT 1 FROM mtop_admin WHERE name = ?", (name,)).fetchone() is None:
             raise UserError(f"no admin {name!r}", "name", 404)
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        self._run("INSERT INTO mtop_admin_token (token_hash, name, label) VALUES (?, ?, ?)", (token_hash(token), name, label[:128]))
+        self.db.run("INSERT INTO mtop_admin_token (token_hash, name, label) VALUES (?, ?, ?)", (token_hash(token), name, label[:128]))
         return token
 
     def revoke_tokens(self, name: str) -> int:
-        return self._run("DELETE FROM mtop_admin_token WHERE name = ?", (name,)).rowcount
+        return self.db.run("DELETE FROM mtop_admin_token WHERE name = ?", (name,)).rowcount
 
     def token_admin(self, token: str) -> str | None:
         """The admin a bearer token belongs to, or ``None``."""
         if not token.startswith(TOKEN_PREFIX) or len(token) > 200:
             return None
-        row = self._run(
+        row = self.db.run(
             "SELECT t.name FROM mtop_admin_token t JOIN mtop_admin a ON a.name = t.name WHERE t.token_hash = ?",
             (token_hash(token),),
         ).fetchone()

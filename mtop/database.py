@@ -236,6 +236,17 @@ class SyncDatabase:
         cursor.execute(self.sql(text), tuple(params))
         return cursor
 
+    def run(self, text: str, params: Sequence[Any] = ()) -> Any:
+        """``execute`` as one transaction: committed, or rolled back and
+        the error raised; the cursor (``rowcount``, rows to fetch)."""
+        try:
+            cursor = self.execute(text, params)
+            self.commit()
+        except self.Error:
+            self.rollback()
+            raise
+        return cursor
+
     def commit(self) -> None:
         self.connection.commit()
 

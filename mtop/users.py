@@ -212,10 +212,8 @@ class UserAdmin:
         salt, stored = password_columns(password, legacy, salt)
         db = self.db
         try:
-            db.execute("INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)", (username, salt, stored))
-            db.commit()
+            db.run("INSERT INTO mtop_user (username, salt, password) VALUES (?, ?, ?)", (username, salt, stored))
         except db.IntegrityError:
-            db.rollback()
             raise UserExists(username) from None
 
     def set_password(self, username: str, password: str, legacy: bool = False, salt: str | None = None) -> None:
@@ -246,14 +244,7 @@ class UserAdmin:
         self._update(username, "UPDATE mtop_user SET bytes_up = 0, bytes_down = 0 WHERE username = ?", (username,))
 
     def _update(self, username: str, sql: str, params: tuple) -> None:
-        db = self.db
-        try:
-            cursor = db.execute(sql, params)
-            db.commit()
-        except db.Error:
-            db.rollback()
-            raise
-        if cursor.rowcount == 0:
+        if self.db.run(sql, params).rowcount == 0:
             raise NoSuchUser(username)
 
     def _select(self) -> list[str]:
