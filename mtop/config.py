@@ -620,7 +620,7 @@ def _load_listeners(value: Any, server: ServerConfig, base: str, check_files: bo
         trusted = section.get("trusted_proxies", server.trusted_proxies, as_networks)
         if listener_type not in ("ws", "wss"):
             for name in ("path", "trusted_proxies"):
-                if name in item:
+                if isinstance(item, dict) and name in item:
                     raise ConfigError(f"{section.key(name)}: only WebSocket listeners (type ws or wss) have one")
         section.finish()
         listener = ListenerConfig(
