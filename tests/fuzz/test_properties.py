@@ -867,3 +867,106 @@ def test_proxy_protocol_parse_header_any_bytes(data, split_at):
             assert address is None or 0 <= address[1] <= 65535
     elif verdict[0] == "none":
         assert len(data) < proxyproto.V2_MAX
+
+
+# WebSocket: what a peer sends never raises; the stream either delivers
+# bytes or closes.
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.sampled_from([b"x-forwarded-for", b"forwarded", b"host"]), st.binary(max_size=80)), max_size=4),
+       st.sampled_from(["127.0.0.1", "10.1.2.3", "192.0.2.1", "::1", "junk"]))
+def test_forwarded_client_never_raises(headers, peer):
+    import ipaddress
+
+    from mtop.websocket import forwarded_client
+
+    trusted = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("10.0.0.0/8"))
+    client = forwarded_client(headers, peer, trusted)
+    assert client is None or ipaddress.ip_address(client)
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=300), max_size=6))
+def test_websocket_stream_takes_any_bytes(chunks):
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import Clock
+    from wsproto import ConnectionType
+    from wsproto.connection import Connection
+
+    from mtop.websocket import WebSocketStream
+
+    class Lower:
+        tcp = tls = None
+        closed = False
+
+        def write(self, data):
+            assert isinstance(data, bytes)
+
+        def loseConnection(self):
+            self.closed = True
+
+        abortConnection = loseConnection
+
+    got = []
+
+    class Inner(Protocol):
+        def dataReceived(self, data):
+            assert isinstance(data, bytes) and data
+            got.append(data)
+
+        def readConnectionLost(self):
+            pass
+
+    stream = WebSocketStream(Lower(), Connection(ConnectionType.SERVER), Clock(), 0)
+    stream.attach(Inner())
+    for chunk in chunks:
+        stream.receive(chunk)
+
+
+@FUZZ
+@given(st.one_of(
+    st.binary(max_size=400),
+    st.builds(lambda path, headers: b"GET " + path + b" HTTP/1.1\r\n" + headers + b"\r\n\r\n",
+              st.sampled_from([b"/t", b"/", b"/t?x=1", b"*"]), st.binary(max_size=200)),
+))
+def test_websocket_request_heads_never_raise(head):
+    from twisted.internet.protocol import Protocol
+    from twisted.internet.task import Clock
+    from twisted.internet.testing import StringTransport
+
+    from mtop.stats import Counters
+    from mtop.websocket import WebSocketFactory
+
+    outcomes = []
+
+    class Tunnel(Protocol):
+        tls_ready = False
+
+        def not_websocket(self, reason, request, refusal):
+            outcomes.append(("not", reason))
+
+        def dataReceived(self, data):
+            outcomes.append(("data", data))
+
+    class Tunnels:
+        counters = Counters()
+
+        class settings:
+            handshake_timeout = 5.0
+
+        def admission_refusal(self, addr, key=None, pre_login=True):
+            return None
+
+        def buildProtocol(self, addr):
+            return Tunnel()
+
+    factory = WebSocketFactory(Tunnels(), Clock(), "/t", (), 0)
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    for i in range(0, len(head), 97):
+        protocol.dataReceived(head[i : i + 97])
+    protocol.connectionLost(None)
+    answered = transport.value()
+    assert outcomes or answered.startswith(b"HTTP/1.1 101 ") or b"\r\n\r\n" not in head or len(head) <= 8192
