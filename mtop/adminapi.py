@@ -3,7 +3,7 @@
 Served by ``twistd mtop`` when ``admin.listen`` is set, or alone by
 ``twistd mtop-admin`` (one API for a cluster sharing the database).
 Scripts authenticate with a bearer token (``mtopctl admin token``); a
-token that is wrong counts against the client's address like a failed
+token (or an admin's password) that is wrong counts against the client's address like a failed
 tunnel login (`mtop.limits.AuthThrottle`), and a banned address gets 429.
 
 Routes (the OpenAPI description at ``/api/v1/openapi.json`` is built from
@@ -19,8 +19,16 @@ PATCH    /api/v1/users/{name}             password, enabled, expires_at,
                                           quota_bytes
 DELETE   /api/v1/users/{name}             delete
 POST     /api/v1/users/{name}/reset-usage set the traffic counters to 0
-GET      /api/v1/me                       the admin the token is for
+POST     /api/v1/links                    share links and QR codes (SVG)
+POST     /api/v1/session                  log in: a session cookie, a CSRF token
+GET      /api/v1/session                  the session
+DELETE   /api/v1/session                  log out
+GET      /api/v1/me                       the admin of the token or session
 =======  ===============================  =====================================
+
+A browser logs in instead (`Sessions`): the cookie is HttpOnly, Secure
+and SameSite=Strict, and every change made with it must carry the
+session's CSRF token in ``X-CSRF-Token``.
 
 Every answer is JSON; an error is ``{"error": {"message", "field"}}`` with
 the status `mtop.users.UserError` names (the same messages as
@@ -36,6 +44,7 @@ with its own connection (`DatabaseThreads`): the blocking
 
 from __future__ import annotations
 
+import io
 import json
 import secrets
 import threading
@@ -124,8 +133,21 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("PATCH", "/api/v1/users/{name}", "change_user", "Change a user's password or policy"),
     ("DELETE", "/api/v1/users/{name}", "delete_user", "Delete a user"),
     ("POST", "/api/v1/users/{name}/reset-usage", "reset_usage", "Set a user's traffic counters to 0"),
-    ("GET", "/api/v1/me", "me", "The admin this token is for"),
+    ("GET", "/api/v1/me", "me", "The admin this token or session is for"),
+    ("POST", "/api/v1/links", "links", "Share links (and QR codes as SVG) of a user for this server's listeners"),
+    ("POST", "/api/v1/session", "login", "Log in with an admin's name and password: a session cookie and a CSRF token"),
+    ("GET", "/api/v1/session", "session", "The session's admin and CSRF token"),
+    ("DELETE", "/api/v1/session", "logout", "Log out"),
 )
+
+#: Routes that need no token or session (they make or end one).
+PUBLIC = ("login", "session", "logout")
+#: The session cookie's name.
+COOKIE = b"mtop_session"
+#: A session ends after this long without a request, and after
+#: `SESSION_MAX_AGE` in any case.
+SESSION_IDLE = 3600.0
+SESSION_MAX_AGE = 12 * 3600.0
 
 #: Fields PATCH takes.
 CHANGE_FIELDS = ("password", *POLICY)
@@ -167,16 +189,71 @@ class LimitedRequest(server.Request):
         super().handleContentChunk(data)
 
 
+class Session:
+    __slots__ = ("admin", "csrf", "started", "used")
+
+    def __init__(self, admin: str, now: float):
+        self.admin = admin
+        self.csrf = secrets.token_urlsafe(24)
+        self.started = self.used = now
+
+
+class Sessions:
+    """Browser sessions, in this process's memory (a restart logs everyone
+    out): an unguessable id in an HttpOnly, Secure, SameSite=Strict cookie,
+    and a CSRF token every change made with the cookie must carry in
+    ``X-CSRF-Token``."""
+
+    def __init__(self, clock: Any):
+        self.clock = clock
+        self._by_id: dict[str, Session] = {}
+
+    def start(self, admin: str) -> tuple[str, Session]:
+        self._expire()
+        sid = secrets.token_urlsafe(32)
+        session = self._by_id[sid] = Session(admin, self.clock.seconds())
+        return sid, session
+
+    def get(self, sid: str) -> Session | None:
+        session = self._by_id.get(sid)
+        if session is None:
+            return None
+        now = self.clock.seconds()
+        if now - session.used > SESSION_IDLE or now - session.started > SESSION_MAX_AGE:
+            del self._by_id[sid]
+            return None
+        session.used = now
+        return session
+
+    def end(self, sid: str) -> None:
+        self._by_id.pop(sid, None)
+
+    def end_admin(self, admin: str) -> None:
+        for sid in [sid for sid, session in self._by_id.items() if session.admin == admin]:
+            del self._by_id[sid]
+
+    def _expire(self) -> None:
+        now = self.clock.seconds()
+        for sid in [sid for sid, s in self._by_id.items() if now - s.used > SESSION_IDLE or now - s.started > SESSION_MAX_AGE]:
+            del self._by_id[sid]
+
+
 class AdminResource(Resource):
     """The whole API as one leaf resource (routing by `ROUTES`)."""
 
     isLeaf = True
     _log = logger()
 
-    def __init__(self, threads: DatabaseThreads, throttle: Any):
+    def __init__(self, threads: DatabaseThreads, throttle: Any, clock: Any = None, listeners: tuple = (), public_host: str | None = None):
         super().__init__()
         self.threads = threads
         self.throttle = throttle
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.sessions = Sessions(clock)
+        #: (type, port, path) of the server's listeners, for share links.
+        self.listeners = listeners
+        self.public_host = public_host
 
     # Dispatch
 
@@ -223,26 +300,97 @@ class AdminResource(Resource):
         if self.throttle.banned(client):
             self._finish(request, *self._error_body(ApiError(429, "too many failed logins from this address; wait")))
             return
-        auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            request.setHeader(b"www-authenticate", b'Bearer realm="mtop"')
-            self._finish(request, *self._error_body(ApiError(401, "a bearer token is needed (mtopctl admin token)")))
-            return
         try:
             body = self._body(request)
         except ApiError as e:
             self._finish(request, *self._error_body(e))
             return
+        name = handler.__name__
+        if name in PUBLIC:
+            handler(request, body, client)
+            return
+        auth = (request.getHeader(b"authorization") or b"").decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        token = token.strip()
+        session = None
+        if scheme.lower() != "bearer" or not token:
+            sid = (request.getCookie(COOKIE) or b"").decode("latin-1")
+            session = self.sessions.get(sid) if sid else None
+            if session is None:
+                request.setHeader(b"www-authenticate", b'Bearer realm="mtop"')
+                message = "log in (POST /api/v1/session) or send a bearer token (mtopctl admin token)"
+                self._finish(request, *self._error_body(ApiError(401, message)))
+                return
+            if request.method not in (b"GET", b"HEAD"):
+                sent = (request.getHeader(b"x-csrf-token") or b"").decode("latin-1")
+                if not secrets.compare_digest(sent, session.csrf):
+                    self._finish(request, *self._error_body(ApiError(403, "the X-CSRF-Token header is missing or wrong")))
+                    return
+
+        params = {**params, "request_host": request.getRequestHostname().decode("ascii", "replace")}
 
         def work(db: Any) -> tuple:
-            admin = Admins(db).token_admin(token.strip())
+            admin = session.admin if session is not None else Admins(db).token_admin(token)
             if admin is None:
                 raise ApiError(401, "the token is not valid")
+            if session is not None and not Admins(db).exists(admin):
+                raise ApiError(401, "the admin of this session is gone")
             return handler(UserAdmin(db), admin, params, request.args, body)
 
         done = self.threads.run(work)
         done.addCallbacks(lambda result: self._done(request, *result), lambda f: self._failed(request, f, client))
+
+    # Sessions (run in the reactor's thread; the password check in a database thread)
+
+    def login(self, request: server.Request, body: Any, client: str) -> None:
+        body = body or {}
+        try:
+            _known(body, ("name", "password"))
+        except ApiError as e:
+            self._finish(request, *self._error_body(e))
+            return
+        name, password = body.get("name"), body.get("password")
+        if not isinstance(name, str) or not isinstance(password, str) or not name or not password:
+            self._finish(request, *self._error_body(ApiError(400, "give the admin's name and password", "name")))
+            return
+
+        def check(db: Any) -> bool:
+            return Admins(db).check_password(name, password)
+
+        def checked(ok: bool) -> None:
+            if not ok:
+                self._failed(request, Failure(ApiError(401, "wrong admin name or password", "password")), client)
+                return
+            sid, session = self.sessions.start(name)
+            request.addCookie(COOKIE, sid.encode(), path=b"/", httpOnly=True, secure=self.secure_cookies, sameSite="strict")
+            self._log.info("admin {admin}: logged in from {client}", admin=name, client=client, audit=True)
+            self._finish(request, 200, {"admin": name, "csrf": session.csrf})
+
+        self.threads.run(check).addCallbacks(checked, lambda f: self._failed(request, f, client))
+
+    def session(self, request: server.Request, body: Any, client: str) -> None:
+        sid = (request.getCookie(COOKIE) or b"").decode("latin-1")
+        session = self.sessions.get(sid) if sid else None
+        if session is None:
+            self._finish(request, *self._error_body(ApiError(401, "not logged in")))
+            return
+        self._finish(request, 200, {"admin": session.admin, "csrf": session.csrf})
+
+    def logout(self, request: server.Request, body: Any, client: str) -> None:
+        sid = (request.getCookie(COOKIE) or b"").decode("latin-1")
+        session = self.sessions.get(sid) if sid else None
+        if session is not None:
+            sent = (request.getHeader(b"x-csrf-token") or b"").decode("latin-1")
+            if not secrets.compare_digest(sent, session.csrf):
+                self._finish(request, *self._error_body(ApiError(403, "the X-CSRF-Token header is missing or wrong")))
+                return
+            self.sessions.end(sid)
+        request.addCookie(COOKIE, b"", path=b"/", max_age=b"0", httpOnly=True, secure=self.secure_cookies, sameSite="strict")
+        self._finish(request, 204, None)
+
+    #: Whether cookies are marked Secure (browsers keep them over https and
+    #: on localhost / 127.0.0.1 only).
+    secure_cookies = True
 
     def _done(self, request: server.Request, status: int, body: Any, audit: tuple | None = None) -> None:
         if audit is not None:
@@ -367,6 +515,33 @@ class AdminResource(Resource):
         users.reset_usage(params["name"])
         return 200, {"user": users.get(params["name"])}, (admin, "reset the usage of", params["name"], "")
 
+    def links(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        """The user's share links for each listener of this server, with
+        their QR codes (SVG): the password is the one given (only its hash
+        is stored, so it cannot be looked up)."""
+        from mtop.ctl.url import qr_code
+        from mtop.urls import ServerLink, URLError, make_url
+
+        _known(body, ("username", "password", "host"))
+        username = body.get("username")
+        users.get(username if isinstance(username, str) else "")  # 404 for an unknown user
+        password = check_password(body.get("password"))
+        host = body.get("host") or self.public_host or params.get("request_host")
+        if not isinstance(host, str) or not host:
+            raise ApiError(400, "give host: the server's public name (or set admin.public_host)", "host")
+        answer = []
+        for kind, port, path in self.listeners:
+            if kind == "ws":
+                continue  # behind a proxy: its public address is the proxy's
+            try:
+                url = make_url(ServerLink(username, password, host, port, kind, path=path or "/"))
+            except URLError as e:
+                raise ApiError(400, str(e), "host") from None
+            svg = io.BytesIO()
+            qr_code(url).save(svg, kind="svg", scale=4, xmldecl=False)
+            answer.append({"type": kind, "url": url, "qr_svg": svg.getvalue().decode("ascii")})
+        return 200, {"links": answer}
+
     def me(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
         return 200, {"admin": admin}
 
@@ -441,7 +616,7 @@ def openapi() -> dict[str, Any]:
         operation: dict[str, Any] = {
             "operationId": handler,
             "summary": summary,
-            "security": [{"bearer": []}],
+            "security": [] if handler in PUBLIC else [{"bearer": []}, {"session": []}],
             "responses": {
                 "default": {"description": "an error", "content": {"application/json": {"schema": _ERROR}}},
             },
@@ -474,6 +649,25 @@ def openapi() -> dict[str, Any]:
             operation["responses"]["200"] = {"description": "the user as changed", **user_response}
         elif handler == "delete_user":
             operation["responses"]["204"] = {"description": "deleted"}
+        elif handler == "links":
+            operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+                "type": "object", "required": ["username", "password"],
+                "properties": {"username": {"type": "string"}, "password": {"type": "string"},
+                               "host": {"type": "string", "description": "the server's public name (default: admin.public_host)"}},
+                "additionalProperties": False}}}}
+            link = {"type": "object", "properties": {"type": {"type": "string"}, "url": {"type": "string"}, "qr_svg": {"type": "string"}}}
+            operation["responses"]["200"] = {"description": "one link per listener", "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"links": {"type": "array", "items": link}}}}}}
+        elif handler in ("login", "session"):
+            session = {"type": "object", "properties": {"admin": {"type": "string"}, "csrf": {"type": "string"}}}
+            if handler == "login":
+                operation["requestBody"] = {"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["name", "password"],
+                    "properties": {"name": {"type": "string"}, "password": {"type": "string"}}, "additionalProperties": False}}}}
+            operation["responses"]["200"] = {"description": "the session (cookie mtop_session set at login)",
+                                             "content": {"application/json": {"schema": session}}}
+        elif handler == "logout":
+            operation["responses"]["204"] = {"description": "logged out (the cookie cleared)"}
         elif handler == "me":
             operation["responses"]["200"] = {"description": "the admin", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"admin": {"type": "string"}}}}}}
@@ -483,7 +677,11 @@ def openapi() -> dict[str, Any]:
     return {
         "openapi": "3.1.0",
         "info": {"title": "MTop admin API", "version": "1"},
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
+        "components": {"securitySchemes": {
+            "bearer": {"type": "http", "scheme": "bearer"},
+            "session": {"type": "apiKey", "in": "cookie", "name": COOKIE.decode(),
+                        "description": "from POST /api/v1/session; changes also need the X-CSRF-Token header"},
+        }},
         "paths": paths,
     }
 
@@ -509,7 +707,8 @@ def admin_service(reactor: Any, config: Any) -> Any:
 
     admin = config.admin
     threads = DatabaseThreads(reactor, DBSettings(config.db.driverName, config.db.dsn))
-    resource = AdminResource(threads, AuthThrottle(reactor, config.auth_throttle))
+    listeners = tuple((item.type, item.listen.port, item.path) for item in config.listeners)
+    resource = AdminResource(threads, AuthThrottle(reactor, config.auth_throttle), reactor, listeners, admin.public_host)
     site = admin_site(resource)
     serving: Any = site
     scheme = "http"

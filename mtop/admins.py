@@ -76,6 +76,9 @@ class Admins:
         stored = row[0] if row else passwords.dummy_hash()
         return passwords.verify(stored, "", password) and row is not None
 
+    def exists(self, name: str) -> bool:
+        return self.db.run("SELECT 1 FROM mtop_admin WHERE name = ?", (name,)).fetchone() is not None
+
     def new_token(self, name: str, label: str = "") -> str:
         """A new bearer token for ``name`` (shown once: only its hash is kept)."""
         if self.db.run("SELECT 1 FROM mtop_admin WHERE name = ?", (name,)).fetchone() is None:

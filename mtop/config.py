@@ -195,6 +195,8 @@ class AdminConfig:
     tls: bool = False
     crt: str = ""
     key: str = ""
+    #: The servers' public name, for share links (``None``: the request's).
+    public_host: str | None = None
 
 
 @dataclass(frozen=True)
@@ -788,6 +790,7 @@ def _load_admin(section: Section, server: ServerConfig, base: str, check_files: 
     crt = section.get("crt", "", path_in(base))
     key = section.get("key", "", path_in(base))
     tls = section.get("tls", bool(crt or key), as_bool)
+    public_host = section.get("public_host", None, as_string) or None
     section.finish()
     if bool(crt) != bool(key):
         raise ConfigError("admin.crt and admin.key: give both (or neither, for the server's with tls: true)")
@@ -801,7 +804,7 @@ def _load_admin(section: Section, server: ServerConfig, base: str, check_files: 
     if listen is not None and tls and check_files:
         require_readable("admin.crt", crt)
         require_readable("admin.key", key)
-    return AdminConfig(listen=listen, tls=tls, crt=crt, key=key)
+    return AdminConfig(listen=listen, tls=tls, crt=crt, key=key, public_host=public_host)
 
 
 def _load_health(section: Section) -> HealthConfig:

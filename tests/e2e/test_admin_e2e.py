@@ -42,7 +42,8 @@ def admin_setup(tmp_path):
     admin table, one admin and their token."""
     config = tmp_path / "mtop.yaml"
     config.write_text(
-        "server: {listen: ':0', crt: x.crt, key: x.key}\n"
+        "server: {listen: ':8443', crt: x.crt, key: x.key}\n"
+        "listeners: [{type: tls}, {type: wss, listen: ':443', path: /ws}, {type: ws, path: /ws}]\n"
         "db: {driverName: sqlite, dsn: users.db}\n"
         "auth_throttle: {max_failures: 3, window: 60, ban: 60}\n"
         f"admin: {{listen: '127.0.0.1:{free_port()}'}}\n"
@@ -209,3 +210,44 @@ def test_the_server_serves_the_api_too(start_server, e2e_setup, tmp_path):  # no
     assert call(api, "GET", "/api/v1/me", token)[:2] == (200, {"admin": "ops"})
     status, body, _ = call(api, "GET", "/api/v1/users", token)
     assert status == 200 and e2e_setup.alice.name in {u["username"] for u in body["users"]}
+
+
+def test_a_browser_session_with_csrf(admin_setup):
+    process, token, config = admin_setup
+    status, body, headers = call(process, "POST", "/api/v1/session", body={"name": "root", "password": "Root-pw-1"})
+    assert status == 200 and body["admin"] == "root" and len(body["csrf"]) > 20
+    cookie = headers["Set-Cookie"]
+    assert cookie.startswith("mtop_session=") and "HttpOnly" in cookie and "Secure" in cookie and "SameSite=strict" in cookie
+    session = {"Cookie": cookie.split(";")[0]}
+    assert call(process, "GET", "/api/v1/me", headers=session)[:2] == (200, {"admin": "root"})
+    assert call(process, "GET", "/api/v1/session", headers=session)[1] == body
+    # A change with the cookie alone (a cross-site form could send that): refused.
+    status, answer, _ = call(process, "POST", "/api/v1/users", body={"username": "eve"}, headers=session)
+    assert status == 403 and "X-CSRF-Token" in answer["error"]["message"]
+    status, _, _ = call(process, "POST", "/api/v1/users", body={"username": "eve"}, headers={**session, "X-CSRF-Token": body["csrf"]})
+    assert status == 201
+    process.wait_for(r"admin root: created user=eve", 10)
+    # Logging out ends the session.
+    assert call(process, "DELETE", "/api/v1/session", headers={**session, "X-CSRF-Token": body["csrf"]})[0] == 204
+    assert call(process, "GET", "/api/v1/me", headers=session)[0] == 401
+    # A wrong password: 401, counted against the address.
+    status, answer, _ = call(process, "POST", "/api/v1/session", body={"name": "root", "password": "nope"})
+    assert status == 401 and answer["error"]["field"] == "password"
+    assert "Root-pw-1" not in process.log() and "nope" not in process.log()
+
+
+def test_share_links_with_qr_codes(admin_setup):
+    process, token, config = admin_setup
+    call(process, "POST", "/api/v1/users", token, {"username": "frank", "password": "Frank-pw-1"})
+    status, body, _ = call(process, "POST", "/api/v1/links", token,
+                           {"username": "frank", "password": "Frank-pw-1", "host": "vpn.example.com"})
+    assert status == 200
+    # The config's TLS and wss listeners (the ws one is behind a proxy: no link).
+    assert [link["url"] for link in body["links"]] == [
+        "mtop://frank:Frank-pw-1@vpn.example.com:8443/tls?proto=mtop",
+        "mtop://frank:Frank-pw-1@vpn.example.com:443/wss?path=/ws",
+    ]
+    for link in body["links"]:
+        assert link["qr_svg"].startswith("<svg") and link["qr_svg"].rstrip().endswith("</svg>")
+    assert call(process, "POST", "/api/v1/links", token, {"username": "nobody", "password": "x"})[0] == 404
+    assert "Frank-pw-1" not in process.log()
