@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import secrets
 import threading
 from typing import Any, Callable
@@ -55,6 +56,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http, server
+from twisted.web import static
 from twisted.web.resource import Resource
 
 from mtop.admins import Admins
@@ -686,8 +688,35 @@ def openapi() -> dict[str, Any]:
     }
 
 
+#: The panel's files (HTML, JavaScript, CSS: no build step).
+PANEL_DIR = os.path.join(os.path.dirname(__file__), "panel")
+#: What the panel's pages may do: their own scripts and styles, images
+#: from data: URIs (the QR codes), fetches to this origin; nothing inline,
+#: no framing.
+PANEL_HEADERS = (
+    (b"content-security-policy",
+     b"default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+     b"form-action 'self'; base-uri 'none'; frame-ancestors 'none'"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-cache"),
+)
+
+
+class PanelFile(static.File):
+    """The panel's static files, with `PANEL_HEADERS`."""
+
+    def render(self, request: server.Request) -> bytes | int:
+        for name, value in PANEL_HEADERS:
+            request.setHeader(name, value)
+        return super().render(request)
+
+    def directoryListing(self) -> Resource:
+        return static.File.childNotFound
+
+
 def admin_site(resource: AdminResource) -> server.Site:
-    root = Resource()
+    root = PanelFile(PANEL_DIR)
     root.putChild(b"api", resource)
     site = server.Site(root, timeout=IDLE_TIMEOUT)
     site.requestFactory = LimitedRequest

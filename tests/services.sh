@@ -110,9 +110,18 @@ nginx_program() {
     return $status
 }
 
+chromium_programs() {
+    # The admin panel's browser test runs Debian's headless Chromium through
+    # its chromium-driver (selenium, a test dependency, drives it).
+    command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 && return 0
+    can_install || { echo "services: chromium is not installed (apt-get install chromium chromium-driver)" >&2; return 1; }
+    apt_install chromium chromium-driver
+}
+
 postgres
 mariadb
 haproxy_program
 shadowsocks_programs
 nginx_program
+chromium_programs
 exit 0

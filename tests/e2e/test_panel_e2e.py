@@ -1,0 +1,166 @@
+"""The admin panel in a real browser: Debian's headless Chromium driven by
+selenium through chromium-driver (tests/services.sh installs both).
+Logs in, adds a user (a bad quota shown beside its field first), shows
+the user's share link with a QR code that encodes exactly that link, and
+disables the user, whose open tunnel the server then closes.  The
+screenshots it takes stay in build/screenshots/ for CI to show."""
+
+from __future__ import annotations
+
+import base64
+import io
+import shutil
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, TEST_POLICY, ServerProcess, _start, run_ctl
+from peers import echo
+from test_cluster_e2e import alive, login
+
+SCREENSHOTS = ROOT / "build" / "screenshots"
+WAIT = 15
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def browser():
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if chromium is None or driver is None:
+        pytest.fail("Chromium is not installed: run 'bash tests/services.sh' (apt-get install chromium chromium-driver)")
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.fail("selenium is not installed: pip install -e '.[test]'")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1200,1000",
+                     "--no-proxy-server", "--disable-background-networking", "--disable-sync",
+                     "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"):
+        options.add_argument(argument)
+    driver_process = webdriver.Chrome(options=options, service=Service(driver))
+    driver_process.set_page_load_timeout(30)
+    yield driver_process
+    driver_process.quit()
+
+
+@pytest.fixture
+def panel_server(e2e_setup, tmp_path):
+    admin_port, tunnel_port = free_port(), free_port()
+    config = tmp_path / "mtop.yaml"
+    config.write_text(
+        "server:\n"
+        f'  listen: "127.0.0.1:{tunnel_port}"\n'
+        f"  crt: {e2e_setup.dir / 'certs' / 'server.crt'}\n"
+        f"  key: {e2e_setup.dir / 'certs' / 'server.key'}\n"
+        "  auth_failure_delay: 0\n"
+        f"db:\n  driverName: sqlite\n  dsn: {tmp_path / 'panel.db'}\n  cache_ttl: 0\n  recheck_interval: 1\n"
+        f"admin:\n  listen: 127.0.0.1:{admin_port}\n" + TEST_POLICY
+    )
+    run_ctl(config, "db", "init")
+    run_ctl(config, "admin", "add", "-n", "ops", "--password-stdin", stdin="Ops-panel-pw-1\n")
+    generator = _start(ServerProcess("panel", config, tmp_path))
+    server = next(generator)
+    server.wait_for(rf"Admin API listening on 127\.0\.0\.1:{admin_port}", 10)
+    server.admin_port = admin_port
+    yield server
+    next(generator, None)
+
+
+def shot(browser, name: str) -> None:
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(SCREENSHOTS / f"{name}.png"))
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"not within {timeout:g}s: {what}"
+        time.sleep(0.1)
+
+
+def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_setup, make_target):
+    import segno
+    from selenium.webdriver.common.by import By
+
+    def find(selector):
+        return browser.find_element(By.CSS_SELECTOR, selector)
+
+    def visible(selector):
+        elements = browser.find_elements(By.CSS_SELECTOR, selector)
+        return elements and elements[0].is_displayed()
+
+    browser.get(f"http://127.0.0.1:{panel_server.admin_port}/")
+    wait_until(lambda: visible("#login-form"), "the login form")
+    # A wrong password: said beside the field.
+    find("#login-form input[name=name]").send_keys("ops")
+    find("#login-form input[name=password]").send_keys("wrong")
+    find("#login-form button").click()
+    wait_until(lambda: find('#login-form .error[data-field="password"]').text, "the login error")
+    assert "wrong admin name or password" in find('#login-form .error[data-field="password"]').text
+    find("#login-form input[name=password]").clear()
+    find("#login-form input[name=password]").send_keys("Ops-panel-pw-1")
+    find("#login-form button").click()
+    wait_until(lambda: visible("#main"), "the panel after logging in")
+    assert find("#who").text == "ops"
+    shot(browser, "1-logged-in")
+
+    # Bad input: the message beside the field, nothing added.
+    find("#add-form input[name=username]").send_keys("webuser")
+    find("#add-form input[name=password]").send_keys("Web-pw-123")
+    find("#add-form input[name=quota_bytes]").send_keys("lots")
+    find("#add-form button").click()
+    error = wait_until(lambda: find('#add-form .error[data-field="quota_bytes"]').text, "the quota error")
+    assert "'lots' is not a size" in error
+    assert not browser.find_elements(By.CSS_SELECTOR, 'tr[data-user="webuser"]')
+    shot(browser, "2-bad-quota")
+
+    quota = find("#add-form input[name=quota_bytes]")
+    quota.clear()
+    quota.send_keys("1G")
+    find("#add-form button").click()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-user="webuser"]'), "the new user's row")
+    assert "0 B of 1.0 GiB" in find('tr[data-user="webuser"]').text
+
+    # Its share link and a QR code that encodes exactly it.
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#links-list .link img"), "the QR code")
+    link = find("#links-list .link code").text
+    assert link == f"mtop://webuser:Web-pw-123@127.0.0.1:{panel_server.port}/tls?proto=mtop", link
+    image = find("#links-list .link img")
+    wait_until(lambda: browser.execute_script("return arguments[0].complete && arguments[0].naturalWidth", image), "the QR image")
+    source = image.get_attribute("src")
+    assert source.startswith("data:image/svg+xml;base64,")
+    expected = io.BytesIO()
+    segno.make_qr(link, error="m", boost_error=True).save(expected, kind="svg", scale=4, xmldecl=False)
+    assert base64.b64decode(source.split(",", 1)[1]) == expected.getvalue()
+    assert image.size["width"] >= 150  # big enough for a phone's camera
+    shot(browser, "3-share-link")
+
+    # An open tunnel of the user, then disable the user in the panel: closed.
+    target = make_target(echo)
+    tunnel = login("127.0.0.1", panel_server.port, e2e_setup.ca, ("webuser", "Web-pw-123"), target.port)
+    assert tunnel is not None and alive(tunnel)
+    find('tr[data-user="webuser"] input.enabled').click()
+    panel_server.wait_for(r"tunnel user-disabled: client=\S+ user=webuser ", 10)
+    assert not alive(tunnel)
+    tunnel.close()
+    panel_server.wait_for(r"admin ops: changed user=webuser enabled=False", 10)
+    browser.refresh()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-user="webuser"] input.enabled'), "the row again")
+    assert not find('tr[data-user="webuser"] input.enabled').is_selected()
+    shot(browser, "4-disabled")
+    # The panel's page never carried the password into the server's log.
+    assert "Web-pw-123" not in panel_server.log() and "Ops-panel-pw-1" not in panel_server.log()
+    assert "Traceback" not in panel_server.log()
+    assert Path(SCREENSHOTS / "4-disabled.png").stat().st_size > 1000
