@@ -23,6 +23,8 @@ POST     /api/v1/links                    share links and QR codes (SVG)
 POST     /api/v1/session                  log in: a session cookie, a CSRF token
 GET      /api/v1/session                  the session
 DELETE   /api/v1/session                  log out
+GET      /api/v1/tunnels                  open tunnels (here, and per server)
+POST     /api/v1/users/{name}/close-tunnels  close them on this server
 GET      /api/v1/me                       the admin of the token or session
 =======  ===============================  =====================================
 
@@ -56,7 +58,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.web import http, server
-from twisted.web import static
+from twisted.web import pages, static
 from twisted.web.resource import Resource
 
 from mtop.admins import Admins
@@ -135,6 +137,8 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("PATCH", "/api/v1/users/{name}", "change_user", "Change a user's password or policy"),
     ("DELETE", "/api/v1/users/{name}", "delete_user", "Delete a user"),
     ("POST", "/api/v1/users/{name}/reset-usage", "reset_usage", "Set a user's traffic counters to 0"),
+    ("GET", "/api/v1/tunnels", "tunnels", "Open tunnels: this server's one by one, every server's per user (presence)"),
+    ("POST", "/api/v1/users/{name}/close-tunnels", "close_tunnels", "Close a user's open tunnels on this server"),
     ("GET", "/api/v1/me", "me", "The admin this token or session is for"),
     ("POST", "/api/v1/links", "links", "Share links (and QR codes as SVG) of a user for this server's listeners"),
     ("POST", "/api/v1/session", "login", "Log in with an admin's name and password: a session cookie and a CSRF token"),
@@ -189,6 +193,52 @@ class LimitedRequest(server.Request):
             self.too_large = True
             return
         super().handleContentChunk(data)
+
+
+class LiveTunnels:
+    """The open tunnels of the server the API runs in (``factory``: its
+    `mtop.server.TunnelFactory`).  Read and closed in the reactor's
+    thread: `snapshot` and `close_user` are called from database threads
+    through `twisted.internet.threads.blockingCallFromThread`."""
+
+    def __init__(self, reactor: Any, factory: Any):
+        self.reactor = reactor
+        self.factory = factory
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        from twisted.internet.threads import blockingCallFromThread
+
+        return blockingCallFromThread(self.reactor, self._snapshot)
+
+    def close_user(self, username: str) -> int:
+        from twisted.internet.threads import blockingCallFromThread
+
+        return blockingCallFromThread(self.reactor, self._close_user, username)
+
+    def _snapshot(self) -> list[dict[str, Any]]:
+        now = self.factory.clock.seconds()
+        found = []
+        for tunnel in self.factory.tunnels:
+            request = tunnel.request
+            if request is None or tunnel.state not in ("relay", "connecting"):
+                continue
+            relay = tunnel.relay
+            found.append({
+                "username": request.username,
+                "client": tunnel.peer,
+                "target": request.target,
+                "seconds": round(now - tunnel.started, 1),
+                "bytes_up": relay.bytes_up if relay is not None else 0,
+                "bytes_down": relay.bytes_down if relay is not None else 0,
+            })
+        found.sort(key=lambda item: (item["username"], -item["seconds"]))
+        return found
+
+    def _close_user(self, username: str) -> int:
+        tunnels = [t for t in self.factory.tunnels if t.request is not None and t.request.username == username]
+        for tunnel in tunnels:
+            tunnel.revoke("closed-by-admin", "closed by an admin")
+        return len(tunnels)
 
 
 class Session:
@@ -246,8 +296,13 @@ class AdminResource(Resource):
     isLeaf = True
     _log = logger()
 
-    def __init__(self, threads: DatabaseThreads, throttle: Any, clock: Any = None, listeners: tuple = (), public_host: str | None = None):
+    def __init__(
+        self, threads: DatabaseThreads, throttle: Any, clock: Any = None, listeners: tuple = (),
+        public_host: str | None = None, live: Any = None,
+    ):
         super().__init__()
+        #: The server's own tunnels (`LiveTunnels`), when the API runs in it.
+        self.live = live
         self.threads = threads
         self.throttle = throttle
         if clock is None:
@@ -544,6 +599,31 @@ class AdminResource(Resource):
             answer.append({"type": kind, "url": url, "qr_svg": svg.getvalue().decode("ascii")})
         return 200, {"links": answer}
 
+    def tunnels(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        """This server's open tunnels (when the API runs in the server) and,
+        from ``mtop_presence``, how many each server of the cluster carries
+        per user (published every ``db.presence_interval``)."""
+        from mtop.userstore.sql import NOW
+
+        here = self.live.snapshot() if self.live is not None else None
+        try:
+            rows = users.db.run(
+                "SELECT server_id, username, tunnels FROM mtop_presence "
+                f"WHERE tunnels > 0 AND expires_at > {NOW[users.db.driver]} ORDER BY server_id, username"
+            ).fetchall()
+        except users.db.Error:
+            rows = []  # no presence table (an old database): this server's alone
+        servers = [{"server": server, "username": name, "tunnels": int(count)} for server, name, count in rows]
+        return 200, {"here": here, "servers": servers}
+
+    def close_tunnels(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        name = params["name"]
+        if self.live is None:
+            raise ApiError(409, "this admin API runs apart from the servers: disable the user to close their tunnels everywhere")
+        users.get(name)  # 404 for an unknown user
+        closed = self.live.close_user(name)
+        return 200, {"closed": closed}, (admin, "closed the tunnels of", name, f" count={closed}")
+
     def me(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
         return 200, {"admin": admin}
 
@@ -704,7 +784,10 @@ PANEL_HEADERS = (
 
 
 class PanelFile(static.File):
-    """The panel's static files, with `PANEL_HEADERS`."""
+    """The panel's static files, with `PANEL_HEADERS`; no directory
+    listings."""
+
+    childNotFound = pages.notFound()
 
     def render(self, request: server.Request) -> bytes | int:
         for name, value in PANEL_HEADERS:
@@ -712,7 +795,7 @@ class PanelFile(static.File):
         return super().render(request)
 
     def directoryListing(self) -> Resource:
-        return static.File.childNotFound
+        return pages.notFound()
 
 
 def admin_site(resource: AdminResource) -> server.Site:
@@ -725,10 +808,11 @@ def admin_site(resource: AdminResource) -> server.Site:
     return site
 
 
-def admin_service(reactor: Any, config: Any) -> Any:
+def admin_service(reactor: Any, config: Any, factory: Any = None) -> Any:
     """The admin API's listening service for ``config`` (an
     `mtop.config.Config` with ``admin.listen``): TLS if configured, the
-    database threads started and stopped with it."""
+    database threads started and stopped with it; ``factory``: the tunnel
+    factory of the server it runs in (live tunnels), if it does."""
     from twisted.application.service import MultiService, Service
 
     from mtop.limits import AuthThrottle
@@ -737,7 +821,8 @@ def admin_service(reactor: Any, config: Any) -> Any:
     admin = config.admin
     threads = DatabaseThreads(reactor, DBSettings(config.db.driverName, config.db.dsn))
     listeners = tuple((item.type, item.listen.port, item.path) for item in config.listeners)
-    resource = AdminResource(threads, AuthThrottle(reactor, config.auth_throttle), reactor, listeners, admin.public_host)
+    live = LiveTunnels(reactor, factory) if factory is not None else None
+    resource = AdminResource(threads, AuthThrottle(reactor, config.auth_throttle), reactor, listeners, admin.public_host, live)
     site = admin_site(resource)
     serving: Any = site
     scheme = "http"

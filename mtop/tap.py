@@ -259,7 +259,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
         # One admin API per server (a worker setup's first worker serves it).
         from mtop.adminapi import admin_service
 
-        admin_service(reactor, config).setServiceParent(root)
+        admin_service(reactor, config, factory).setServiceParent(root)
     ConfigReloader(config, reactor, consumers).setServiceParent(root)
     from mtop.drain import Drain
 

@@ -251,3 +251,19 @@ def test_share_links_with_qr_codes(admin_setup):
         assert link["qr_svg"].startswith("<svg") and link["qr_svg"].rstrip().endswith("</svg>")
     assert call(process, "POST", "/api/v1/links", token, {"username": "nobody", "password": "x"})[0] == 404
     assert "Frank-pw-1" not in process.log()
+
+
+def test_apart_from_the_servers_tunnels_come_from_presence(admin_setup):
+    process, token, config = admin_setup
+    db = sqlite3.connect(config.parent / "users.db")
+    db.executemany(
+        "INSERT INTO mtop_presence (server_id, username, tunnels, active, expires_at) VALUES (?, ?, ?, 0, ?)",
+        [("s1", "alice", 2, 2**40), ("s2", "bob", 1, 0)],  # s2's row has expired: a server gone
+    )
+    db.commit()
+    db.close()
+    status, body, _ = call(process, "GET", "/api/v1/tunnels", token)
+    assert status == 200 and body == {"here": None, "servers": [{"server": "s1", "username": "alice", "tunnels": 2}]}
+    call(process, "POST", "/api/v1/users", token, {"username": "gina", "password": "Gina-pw-1"})
+    status, body, _ = call(process, "POST", "/api/v1/users/gina/close-tunnels", token)
+    assert status == 409 and "disable the user" in body["error"]["message"]

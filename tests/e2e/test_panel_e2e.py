@@ -164,3 +164,34 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     assert "Web-pw-123" not in panel_server.log() and "Ops-panel-pw-1" not in panel_server.log()
     assert "Traceback" not in panel_server.log()
     assert Path(SCREENSHOTS / "4-disabled.png").stat().st_size > 1000
+
+
+def test_live_tunnels_are_listed_and_closed(panel_server, e2e_setup, make_target):
+    import http.client
+    import json
+
+    token = run_ctl(panel_server.config, "admin", "token", "-n", "ops").strip()
+    run_ctl(panel_server.config, "user", "add", "-u", "livy", "--password-stdin", stdin="Livy-pw-12\n")
+    target = make_target(echo)
+    tunnel = login("127.0.0.1", panel_server.port, e2e_setup.ca, ("livy", "Livy-pw-12"), target.port)
+    assert tunnel is not None and alive(tunnel)
+
+    def call(method, path):
+        conn = http.client.HTTPConnection("127.0.0.1", panel_server.admin_port, timeout=30)
+        conn.request(method, path, headers={"Authorization": f"Bearer {token}"})
+        response = conn.getresponse()
+        data = json.loads(response.read() or b"null")
+        conn.close()
+        return response.status, data
+
+    status, body = call("GET", "/api/v1/tunnels")
+    assert status == 200
+    (mine,) = [t for t in body["here"] if t["username"] == "livy"]
+    assert mine["target"] == f"127.0.0.1:{target.port}" and mine["bytes_up"] == 4 and mine["bytes_down"] == 4
+    assert call("POST", "/api/v1/users/nobody/close-tunnels")[0] == 404
+    assert call("POST", "/api/v1/users/livy/close-tunnels") == (200, {"closed": 1})
+    panel_server.wait_for(r"tunnel closed-by-admin: client=\S+ user=livy ", 10)
+    panel_server.wait_for(r"admin ops: closed the tunnels of user=livy count=1", 10)
+    assert not alive(tunnel)
+    tunnel.close()
+    assert [t for t in call("GET", "/api/v1/tunnels")[1]["here"] if t["username"] == "livy"] == []
