@@ -55,6 +55,7 @@ function showMain(admin) {
   $("#logout").hidden = false;
   $("#who").textContent = admin;
   loadUsers();
+  loadTunnels();
 }
 
 function human(bytes) {
@@ -149,6 +150,47 @@ async function loadUsers() {
   }
 }
 
+async function loadTunnels() {
+  let data;
+  try {
+    data = await call("GET", "/tunnels");
+  } catch (error) {
+    showError($("#add-form"), error);
+    return;
+  }
+  const body = $("#tunnels tbody");
+  body.replaceChildren();
+  for (const tunnel of data.here || []) {
+    const row = document.createElement("tr");
+    row.dataset.user = tunnel.username;
+    cell(row, tunnel.username);
+    cell(row, tunnel.client);
+    cell(row, tunnel.target);
+    cell(row, `${Math.round(tunnel.seconds)} s`);
+    cell(row, `${human(tunnel.bytes_up)} / ${human(tunnel.bytes_down)}`);
+    const close = document.createElement("button");
+    close.textContent = "Close";
+    close.className = "plain";
+    close.title = "close this user's tunnels on this server";
+    close.addEventListener("click", async () => {
+      try {
+        await call("POST", `/users/${encodeURIComponent(tunnel.username)}/close-tunnels`);
+      } catch (error) {
+        showError($("#add-form"), error);
+      }
+      loadTunnels();
+    });
+    cell(row, close);
+    body.append(row);
+  }
+  const servers = {};
+  for (const item of data.servers) servers[item.server] = (servers[item.server] || 0) + item.tunnels;
+  const names = Object.keys(servers);
+  $("#tunnels-servers").textContent = names.length
+    ? `Across servers: ${names.map((name) => `${name} ${servers[name]}`).join(", ")}`
+    : (data.here === null ? "This panel runs apart from the servers: per-server counts appear as they publish them." : "");
+}
+
 function openLinks(username, password) {
   linksUser = username;
   $("#links-user").textContent = username;
@@ -235,6 +277,7 @@ function init() {
   $("#links-close").addEventListener("click", () => { $("#links").hidden = true; });
   $("#search").addEventListener("input", () => { page = 1; loadUsers(); });
   $("#prev").addEventListener("click", () => { page -= 1; loadUsers(); });
+  $("#tunnels-refresh").addEventListener("click", loadTunnels);
   $("#next").addEventListener("click", () => { page += 1; loadUsers(); });
   call("GET", "/session").then((session) => { csrf = session.csrf; showMain(session.admin); }, showLogin);
 }

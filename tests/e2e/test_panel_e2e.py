@@ -151,14 +151,19 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     target = make_target(echo)
     tunnel = login("127.0.0.1", panel_server.port, e2e_setup.ca, ("webuser", "Web-pw-123"), target.port)
     assert tunnel is not None and alive(tunnel)
-    find('tr[data-user="webuser"] input.enabled').click()
+    # The panel lists it among the live tunnels.
+    find("#tunnels-refresh").click()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#tunnels tr[data-user="webuser"]'), "the live tunnel")
+    assert f"127.0.0.1:{target.port}" in find('#tunnels tr[data-user="webuser"]').text
+    find('#users tr[data-user="webuser"] input.enabled').click()
     panel_server.wait_for(r"tunnel user-disabled: client=\S+ user=webuser ", 10)
     assert not alive(tunnel)
     tunnel.close()
     panel_server.wait_for(r"admin ops: changed user=webuser enabled=False", 10)
     browser.refresh()
-    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, 'tr[data-user="webuser"] input.enabled'), "the row again")
-    assert not find('tr[data-user="webuser"] input.enabled').is_selected()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#users tr[data-user="webuser"] input.enabled'), "the row again")
+    assert not find('#users tr[data-user="webuser"] input.enabled').is_selected()
+    assert not browser.find_elements(By.CSS_SELECTOR, '#tunnels tr[data-user="webuser"]')
     shot(browser, "4-disabled")
     # The panel's page never carried the password into the server's log.
     assert "Web-pw-123" not in panel_server.log() and "Ops-panel-pw-1" not in panel_server.log()
