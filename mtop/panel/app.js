@@ -128,6 +128,10 @@ async function loadUsers() {
     cell(row, usage(user));
     cell(row, user.expires_at ? `${user.expires_at} UTC` : "never");
     const actions = document.createElement("span");
+    const edit = document.createElement("button");
+    edit.textContent = "Edit";
+    edit.className = "plain edit-button";
+    edit.addEventListener("click", () => openEdit(user));
     const link = document.createElement("button");
     link.textContent = "Link";
     link.className = "plain link-button";
@@ -144,7 +148,7 @@ async function loadUsers() {
         showError($("#add-form"), error);
       }
     });
-    actions.append(link, " ", remove);
+    actions.append(edit, " ", link, " ", remove);
     cell(row, actions);
     body.append(row);
   }
@@ -189,6 +193,44 @@ async function loadTunnels() {
   $("#tunnels-servers").textContent = names.length
     ? `Across servers: ${names.map((name) => `${name} ${servers[name]}`).join(", ")}`
     : (data.here === null ? "This panel runs apart from the servers: per-server counts appear as they publish them." : "");
+}
+
+let editUser = "";
+let editShown = {};
+
+function openEdit(user) {
+  editUser = user.username;
+  editShown = {};
+  const form = $("#edit-form");
+  clearErrors(form);
+  $("#edit-user").textContent = user.username;
+  form.password.value = "";
+  for (const name of ["quota_bytes", "rate_limit", "max_connections", "expires_at"]) {
+    form[name].value = user[name] == null ? "" : String(user[name]);
+    editShown[name] = form[name].value;
+  }
+  $("#edit").hidden = false;
+  form.quota_bytes.focus();
+}
+
+async function saveEdit() {
+  const form = $("#edit-form");
+  clearErrors(form);
+  const body = {};
+  for (const name of ["quota_bytes", "rate_limit", "max_connections", "expires_at"]) {
+    const value = form[name].value.trim();
+    if (value === editShown[name]) continue;  // only what the admin changed
+    body[name] = value === "" ? null : (/^\d+$/.test(value) && name !== "expires_at" ? Number(value) : value);
+  }
+  if (form.password.value) body.password = form.password.value;
+  if (Object.keys(body).length === 0) { $("#edit").hidden = true; return; }
+  try {
+    await call("PATCH", `/users/${encodeURIComponent(editUser)}`, body);
+    $("#edit").hidden = true;
+    loadUsers();
+  } catch (error) {
+    showError(form, error);
+  }
 }
 
 function openLinks(username, password) {
@@ -274,6 +316,16 @@ function init() {
     }
   });
   $("#links-form").addEventListener("submit", (event) => { event.preventDefault(); showLinks(); });
+  $("#edit-form").addEventListener("submit", (event) => { event.preventDefault(); saveEdit(); });
+  $("#edit-close").addEventListener("click", () => { $("#edit").hidden = true; });
+  $("#reset-usage").addEventListener("click", async () => {
+    try {
+      await call("POST", `/users/${encodeURIComponent(editUser)}/reset-usage`);
+      loadUsers();
+    } catch (error) {
+      showError($("#edit-form"), error);
+    }
+  });
   $("#links-close").addEventListener("click", () => { $("#links").hidden = true; });
   $("#search").addEventListener("input", () => { page = 1; loadUsers(); });
   $("#prev").addEventListener("click", () => { page -= 1; loadUsers(); });

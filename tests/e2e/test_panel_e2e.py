@@ -147,6 +147,20 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     assert image.size["width"] >= 150  # big enough for a phone's camera
     shot(browser, "3-share-link")
 
+    # Edit: a bad rate is said beside it; a good one is saved.
+    find('#users tr[data-user="webuser"] .edit-button').click()
+    wait_until(lambda: visible("#edit"), "the edit form")
+    assert find("#edit-form input[name=quota_bytes]").get_attribute("value") == str(1 << 30)
+    rate = find("#edit-form input[name=rate_limit]")
+    rate.send_keys("fast")
+    find("#edit-form button[type=submit]").click()
+    assert "'fast' is not a size" in wait_until(lambda: find('#edit-form .error[data-field="rate_limit"]').text, "the rate error")
+    rate.clear()
+    rate.send_keys("2M")
+    find("#edit-form button[type=submit]").click()
+    wait_until(lambda: not visible("#edit"), "the edit form to close")
+    panel_server.wait_for(r"admin ops: changed user=webuser rate_limit=2097152\n", 10)
+
     # An open tunnel of the user, then disable the user in the panel: closed.
     target = make_target(echo)
     tunnel = login("127.0.0.1", panel_server.port, e2e_setup.ca, ("webuser", "Web-pw-123"), target.port)
