@@ -57,7 +57,7 @@ from urllib.parse import unquote
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web import http, server
+from twisted.web import server
 from twisted.web import pages, static
 from twisted.web.resource import Resource
 

@@ -61,7 +61,6 @@ from wsproto.utilities import LocalProtocolError, RemoteProtocolError
 from zope.interface import implementer
 
 from mtop.interfaces import IStreamTransport
-from mtop.logs import logger
 from mtop.relay import no_delay
 from mtop.streams import as_stream
 from mtop.timers import cancel
@@ -367,8 +366,6 @@ class WebSocketAccept(Protocol):
     `WebSocketStream` or (not this listener's upgrade) the tunnel
     factory's protocol on the raw connection, which sends it to the
     fallback or answers `NOT_FOUND`."""
-
-    _log = logger()
 
     def __init__(self, factory: "WebSocketFactory", addr: Any):
         self.factory = factory

@@ -9,7 +9,7 @@ import argparse
 from mtop import users
 from mtop.ctl.common import CommandError, Commands, add_password_flags, db_settings, read_password
 from mtop.database import connect
-from mtop.users import LEGACY_SALT_LENGTH, UserAdmin, UserError, open_users  # noqa: F401 (LEGACY_SALT_LENGTH: tests)
+from mtop.users import UserAdmin, UserError, open_users
 
 _UNSET = object()
 
@@ -50,9 +50,8 @@ def cmd_user_add(args: argparse.Namespace) -> None:
     """Add a user with a new password."""
     _check_username(args.username)
     password = read_password(args)
-    salt, stored = _hash_for(args, password)
     with _Users(args) as admin:
-        admin.add(args.username, password, args.legacy, salt)
+        admin.add(args.username, password, args.legacy, args.salt)
     print(f"user {args.username} added")
 
 
@@ -88,9 +87,8 @@ def cmd_user_hash(args: argparse.Namespace) -> None:
 def cmd_user_passwd(args: argparse.Namespace) -> None:
     """Give a user a new password (and salt)."""
     password = read_password(args)
-    salt, _ = _hash_for(args, password)
     with _Users(args) as admin:
-        admin.set_password(args.username, password, args.legacy, salt)
+        admin.set_password(args.username, password, args.legacy, args.salt)
     print(f"password of {args.username} changed")
 
 
