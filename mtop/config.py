@@ -146,6 +146,9 @@ class DBConfig:
     #: 0: never, each server enforces max_connections and rate_limit alone).
     presence_interval: float = 1.0
     outage_grace: float = 600.0
+    #: Days of traffic history kept (``mtop_usage_history``, for the admin
+    #: panel's charts); 0: none written.
+    history_days: int = 30
 
 
 @dataclass(frozen=True)
@@ -415,6 +418,13 @@ def as_count(key: str, value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**31:
         return value
     raise ConfigError(f"{key}: {shown(value)} is not a whole number from 0 (no limit) up")
+
+
+def as_history_days(key: str, value: Any) -> int:
+    """Days of usage history: 0 (none kept) to 3650."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= 3650:
+        return value
+    raise ConfigError(f"{key}: {shown(value)} is not a number of days from 0 (keep no history) to 3650")
 
 
 def as_workers(key: str, value: Any) -> int:
@@ -848,6 +858,7 @@ def _load_db(section: Section, base: str) -> DBConfig:
         flush_interval=section.get("flush_interval", d.flush_interval, as_seconds),
         presence_interval=section.get("presence_interval", d.presence_interval, as_non_negative_seconds),
         outage_grace=section.get("outage_grace", d.outage_grace, as_non_negative_seconds),
+        history_days=section.get("history_days", d.history_days, as_history_days),
     )
     # The original's SQL statement logging: accepted (its configs set it),
     # not used (our log level decides what is logged).

@@ -31,6 +31,11 @@ spends only bytes it has leased from the database, in slices, by a grant
 that never gives out more than the quota minus the counters minus every
 other live lease (see `mtop.userstore.sql.QuotaLease`).
 
+Each flush also adds the bytes it counts to ``mtop_usage_history``, one
+row per user, server and five minutes (`HISTORY_STEP`), in the same
+transaction, so the admin panel charts traffic without Prometheus; rows
+older than ``db.history_days`` (default 30) are dropped.
+
 ``db upgrade`` only adds what is missing, so it is idempotent and safe on a
 live database (adding a nullable or constant-default column does not
 rewrite the table on PostgreSQL 11+, MariaDB 10.3+ or SQLite).
@@ -116,6 +121,28 @@ CREATE TABLE IF NOT EXISTS mtop_presence (
 )
 """
 
+#: Seconds of one usage-history row: each flush adds its bytes to the row
+#: of the five minutes it falls in (by the database's clock).
+HISTORY_STEP = 300
+
+#: Traffic over time (`HISTORY_STEP` rows, see the module docstring).
+#: The key leads with the server so servers flushing at once lock apart;
+#: the indexes serve a user's chart and the pruning and server's chart.
+HISTORY_TABLE = (
+    """
+CREATE TABLE mtop_usage_history (
+    server_id VARCHAR(64) NOT NULL,
+    username VARCHAR(128) NOT NULL,
+    period BIGINT NOT NULL,
+    bytes_up BIGINT NOT NULL DEFAULT 0,
+    bytes_down BIGINT NOT NULL DEFAULT 0,
+    PRIMARY KEY (server_id, username, period)
+)
+""",
+    "CREATE INDEX mtop_usage_history_user ON mtop_usage_history (username, period)",
+    "CREATE INDEX mtop_usage_history_period ON mtop_usage_history (period)",
+)
+
 #: Admin accounts of the admin API and panel (`mtop.admins`): the
 #: password as an scrypt hash, never in clear.
 ADMIN_TABLE = """
@@ -138,7 +165,7 @@ CREATE TABLE IF NOT EXISTS mtop_admin_token (
 """
 
 #: MTop's optional tables, which a server uses when they are there.
-OPTIONAL_TABLES = ("mtop_quota_lease", "mtop_presence")
+OPTIONAL_TABLES = ("mtop_quota_lease", "mtop_presence", "mtop_usage_history")
 _OPTIONAL_NAMES = ", ".join(f"'{name}'" for name in OPTIONAL_TABLES)
 
 #: Which of `OPTIONAL_TABLES` exist (their names, one a row).
@@ -264,11 +291,24 @@ class SyncDatabase:
             self.commit()
         return {str(row[0]).lower() for row in rows}
 
+    def tables(self) -> set[str]:
+        """Which of `OPTIONAL_TABLES` exist."""
+        try:
+            rows = self.execute(TABLES_SQL[self.driver]).fetchall()
+        finally:
+            self.commit()
+        return {str(row[0]).lower() for row in rows}
+
     def upgrade(self) -> list[str]:
         """Create the table if missing and add the policy columns that are
         missing (and, on PostgreSQL, the change-notification trigger).
         Returns the columns added."""
         try:
+            if "mtop_usage_history" not in self.tables():
+                # Not IF NOT EXISTS: MySQL has no CREATE INDEX IF NOT EXISTS.
+                for statement in HISTORY_TABLE:
+                    self.execute(statement)
+                self.commit()
             self.execute(BASE_TABLE)
             self.execute(FLUSH_TABLE)
             self.execute(LEASE_TABLE)

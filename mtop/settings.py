@@ -142,7 +142,7 @@ def _listener_shape(config: Config) -> tuple:
 #: in here (they are reloaded).
 NEEDS_RESTART: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("listeners", _listener_shape),
-    ("db", lambda config: (config.db.driverName, config.db.dsn, config.db.recheck_interval, config.db.flush_interval)),
+    ("db", lambda config: (config.db.driverName, config.db.dsn, config.db.recheck_interval, config.db.flush_interval, config.db.history_days)),
     ("metrics", lambda config: config.metrics),
     ("admin", lambda config: config.admin),
     ("workers", lambda config: config.server.workers),

@@ -109,17 +109,21 @@ class TunnelCloser(Service):
 def user_store(config: Config, reactor: Any) -> Service:
     """The user store ``db.driverName`` names."""
     db = config.db
+    store: Any
     if db.driverName == "postgres":
         from mtop.userstore.postgres import PostgresUserStore
 
-        return PostgresUserStore(db.dsn, reactor)
-    if db.driverName == "mysql":
+        store = PostgresUserStore(db.dsn, reactor)
+    elif db.driverName == "mysql":
         from mtop.userstore.mysql import MySQLUserStore
 
-        return MySQLUserStore(db.dsn, db.query_timeout)
-    from mtop.userstore.sqlite import SQLiteUserStore
+        store = MySQLUserStore(db.dsn, db.query_timeout)
+    else:
+        from mtop.userstore.sqlite import SQLiteUserStore
 
-    return SQLiteUserStore(db.dsn)
+        store = SQLiteUserStore(db.dsn)
+    store.history_days = db.history_days
+    return store
 
 
 def _login_share(number: int | None) -> Any:

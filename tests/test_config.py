@@ -188,6 +188,18 @@ def test_limits_from_the_open_files_limit():
     assert limit_settings(LimitsConfig(max_tunnels=0)).max_tunnels == 0
 
 
+@pytest.mark.parametrize("value,expected", [(None, 30), (0, 0), (365, 365)])
+def test_history_days(value, expected):
+    db = {"history_days": value} if value is not None else {}
+    assert load_config_data({"db": db}, check_files=False).db.history_days == expected
+
+
+@pytest.mark.parametrize("value", [-1, 3651, "30d", True, 1.5])
+def test_bad_history_days(value):
+    with pytest.raises(ConfigError, match="db.history_days: .* is not a number of days from 0 .keep no history. to 3650"):
+        load_config_data({"db": {"history_days": value}}, check_files=False)
+
+
 @pytest.mark.parametrize("value,expected", [(None, 1), (4, 4), ("auto", 0), ("AUTO", 0)])
 def test_workers(value, expected):
     server = {"workers": value} if value is not None else {}

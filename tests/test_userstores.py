@@ -86,6 +86,7 @@ def backend(request, tmp_path):
         db.execute("DROP TABLE IF EXISTS mtop_usage_flush")
         db.execute("DROP TABLE IF EXISTS mtop_quota_lease")
         db.execute("DROP TABLE IF EXISTS mtop_presence")
+        db.execute("DROP TABLE IF EXISTS mtop_usage_history")
         db.commit()
         db.close()
     config = tmp_path / "mtop.yaml"
@@ -102,6 +103,13 @@ def mtopctl(config, *args, stdin=None, monkeypatch=None):
 
 
 sql = run_sql
+
+
+def with_users(config, *names):
+    """``db init`` and a legacy-hashed user of each name (password NAME-Pw-5)."""
+    mtopctl(config, "db", "init")
+    for name in names:
+        mtopctl(config, "user", "add", "-u", name, "-p", f"{name}-Pw-5", "--legacy")
 
 
 def started_store(config_path):
@@ -278,9 +286,7 @@ def _counters(settings, username):
 @pytest_twisted.ensureDeferred
 async def test_usage_is_added_exactly_once_per_flush(backend):
     settings, config = backend
-    mtopctl(config, "db", "init")
-    for name in ("dave", "erin"):
-        mtopctl(config, "user", "add", "-u", name, "-p", f"{name}-Pw-5", "--legacy")
+    with_users(config, "dave", "erin")
     store = started_store(config)
     try:
         await columns_detected(store)
@@ -327,6 +333,89 @@ async def test_a_flush_prunes_ledger_rows_left_by_servers_long_gone(backend):
         rows = sql(settings, "SELECT server_id FROM mtop_usage_flush ORDER BY server_id")
         assert [r[0] for r in rows] == ["recent", "server-a"]
         assert _counters(settings, "dave")[:2] == (5, 6)
+    finally:
+        await stopped(store)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_flush_adds_to_the_usage_history_exactly_once(backend):
+    """Each flush adds its bytes to the row of its server, user and five
+    minutes, in the flush's transaction: a retried flush adds nothing, a
+    user deleted meanwhile gets no row, and the API's reading sums the
+    servers."""
+    from mtop.database import HISTORY_STEP
+    from mtop.users import UserAdmin
+
+    settings, config = backend
+    with_users(config, "dave", "erin")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.history_available is True
+        batch = {"dave": Usage(100, 2000, None), "erin": Usage(0, 0, "2026-11-23 10:00:00"), "gone": Usage(5, 5, None)}
+        assert await store.add_usage("server-a", 1, batch) is True
+        assert await store.add_usage("server-a", 1, batch) is False  # retried: not added again
+        assert await store.add_usage("server-a", 2, {"dave": Usage(1, 2, None)}) is True
+        assert await store.add_usage("server-b", 1, {"dave": Usage(10, 20, None)}) is True
+    finally:
+        await stopped(store)
+    rows = sql(settings, "SELECT server_id, username, period, bytes_up, bytes_down FROM mtop_usage_history ORDER BY server_id")
+    # Two rows unless a flush crossed a five-minute boundary.
+    by_server = {}
+    for server, name, period, up, down in rows:
+        assert name == "dave" and period % HISTORY_STEP == 0
+        by_server.setdefault(server, [0, 0])
+        by_server[server][0] += up
+        by_server[server][1] += down
+    assert by_server == {"server-a": [101, 2002], "server-b": [10, 20]}
+    db = connect(settings)
+    try:
+        history = UserAdmin(db).usage_history("dave", 1, HISTORY_STEP)
+        assert len(history["points"]) == 3600 // HISTORY_STEP
+        assert sum(p["up"] for p in history["points"]) == 111 and sum(p["down"] for p in history["points"]) == 2022
+        assert history["points"][-1]["t"] < history["until"] <= history["points"][-1]["t"] + HISTORY_STEP
+        assert history["servers"] == [{"server": "server-a", "up": 101, "down": 2002}, {"server": "server-b", "up": 10, "down": 20}]
+        everyone = UserAdmin(db).usage_history(None, 2, 2 * HISTORY_STEP)
+        assert everyone["top"] == [{"username": "dave", "up": 111, "down": 2022}]
+        UserAdmin(db).delete("dave")
+        assert sql(settings, "SELECT COUNT(*) FROM mtop_usage_history")[0][0] == 0
+    finally:
+        db.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_usage_history_keeps_history_days(backend):
+    """Rows older than db.history_days are dropped by the pruning flush;
+    with history_days 0 nothing is written; without the table (a database
+    not upgraded) flushes work as before."""
+    settings, config = backend
+    mtopctl(config, "db", "init")
+    mtopctl(config, "user", "add", "-u", "dave", "-p", "dave-Pw-5", "--legacy")
+    now = int(sql(settings, "SELECT " + {"sqlite": "CAST(strftime('%s', 'now') AS INTEGER)", "postgres":
+                  "CAST(EXTRACT(EPOCH FROM now()) AS BIGINT)", "mysql": "UNIX_TIMESTAMP()"}[settings.driver])[0][0])
+    for days in (3, 40):
+        period = (now - days * 86400) // 300 * 300
+        sql(settings, "INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
+            "VALUES ('old', 'dave', ?, 1, 1)", (period,))
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        store.history_days = 7
+        assert await store.add_usage("s1", 1, {"dave": Usage(5, 6, None)}) is True  # the first flush prunes
+        rows = sql(settings, "SELECT server_id, period FROM mtop_usage_history ORDER BY period")
+        assert [r[0] for r in rows] == ["old", "s1"] and now - rows[0][1] < 4 * 86400
+        store.history_days = 0
+        assert await store.add_usage("s1", 2, {"dave": Usage(50, 60, None)}) is True
+        assert sql(settings, "SELECT SUM(bytes_up) FROM mtop_usage_history WHERE server_id = 's1'")[0][0] == 5
+    finally:
+        await stopped(store)
+    sql(settings, "DROP TABLE mtop_usage_history")
+    store = started_store(config)
+    try:
+        await columns_detected(store)
+        assert store.history_available is False
+        assert await store.add_usage("s1", 3, {"dave": Usage(1, 1, None)}) is True
+        assert _counters(settings, "dave")[:2] == (56, 67)
     finally:
         await stopped(store)
 

@@ -31,7 +31,7 @@ from twisted.internet.task import LoopingCall
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mtop.database import COLUMNS_SQL, POLICY_COLUMN_NAMES, TABLES_SQL, to_format
+from mtop.database import COLUMNS_SQL, HISTORY_STEP, POLICY_COLUMN_NAMES, TABLES_SQL, to_format
 from mtop.logs import logger
 from mtop.userstore import IPresence, IQuotaLeases, IUsageSink, IUserStore, StoreUnavailable, Usage, UsageCounting, UserRecord
 
@@ -79,6 +79,38 @@ PRUNE_LEDGER = {
 #: Flushes prune the ledger the first time and then every this many times.
 PRUNE_EVERY = 60
 
+#: The database's clock as the start of its `HISTORY_STEP`: the
+#: ``period`` of the usage-history rows a flush adds to.
+HISTORY_PERIOD = {
+    "sqlite": f"CAST(strftime('%s', 'now') AS INTEGER) / {HISTORY_STEP} * {HISTORY_STEP}",
+    "postgres": f"CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS BIGINT) / {HISTORY_STEP} * {HISTORY_STEP}",
+    "mysql": f"UNIX_TIMESTAMP() DIV {HISTORY_STEP} * {HISTORY_STEP}",
+}
+
+#: Adding a user's bytes to this server's row of the current period
+#: (parameters: server_id, up, down, username; only for a user that
+#: exists, so a late flush does not bring back a deleted user's history).
+HISTORY_ADD = {
+    driver: (
+        "INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
+        f"SELECT ?, username, {HISTORY_PERIOD[driver]}, ?, ? FROM mtop_user WHERE username = ? "
+        + (
+            "ON DUPLICATE KEY UPDATE bytes_up = mtop_usage_history.bytes_up + VALUES(bytes_up), "
+            "bytes_down = mtop_usage_history.bytes_down + VALUES(bytes_down)"
+            if driver == "mysql"
+            else "ON CONFLICT (server_id, username, period) DO UPDATE SET "
+            "bytes_up = mtop_usage_history.bytes_up + excluded.bytes_up, "
+            "bytes_down = mtop_usage_history.bytes_down + excluded.bytes_down"
+        )
+    )
+    for driver in ("sqlite", "postgres", "mysql")
+}
+
+
+def prune_history(driver: str, days: int) -> str:
+    """Dropping usage-history rows older than ``days``."""
+    return f"DELETE FROM mtop_usage_history WHERE period < {NOW[driver]} - {int(days) * 86400}"
+
 
 class UsageFlush:
     """One exactly-once flush: skipped whole if ``(server_id, seq)`` is
@@ -96,11 +128,17 @@ class UsageFlush:
         sql: Callable[[str], str],
         prune: str | None = None,
         leases: bool = False,
+        history: str | None = None,
+        prune_history: str | None = None,
     ):
         self.server_id = server_id
         self.seq = seq
         self.leases = leases
         self.usage = sorted(usage.items())
+        #: Whether the bytes also go to ``mtop_usage_history``, and the
+        #: statement dropping its old rows (or ``None``).
+        self.history = history is not None
+        self.prune_history = prune_history
         self.check = (sql("SELECT 1 FROM mtop_usage_flush WHERE server_id = ? AND seq = ?"), (server_id, seq))
         update = sql(
             "UPDATE mtop_user SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
@@ -122,8 +160,15 @@ class UsageFlush:
                 spent = u.up + u.down + u.release
                 if spent:
                     self.writes.append((shrink, (spent, spent, server_id, name)))
+        if history is not None:
+            # After the user rows, which are locked in name order.
+            for name, u in self.usage:
+                if u.up or u.down:
+                    self.writes.append((history, (server_id, u.up, u.down, name)))
         if prune is not None:
             self.writes.append((prune, ()))
+        if prune_history is not None:
+            self.writes.append((prune_history, ()))
 
     def run_blocking(self, cursor: Any, begin: str | None = None) -> bool:
         """Run on a DB-API cursor inside a transaction; ``True`` if applied
@@ -293,6 +338,10 @@ class SQLUserStore(Service):
         self.leases_available: bool | None = None
         #: Whether ``mtop_presence`` exists (`IPresence`): ``None`` until known.
         self.presence_available: bool | None = None
+        #: Whether ``mtop_usage_history`` exists: ``None`` until known.
+        self.history_available: bool | None = None
+        #: Days of usage history kept (``db.history_days``; 0: none written).
+        self.history_days = 30
         self._presence_count = 0
         self._flush_count = 0
 
@@ -419,6 +468,7 @@ class SQLUserStore(Service):
             for attribute, table, what in (
                 ("leases_available", "mtop_quota_lease", "quota leases"),
                 ("presence_available", "mtop_presence", "presence (cluster-wide max_connections and rate_limit)"),
+                ("history_available", "mtop_usage_history", "usage history"),
             ):
                 available = table in have
                 known = getattr(self, attribute)
@@ -481,8 +531,14 @@ class SQLUserStore(Service):
         # which can deadlock with other servers' flushes): the first flush
         # and every PRUNE_EVERY-th.
         self._flush_count += 1
-        prune = PRUNE_LEDGER.get(self.driver) if self._flush_count % PRUNE_EVERY == 1 else None
-        flush = UsageFlush(server_id, seq, usage, self._sql, prune, bool(self.leases_available))
+        pruning = self._flush_count % PRUNE_EVERY == 1
+        prune = PRUNE_LEDGER.get(self.driver) if pruning else None
+        history = prune_old = None
+        if self.history_available and self.history_days > 0:
+            history = self._sql(HISTORY_ADD[self.driver])
+            if pruning:
+                prune_old = prune_history(self.driver, self.history_days)
+        flush = UsageFlush(server_id, seq, usage, self._sql, prune, bool(self.leases_available), history, prune_old)
         d = self._observed(maybeDeferred(self._transaction, flush))
         return d.addErrback(self._unavailable)
 
