@@ -19,6 +19,9 @@ PATCH    /api/v1/users/{name}             password, enabled, expires_at,
                                           quota_bytes
 DELETE   /api/v1/users/{name}             delete
 POST     /api/v1/users/{name}/reset-usage set the traffic counters to 0
+GET      /api/v1/users/{name}/usage       traffic over time: hours, step
+GET      /api/v1/usage                    all users' traffic over time, per
+                                          server, and the top ten users
 POST     /api/v1/links                    share links and QR codes (SVG)
 POST     /api/v1/session                  log in: a session cookie, a CSRF token
 GET      /api/v1/session                  the session
@@ -36,7 +39,7 @@ Every answer is JSON; an error is ``{"error": {"message", "field"}}`` with
 the status `mtop.users.UserError` names (the same messages as
 ``mtopctl``), and nothing else reaches a response: an unexpected failure
 is logged and answered 500 without its details.  Requests are bounded:
-headers 16 KiB, body 64 KiB (JSON only), 30 s idle.  Each change is
+headers 16 KiB, body 64 KiB (JSON only), 30 s idle, 20 s to arrive whole.  Each change is
 logged as an audit line with the admin's name.
 
 The database work of a request runs in a small thread pool, each thread
@@ -57,12 +60,12 @@ from urllib.parse import unquote
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
-from twisted.web import server
+from twisted.web import http, server
 from twisted.web import pages, static
 from twisted.web.resource import Resource
 
 from mtop.admins import Admins
-from mtop.database import DatabaseError, DBSettings, connect
+from mtop.database import HISTORY_STEP, DatabaseError, DBSettings, connect
 from mtop.logs import logger
 from mtop.users import POLICY, SORT_KEYS, UserAdmin, UserError, check_password, policy_value
 
@@ -74,6 +77,13 @@ MAX_PER_PAGE = 500
 GENERATED_PASSWORD_BYTES = 18
 #: Seconds a connection may stay idle.
 IDLE_TIMEOUT = 30
+#: Seconds a request may take to arrive whole, from its first byte.
+REQUEST_DEADLINE = 20
+#: The longest usage history one request reads (ten years, in hours), the
+#: most points it answers with, and how many it aims for by default.
+MAX_HISTORY_HOURS = 24 * 3650
+MAX_POINTS = 2000
+DEFAULT_POINTS = 288
 
 
 class ApiError(Exception):
@@ -137,6 +147,8 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("PATCH", "/api/v1/users/{name}", "change_user", "Change a user's password or policy"),
     ("DELETE", "/api/v1/users/{name}", "delete_user", "Delete a user"),
     ("POST", "/api/v1/users/{name}/reset-usage", "reset_usage", "Set a user's traffic counters to 0"),
+    ("GET", "/api/v1/users/{name}/usage", "user_usage", "A user's traffic over time (hours, step)"),
+    ("GET", "/api/v1/usage", "usage", "All users' traffic over time (hours, step), per server, and the top users"),
     ("GET", "/api/v1/tunnels", "tunnels", "Open tunnels: this server's one by one, every server's per user (presence)"),
     ("POST", "/api/v1/users/{name}/close-tunnels", "close_tunnels", "Close a user's open tunnels on this server"),
     ("GET", "/api/v1/me", "me", "The admin this token or session is for"),
@@ -193,6 +205,40 @@ class LimitedRequest(server.Request):
             self.too_large = True
             return
         super().handleContentChunk(data)
+
+
+class BoundedChannel(http.HTTPChannel):
+    """HTTP/1.1 whose requests must arrive whole (line, headers and body)
+    within `REQUEST_DEADLINE` seconds of their first byte, however slowly
+    the bytes trickle in (the idle timeout alone lets a client that sends a
+    byte now and then hold a connection for ever): a late one gets 408 and
+    the connection is closed."""
+
+    _deadline: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._deadline is None:
+            self._deadline = self.callLater(REQUEST_DEADLINE, self._too_slow)
+        super().dataReceived(data)
+
+    def allContentReceived(self) -> None:
+        self._disarm()
+        super().allContentReceived()
+
+    def connectionLost(self, reason: Failure) -> None:
+        self._disarm()
+        super().connectionLost(reason)
+
+    def _disarm(self) -> None:
+        if self._deadline is not None:
+            if self._deadline.active():
+                self._deadline.cancel()
+            self._deadline = None
+
+    def _too_slow(self) -> None:
+        self._deadline = None
+        self.transport.write(b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n")
+        self.transport.loseConnection()
 
 
 class LiveTunnels:
@@ -572,6 +618,12 @@ class AdminResource(Resource):
         users.reset_usage(params["name"])
         return 200, {"user": users.get(params["name"])}, (admin, "reset the usage of", params["name"], "")
 
+    def user_usage(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        return 200, users.usage_history(params["name"], *_history_window(args))
+
+    def usage(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
+        return 200, users.usage_history(None, *_history_window(args))
+
     def links(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
         """The user's share links for each listener of this server, with
         their QR codes (SVG): the password is the one given (only its hash
@@ -626,6 +678,25 @@ class AdminResource(Resource):
 
     def me(self, users: UserAdmin, admin: str, params: dict, args: dict, body: Any) -> tuple:
         return 200, {"admin": admin}
+
+
+def _history_window(args: dict[bytes, list[bytes]]) -> tuple[int, int]:
+    """(hours, step) of a usage request: ``hours`` 1 to `MAX_HISTORY_HOURS`
+    (default 24); ``step`` a multiple of `HISTORY_STEP` giving at most
+    `MAX_POINTS` points (default: the smallest giving at most
+    `DEFAULT_POINTS`)."""
+    hours = _int_arg(args, "hours", 24, 1, MAX_HISTORY_HOURS)
+    fewest = -(-hours * 3600 // MAX_POINTS)
+    fewest += -fewest % HISTORY_STEP
+    step = _int_arg(args, "step", 0, HISTORY_STEP, MAX_HISTORY_HOURS * 3600)
+    if not step:
+        step = -(-hours * 3600 // DEFAULT_POINTS)
+        step += -step % HISTORY_STEP
+    elif step % HISTORY_STEP or step < fewest:
+        raise ApiError(
+            400, f"step must be a multiple of {HISTORY_STEP} seconds, and at least {fewest} for {hours} hours "
+            f"(at most {MAX_POINTS} points)", "step")
+    return hours, step
 
 
 def _known(body: dict[str, Any], fields: tuple[str, ...]) -> None:
@@ -750,6 +821,26 @@ def openapi() -> dict[str, Any]:
                                              "content": {"application/json": {"schema": session}}}
         elif handler == "logout":
             operation["responses"]["204"] = {"description": "logged out (the cookie cleared)"}
+        elif handler in ("user_usage", "usage"):
+            operation.setdefault("parameters", []).extend([
+                {"name": "hours", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_HISTORY_HOURS},
+                 "description": "how far back (default 24)"},
+                {"name": "step", "in": "query", "schema": {"type": "integer", "multipleOf": HISTORY_STEP},
+                 "description": f"seconds per point (default: about {DEFAULT_POINTS} points; at most {MAX_POINTS})"},
+            ])
+            bytes_pair = {"up": {"type": "integer"}, "down": {"type": "integer"}}
+            properties: dict[str, Any] = {
+                "since": {"type": "integer", "description": "Unix seconds, the database's clock"},
+                "until": {"type": "integer"},
+                "step": {"type": "integer"},
+                "points": {"type": "array", "items": {"type": "object", "properties": {"t": {"type": "integer"}, **bytes_pair}}},
+                "servers": {"type": "array", "items": {"type": "object", "properties": {"server": {"type": "string"}, **bytes_pair}}},
+            }
+            if handler == "usage":
+                properties["top"] = {"type": "array", "items": {"type": "object", "properties": {
+                    "username": {"type": "string"}, **bytes_pair}}}
+            operation["responses"]["200"] = {"description": "traffic in bytes, oldest point first", "content": {
+                "application/json": {"schema": {"type": "object", "properties": properties}}}}
         elif handler == "me":
             operation["responses"]["200"] = {"description": "the admin", "content": {"application/json": {"schema": {
                 "type": "object", "properties": {"admin": {"type": "string"}}}}}}
@@ -802,6 +893,7 @@ def admin_site(resource: AdminResource) -> server.Site:
     root = PanelFile(PANEL_DIR)
     root.putChild(b"api", resource)
     site = server.Site(root, timeout=IDLE_TIMEOUT)
+    site.protocol = BoundedChannel  # HTTP/1.1 only: the TLS context offers no h2
     site.requestFactory = LimitedRequest
     site.noisy = False
     site.log = lambda request: None  # the audit lines say what changed

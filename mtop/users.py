@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from mtop import passwords
-from mtop.database import DatabaseError, SyncDatabase
+from mtop.database import HISTORY_STEP, DatabaseError, SyncDatabase
 
 #: The length of the salts the original's ``mctl`` writes; legacy rows get
 #: the same, so they are exactly what the original would write.
@@ -194,6 +194,7 @@ class UserAdmin:
     def __init__(self, db: SyncDatabase):
         self.db = db
         self._columns: set[str] | None = None
+        self._history: bool | None = None
 
     @property
     def columns(self) -> set[str]:
@@ -226,6 +227,71 @@ class UserAdmin:
 
     def delete(self, username: str) -> None:
         self._update(username, "DELETE FROM mtop_user WHERE username = ?", (username,))
+        if self.has_history:
+            self.db.run("DELETE FROM mtop_usage_history WHERE username = ?", (username,))
+
+    @property
+    def has_history(self) -> bool:
+        """Whether the database has ``mtop_usage_history``."""
+        if self._history is None:
+            self._history = "mtop_usage_history" in self.db.tables()
+        return self._history
+
+    def usage_history(self, username: str | None, hours: int, step: int) -> dict[str, Any]:
+        """Traffic over the last ``hours``, in ``step``-second points (a
+        multiple of `HISTORY_STEP`), oldest first, every point present (0
+        where nothing moved): one user's, or with ``username`` ``None`` all
+        users' together, with the totals per server and the ten users who
+        moved most.  Times are Unix seconds by the database's clock."""
+        from mtop.userstore.sql import NOW
+
+        if not self.has_history:
+            raise UserError("there is no mtop_usage_history table; add it with 'mtopctl db upgrade'", None, 409)
+        if step <= 0 or step % HISTORY_STEP:
+            raise UserError(f"step must be a multiple of {HISTORY_STEP} seconds", "step")
+        if username is not None:
+            self.get(username)  # 404 for an unknown user
+        db = self.db
+        try:
+            now = int(db.execute(f"SELECT {NOW[db.driver]}").fetchone()[0])
+            until = now - now % step + step
+            since = until - ((hours * 3600 + step - 1) // step) * step
+            where, params = "period >= ?", [since]
+            if username is not None:
+                where, params = "username = ? AND period >= ?", [username, since]
+            rows = db.execute(
+                f"SELECT period, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE {where} GROUP BY period",
+                params,
+            ).fetchall()
+            servers = db.execute(
+                f"SELECT server_id, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE {where} "
+                "GROUP BY server_id ORDER BY server_id",
+                params,
+            ).fetchall()
+            top = []
+            if username is None:
+                top = db.execute(
+                    "SELECT username, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE period >= ? "
+                    "GROUP BY username ORDER BY SUM(bytes_up) + SUM(bytes_down) DESC, username LIMIT 10",
+                    (since,),
+                ).fetchall()
+        finally:
+            db.commit()
+        points = [[0, 0] for _ in range((until - since) // step)]
+        for period, up, down in rows:
+            index = (int(period) - since) // step
+            if 0 <= index < len(points):
+                points[index][0] += int(up or 0)
+                points[index][1] += int(down or 0)
+        return {
+            "since": since,
+            "until": until,
+            "step": step,
+            "points": [{"t": since + i * step, "up": up, "down": down} for i, (up, down) in enumerate(points)],
+            "servers": [{"server": s, "up": int(up or 0), "down": int(down or 0)} for s, up, down in servers],
+            **({"top": [{"username": u, "up": int(up or 0), "down": int(down or 0)} for u, up, down in top]}
+               if username is None else {}),
+        }
 
     def set_policy(self, username: str, changes: dict[str, Any]) -> None:
         """Set the policy columns in ``changes`` (values as stored: see

@@ -30,8 +30,8 @@ can_install() {
 
 apt_install() {
     echo "services: installing $* from Debian's packages"
-    if [ ! -f /tmp/.mtop-apt-updated ]; then apt-get update -qq && touch /tmp/.mtop-apt-updated; fi
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    if [ ! -f /tmp/.mtop-apt-updated ]; then apt-get -o DPkg::Lock::Timeout=600 update -qq && touch /tmp/.mtop-apt-updated; fi
+    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq "$@" >/dev/null
 }
 
 postgres() {

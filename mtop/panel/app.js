@@ -56,6 +56,7 @@ function showMain(admin) {
   $("#who").textContent = admin;
   loadUsers();
   loadTunnels();
+  loadTraffic();
 }
 
 function human(bytes) {
@@ -195,6 +196,124 @@ async function loadTunnels() {
     : (data.here === null ? "This panel runs apart from the servers: per-server counts appear as they publish them." : "");
 }
 
+// Traffic charts: bars of bytes up and down per point, drawn as SVG from
+// /usage (all users) and /users/{name}/usage (one).
+
+const RANGES = [["last 24 hours", 24], ["last 7 days", 168], ["last 30 days", 720]];
+const SVG = "http://www.w3.org/2000/svg";
+
+function svgElement(name, attributes, text) {
+  const element = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) element.setAttribute(key, String(value));
+  if (text !== undefined) element.textContent = text;
+  return element;
+}
+
+function when(seconds, hours) {
+  const date = new Date(seconds * 1000);
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  return hours <= 24 ? time : `${date.toLocaleDateString([], { month: "short", day: "numeric" })} ${time}`;
+}
+
+function drawChart(container, data, hours) {
+  const width = Math.max(240, container.clientWidth || 600);
+  const height = 144;
+  const left = 56;
+  const top = 8;
+  const bottom = 18;
+  const plotWidth = width - left - 4;
+  const plotHeight = height - top - bottom;
+  let up = 0;
+  let down = 0;
+  let peak = 0;
+  for (const point of data.points) {
+    up += point.up;
+    down += point.down;
+    peak = Math.max(peak, point.up + point.down);
+  }
+  const svg = svgElement("svg", { viewBox: `0 0 ${width} ${height}`, role: "img",
+    "aria-label": `${human(up)} up and ${human(down)} down` });
+  for (const share of [0, 0.5, 1]) {
+    const y = top + plotHeight * (1 - share);
+    svg.append(svgElement("line", { class: "grid", x1: left, x2: width - 4, y1: y, y2: y }));
+    if (peak) svg.append(svgElement("text", { class: "axis", x: left - 4, y: y + 3, "text-anchor": "end" }, human(Math.round(peak * share))));
+  }
+  const slot = plotWidth / Math.max(1, data.points.length);
+  data.points.forEach((point, index) => {
+    if (!point.up && !point.down) return;
+    const x = left + index * slot;
+    const barWidth = Math.max(1, slot * 0.8);
+    const downHeight = Math.max(point.down ? 1 : 0, (point.down / peak) * plotHeight);
+    const upHeight = Math.max(point.up ? 1 : 0, (point.up / peak) * plotHeight);
+    const group = svgElement("g", { class: "point" });
+    group.append(svgElement("title", {}, `${when(point.t, hours)}: ${human(point.up)} up, ${human(point.down)} down`));
+    group.append(svgElement("rect", { class: "down", x, width: barWidth, y: top + plotHeight - downHeight, height: downHeight }));
+    group.append(svgElement("rect", { class: "up", x, width: barWidth, y: top + plotHeight - downHeight - upHeight, height: upHeight }));
+    svg.append(group);
+  });
+  svg.append(svgElement("text", { class: "axis", x: left, y: height - 4 }, when(data.since, hours)));
+  svg.append(svgElement("text", { class: "axis", x: width - 4, y: height - 4, "text-anchor": "end" }, "now"));
+  const caption = document.createElement("p");
+  caption.className = "small caption";
+  const upKey = document.createElement("span");
+  upKey.className = "key-up";
+  upKey.textContent = `${human(up)} up`;
+  const downKey = document.createElement("span");
+  downKey.className = "key-down";
+  downKey.textContent = `${human(down)} down`;
+  caption.append(upKey, ", ", downKey, ` (bars of ${data.step / 60} minutes)`);
+  container.dataset.up = up;
+  container.dataset.down = down;
+  container.replaceChildren(svg, caption);
+}
+
+function chartError(container, error) {
+  if (error.status === 401) { showLogin(); return; }
+  const text = document.createElement("p");
+  text.className = "small";
+  text.textContent = error.message;
+  container.replaceChildren(text);
+}
+
+async function loadTraffic() {
+  const hours = Number($("#traffic-range").value);
+  let data;
+  try {
+    data = await call("GET", `/usage?hours=${hours}`);
+  } catch (error) {
+    chartError($("#traffic-chart"), error);
+    return;
+  }
+  drawChart($("#traffic-chart"), data, hours);
+  const top = $("#traffic-top");
+  top.replaceChildren();
+  for (const item of data.top) {
+    const entry = document.createElement("li");
+    entry.dataset.user = item.username;
+    entry.textContent = `${item.username}: ${human(item.up + item.down)}`;
+    top.append(entry);
+  }
+  const servers = $("#traffic-servers");
+  servers.replaceChildren();
+  for (const item of data.servers) {
+    const entry = document.createElement("li");
+    entry.textContent = `${item.server}: ${human(item.up)} up, ${human(item.down)} down`;
+    servers.append(entry);
+  }
+}
+
+async function loadUserTraffic() {
+  const hours = Number($("#user-range").value);
+  const chart = $("#user-chart");
+  chart.dataset.user = editUser;
+  try {
+    const data = await call("GET", `/users/${encodeURIComponent(editUser)}/usage?hours=${hours}`);
+    if (chart.dataset.user === editUser) drawChart(chart, data, hours);
+  } catch (error) {
+    chartError(chart, error);
+  }
+}
+
 let editUser = "";
 let editShown = {};
 
@@ -210,6 +329,8 @@ function openEdit(user) {
     editShown[name] = form[name].value;
   }
   $("#edit").hidden = false;
+  $("#user-chart").replaceChildren();
+  loadUserTraffic();
   form.quota_bytes.focus();
 }
 
@@ -281,6 +402,12 @@ function policy(form) {
 }
 
 function init() {
+  for (const select of [$("#traffic-range"), $("#user-range")]) {
+    for (const [label, hours] of RANGES) select.append(new Option(label, String(hours)));
+  }
+  $("#traffic-range").addEventListener("change", loadTraffic);
+  $("#traffic-refresh").addEventListener("click", loadTraffic);
+  $("#user-range").addEventListener("change", loadUserTraffic);
   $("#login-form").addEventListener("submit", async (event) => {
     event.preventDefault();
     const form = event.target;

@@ -118,6 +118,10 @@ def test_users_routes(admin_setup):
         ("PATCH", "/api/v1/users/nobody", {}, 400, None, "nothing to change"),
         ("GET", "/api/v1/users?per_page=100000", None, 400, "per_page", "from 1 to 500"),
         ("GET", "/api/v1/users?sort=password", None, 400, "sort", "cannot sort by 'password'"),
+        ("GET", "/api/v1/usage?step=301", None, 400, "step", "multiple of 300 seconds"),
+        ("GET", "/api/v1/usage?hours=720&step=300", None, 400, "step", "at least 1500 for 720 hours"),
+        ("GET", "/api/v1/usage?hours=0", None, 400, "hours", "from 1 to 87600"),
+        ("GET", "/api/v1/users/nobody/usage", None, 404, "username", "no user 'nobody'"),
         ("PUT", "/api/v1/users", {}, 405, None, "PUT is not allowed here"),
         ("GET", "/api/v1/nothing", None, 404, None, "no such API path"),
     ],
@@ -168,6 +172,39 @@ def test_openapi_describes_every_route_and_the_answers(admin_setup):
     assert set(create["properties"]) == {"username", "password", *adminapi.POLICY}
     change = spec["paths"]["/api/v1/users/{name}"]["patch"]["requestBody"]["content"]["application/json"]["schema"]
     assert set(change["properties"]) == set(adminapi.CHANGE_FIELDS)
+
+
+def test_usage_history(admin_setup):
+    """Traffic over time from mtop_usage_history: every point present,
+    summed over servers, per server, and the top users; the answer has
+    only the fields the OpenAPI description names."""
+    process, token, config = admin_setup
+    for name in ("alice", "bob"):
+        assert call(process, "POST", "/api/v1/users", token, {"username": name, "password": "Pw-123456"})[0] == 201
+    now = int(time.time())
+    db = sqlite3.connect(config.parent / "users.db")
+    rows = [("s1", "alice", now // 300 * 300, 10, 100), ("s2", "alice", now // 300 * 300, 1, 2),
+            ("s1", "alice", (now - 7200) // 300 * 300, 5, 50), ("s1", "bob", (now - 600) // 300 * 300, 1000, 1),
+            ("s1", "alice", (now - 30 * 3600) // 300 * 300, 7, 7)]
+    db.executemany("INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) VALUES (?, ?, ?, ?, ?)", rows)
+    db.commit()
+    db.close()
+    status, body, _ = call(process, "GET", "/api/v1/users/alice/usage?hours=24&step=3600", token)
+    assert status == 200 and body["step"] == 3600 and len(body["points"]) == 24
+    assert [p["t"] for p in body["points"]] == list(range(body["since"], body["until"], 3600))
+    assert body["points"][-1] == {"t": body["until"] - 3600, "up": 11, "down": 102}
+    assert sum(p["up"] for p in body["points"]) == 16  # not the row from 30 hours ago
+    assert body["servers"] == [{"server": "s1", "up": 15, "down": 150}, {"server": "s2", "up": 1, "down": 2}]
+    status, everyone, _ = call(process, "GET", "/api/v1/usage?hours=48", token)
+    assert status == 200 and everyone["step"] == 600 and len(everyone["points"]) == 288  # the default: about 288 points
+    assert everyone["top"] == [{"username": "bob", "up": 1000, "down": 1}, {"username": "alice", "up": 23, "down": 159}]
+    spec = call(process, "GET", "/api/v1/openapi.json")[1]
+    for path, answer in (("/api/v1/users/{name}/usage", body), ("/api/v1/usage", everyone)):
+        schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+        assert set(answer) == set(schema["properties"]), path
+    # Deleting a user drops their history.
+    assert call(process, "DELETE", "/api/v1/users/bob", token)[0] == 204
+    assert [u["username"] for u in call(process, "GET", "/api/v1/usage", token)[1]["top"]] == ["alice"]
 
 
 def test_a_list_of_10000_users(admin_setup):

@@ -1,7 +1,8 @@
 """The admin panel in a real browser: Debian's headless Chromium driven by
 selenium through chromium-driver (tests/services.sh installs both).
 Logs in, adds a user (a bad quota shown beside its field first), shows
-the user's share link with a QR code that encodes exactly that link, and
+the user's share link with a QR code that encodes exactly that link,
+charts the user's tunnel's traffic (the server's chart and the user's), and
 disables the user, whose open tunnel the server then closes.  The
 screenshots it takes stay in build/screenshots/ for CI to show."""
 
@@ -62,7 +63,7 @@ def panel_server(e2e_setup, tmp_path):
         f"  crt: {e2e_setup.dir / 'certs' / 'server.crt'}\n"
         f"  key: {e2e_setup.dir / 'certs' / 'server.key'}\n"
         "  auth_failure_delay: 0\n"
-        f"db:\n  driverName: sqlite\n  dsn: {tmp_path / 'panel.db'}\n  cache_ttl: 0\n  recheck_interval: 1\n"
+        f"db:\n  driverName: sqlite\n  dsn: {tmp_path / 'panel.db'}\n  cache_ttl: 0\n  recheck_interval: 1\n  flush_interval: 1\n"
         f"admin:\n  listen: 127.0.0.1:{admin_port}\n" + TEST_POLICY
     )
     run_ctl(config, "db", "init")
@@ -169,6 +170,23 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     find("#tunnels-refresh").click()
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#tunnels tr[data-user="webuser"]'), "the live tunnel")
     assert f"127.0.0.1:{target.port}" in find('#tunnels tr[data-user="webuser"]').text
+    # Its traffic (4 bytes each way), flushed within a second, in the
+    # server's chart and top users, and in the user's own chart.
+    def charted():
+        find("#traffic-refresh").click()
+        time.sleep(0.3)
+        chart = find("#traffic-chart")
+        return (chart.get_attribute("data-up"), chart.get_attribute("data-down")) == ("4", "4")
+
+    wait_until(charted, "the server's traffic chart with the tunnel's bytes")
+    assert find("#traffic-chart svg g.point rect.up")  # a bar drawn
+    assert "4 B up, 4 B down" in find("#traffic-chart .caption").text
+    assert find('#traffic-top li[data-user="webuser"]').text == "webuser: 8 B"
+    find('#users tr[data-user="webuser"] .edit-button').click()
+    wait_until(lambda: find("#user-chart").get_attribute("data-up") == "4", "the user's traffic chart")
+    assert find("#user-chart").get_attribute("data-down") == "4"
+    shot(browser, "5-traffic")
+    find("#edit-close").click()
     find('#users tr[data-user="webuser"] input.enabled').click()
     panel_server.wait_for(r"tunnel user-disabled: client=\S+ user=webuser ", 10)
     assert not alive(tunnel)
@@ -178,11 +196,11 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#users tr[data-user="webuser"] input.enabled'), "the row again")
     assert not find('#users tr[data-user="webuser"] input.enabled').is_selected()
     assert not browser.find_elements(By.CSS_SELECTOR, '#tunnels tr[data-user="webuser"]')
-    shot(browser, "4-disabled")
+    shot(browser, "6-disabled")
     # The panel's page never carried the password into the server's log.
     assert "Web-pw-123" not in panel_server.log() and "Ops-panel-pw-1" not in panel_server.log()
     assert "Traceback" not in panel_server.log()
-    assert Path(SCREENSHOTS / "4-disabled.png").stat().st_size > 1000
+    assert Path(SCREENSHOTS / "6-disabled.png").stat().st_size > 1000
 
 
 def test_live_tunnels_are_listed_and_closed(panel_server, e2e_setup, make_target):
