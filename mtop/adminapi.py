@@ -20,8 +20,8 @@ PATCH    /api/v1/users/{name}             password, enabled, expires_at,
 DELETE   /api/v1/users/{name}             delete
 POST     /api/v1/users/{name}/reset-usage set the traffic counters to 0
 GET      /api/v1/users/{name}/usage       traffic over time: hours, step
-GET      /api/v1/usage                    all users' traffic over time, per
-                                          server, and the top ten users
+GET      /api/v1/usage                    every server's traffic over time,
+                                          and per server
 POST     /api/v1/links                    share links and QR codes (SVG)
 POST     /api/v1/session                  log in: a session cookie, a CSRF token
 GET      /api/v1/session                  the session
@@ -148,7 +148,7 @@ ROUTES: tuple[tuple[str, str, str, str], ...] = (
     ("DELETE", "/api/v1/users/{name}", "delete_user", "Delete a user"),
     ("POST", "/api/v1/users/{name}/reset-usage", "reset_usage", "Set a user's traffic counters to 0"),
     ("GET", "/api/v1/users/{name}/usage", "user_usage", "A user's traffic over time (hours, step)"),
-    ("GET", "/api/v1/usage", "usage", "All users' traffic over time (hours, step), per server, and the top users"),
+    ("GET", "/api/v1/usage", "usage", "Every server's traffic over time (hours, step), and per server"),
     ("GET", "/api/v1/tunnels", "tunnels", "Open tunnels: this server's one by one, every server's per user (presence)"),
     ("POST", "/api/v1/users/{name}/close-tunnels", "close_tunnels", "Close a user's open tunnels on this server"),
     ("GET", "/api/v1/me", "me", "The admin this token or session is for"),
@@ -836,9 +836,6 @@ def openapi() -> dict[str, Any]:
                 "points": {"type": "array", "items": {"type": "object", "properties": {"t": {"type": "integer"}, **bytes_pair}}},
                 "servers": {"type": "array", "items": {"type": "object", "properties": {"server": {"type": "string"}, **bytes_pair}}},
             }
-            if handler == "usage":
-                properties["top"] = {"type": "array", "items": {"type": "object", "properties": {
-                    "username": {"type": "string"}, **bytes_pair}}}
             operation["responses"]["200"] = {"description": "traffic in bytes, oldest point first", "content": {
                 "application/json": {"schema": {"type": "object", "properties": properties}}}}
         elif handler == "me":

@@ -240,9 +240,11 @@ class UserAdmin:
     def usage_history(self, username: str | None, hours: int, step: int) -> dict[str, Any]:
         """Traffic over the last ``hours``, in ``step``-second points (a
         multiple of `HISTORY_STEP`), oldest first, every point present (0
-        where nothing moved): one user's, or with ``username`` ``None`` all
-        users' together, with the totals per server and the ten users who
-        moved most.  Times are Unix seconds by the database's clock."""
+        where nothing moved), with the totals per server: one user's, or
+        with ``username`` ``None`` every server's whole traffic (their rows
+        whose username is '', so a chart of the cluster reads a few hundred
+        rows however many users there are).  Times are Unix seconds by the
+        database's clock."""
         from mtop.userstore.sql import NOW
 
         if not self.has_history:
@@ -256,41 +258,29 @@ class UserAdmin:
             now = int(db.execute(f"SELECT {NOW[db.driver]}").fetchone()[0])
             until = now - now % step + step
             since = until - ((hours * 3600 + step - 1) // step) * step
-            where, params = "period >= ?", [since]
-            if username is not None:
-                where, params = "username = ? AND period >= ?", [username, since]
             rows = db.execute(
-                f"SELECT period, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE {where} GROUP BY period",
-                params,
+                "SELECT server_id, period, bytes_up, bytes_down FROM mtop_usage_history WHERE username = ? AND period >= ?",
+                ("" if username is None else username, since),
             ).fetchall()
-            servers = db.execute(
-                f"SELECT server_id, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE {where} "
-                "GROUP BY server_id ORDER BY server_id",
-                params,
-            ).fetchall()
-            top = []
-            if username is None:
-                top = db.execute(
-                    "SELECT username, SUM(bytes_up), SUM(bytes_down) FROM mtop_usage_history WHERE period >= ? "
-                    "GROUP BY username ORDER BY SUM(bytes_up) + SUM(bytes_down) DESC, username LIMIT 10",
-                    (since,),
-                ).fetchall()
         finally:
             db.commit()
         points = [[0, 0] for _ in range((until - since) // step)]
-        for period, up, down in rows:
+        servers: dict[str, list[int]] = {}
+        for server, period, up, down in rows:
+            up, down = int(up or 0), int(down or 0)
             index = (int(period) - since) // step
             if 0 <= index < len(points):
-                points[index][0] += int(up or 0)
-                points[index][1] += int(down or 0)
+                points[index][0] += up
+                points[index][1] += down
+                total = servers.setdefault(server, [0, 0])
+                total[0] += up
+                total[1] += down
         return {
             "since": since,
             "until": until,
             "step": step,
             "points": [{"t": since + i * step, "up": up, "down": down} for i, (up, down) in enumerate(points)],
-            "servers": [{"server": s, "up": int(up or 0), "down": int(down or 0)} for s, up, down in servers],
-            **({"top": [{"username": u, "up": int(up or 0), "down": int(down or 0)} for u, up, down in top]}
-               if username is None else {}),
+            "servers": [{"server": name, "up": up, "down": down} for name, (up, down) in sorted(servers.items())],
         }
 
     def set_policy(self, username: str, changes: dict[str, Any]) -> None:

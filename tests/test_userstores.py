@@ -359,15 +359,18 @@ async def test_a_flush_adds_to_the_usage_history_exactly_once(backend):
         assert await store.add_usage("server-b", 1, {"dave": Usage(10, 20, None)}) is True
     finally:
         await stopped(store)
-    rows = sql(settings, "SELECT server_id, username, period, bytes_up, bytes_down FROM mtop_usage_history ORDER BY server_id")
-    # Two rows unless a flush crossed a five-minute boundary.
-    by_server = {}
+    rows = sql(settings, "SELECT server_id, username, period, bytes_up, bytes_down FROM mtop_usage_history")
+    # A row per server and user (more if a flush crossed a five-minute
+    # boundary), and one per server for its whole traffic (username '',
+    # with the bytes of the user deleted meanwhile).
+    sums = {}
     for server, name, period, up, down in rows:
-        assert name == "dave" and period % HISTORY_STEP == 0
-        by_server.setdefault(server, [0, 0])
-        by_server[server][0] += up
-        by_server[server][1] += down
-    assert by_server == {"server-a": [101, 2002], "server-b": [10, 20]}
+        assert period % HISTORY_STEP == 0
+        sums.setdefault((server, name), [0, 0])
+        sums[server, name][0] += up
+        sums[server, name][1] += down
+    assert sums == {("server-a", "dave"): [101, 2002], ("server-b", "dave"): [10, 20],
+                    ("server-a", ""): [106, 2007], ("server-b", ""): [10, 20]}
     db = connect(settings)
     try:
         history = UserAdmin(db).usage_history("dave", 1, HISTORY_STEP)
@@ -376,9 +379,10 @@ async def test_a_flush_adds_to_the_usage_history_exactly_once(backend):
         assert history["points"][-1]["t"] < history["until"] <= history["points"][-1]["t"] + HISTORY_STEP
         assert history["servers"] == [{"server": "server-a", "up": 101, "down": 2002}, {"server": "server-b", "up": 10, "down": 20}]
         everyone = UserAdmin(db).usage_history(None, 2, 2 * HISTORY_STEP)
-        assert everyone["top"] == [{"username": "dave", "up": 111, "down": 2022}]
+        assert sum(p["up"] + p["down"] for p in everyone["points"]) == 116 + 2027
+        assert [s["server"] for s in everyone["servers"]] == ["server-a", "server-b"]
         UserAdmin(db).delete("dave")
-        assert sql(settings, "SELECT COUNT(*) FROM mtop_usage_history")[0][0] == 0
+        assert sql(settings, "SELECT DISTINCT username FROM mtop_usage_history")[0][0] == ""
     finally:
         db.close()
 
@@ -402,11 +406,11 @@ async def test_the_usage_history_keeps_history_days(backend):
         await columns_detected(store)
         store.history_days = 7
         assert await store.add_usage("s1", 1, {"dave": Usage(5, 6, None)}) is True  # the first flush prunes
-        rows = sql(settings, "SELECT server_id, period FROM mtop_usage_history ORDER BY period")
+        rows = sql(settings, "SELECT server_id, period FROM mtop_usage_history WHERE username = 'dave' ORDER BY period")
         assert [r[0] for r in rows] == ["old", "s1"] and now - rows[0][1] < 4 * 86400
         store.history_days = 0
         assert await store.add_usage("s1", 2, {"dave": Usage(50, 60, None)}) is True
-        assert sql(settings, "SELECT SUM(bytes_up) FROM mtop_usage_history WHERE server_id = 's1'")[0][0] == 5
+        assert sql(settings, "SELECT SUM(bytes_up) FROM mtop_usage_history WHERE server_id = 's1'")[0][0] == 5 + 5
     finally:
         await stopped(store)
     sql(settings, "DROP TABLE mtop_usage_history")

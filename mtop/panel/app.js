@@ -287,10 +287,14 @@ async function loadTraffic() {
   drawChart($("#traffic-chart"), data, hours);
   const top = $("#traffic-top");
   top.replaceChildren();
-  for (const item of data.top) {
+  let users = [];
+  try {
+    users = (await call("GET", "/users?sort=used&order=desc&per_page=10")).users;
+  } catch (error) { /* no counters: no list */ }
+  for (const user of users.filter((item) => item.used > 0)) {
     const entry = document.createElement("li");
-    entry.dataset.user = item.username;
-    entry.textContent = `${item.username}: ${human(item.up + item.down)}`;
+    entry.dataset.user = user.username;
+    entry.textContent = `${user.username}: ${human(user.used)}`;
     top.append(entry);
   }
   const servers = $("#traffic-servers");

@@ -38,7 +38,7 @@ from mtop.database import NOTIFY_CHANNEL
 from mtop.dsn import describe_dsn
 from mtop.logs import logger
 from mtop.userstore import ALL_USERS, IPresence, IQuotaLeases, IUsageSink, IUserChangeFeed, IUserStore, StoreUnavailable
-from mtop.userstore.sql import HISTORY_PERIOD, LEDGER_DAYS, NOW, Presence, QuotaLease, SQLUserStore, UsageFlush, error_line
+from mtop.userstore.sql import HISTORY_CONFLICT, HISTORY_PERIOD, LEDGER_DAYS, NOW, Presence, QuotaLease, SQLUserStore, UsageFlush, error_line
 from mtop.timers import cancel
 
 POOL_SIZE = 3
@@ -385,11 +385,14 @@ class PostgresUserStore(SQLUserStore):
                 ", history AS (INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
                 f"SELECT %s, v.username, {HISTORY_PERIOD['postgres']}, v.up, v.down "
                 f"FROM (VALUES {values}) AS v(username, up, down) JOIN mtop_user AS u ON u.username = v.username "
-                "WHERE EXISTS (SELECT 1 FROM ledger) ON CONFLICT (server_id, username, period) DO UPDATE SET "
-                "bytes_up = mtop_usage_history.bytes_up + EXCLUDED.bytes_up, "
-                "bytes_down = mtop_usage_history.bytes_down + EXCLUDED.bytes_down RETURNING 1) "
+                f"WHERE EXISTS (SELECT 1 FROM ledger) {HISTORY_CONFLICT['postgres']} RETURNING 1), "
+                # The server's total: the row whose username is ''.
+                "total AS (INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
+                f"SELECT %s, '', {HISTORY_PERIOD['postgres']}, %s::bigint, %s::bigint "
+                f"WHERE EXISTS (SELECT 1 FROM ledger) {HISTORY_CONFLICT['postgres']} RETURNING 1) "
             )
             params += [flush.server_id, *(value for row in moved for value in row)]
+            params += [flush.server_id, sum(row[1] for row in moved), sum(row[2] for row in moved)]
         if flush.prune_history:
             statement = statement.rstrip(" ") + (
                 f", aged AS ({flush.prune_history} AND EXISTS (SELECT 1 FROM ledger) RETURNING 1) "

@@ -87,23 +87,24 @@ HISTORY_PERIOD = {
     "mysql": f"UNIX_TIMESTAMP() DIV {HISTORY_STEP} * {HISTORY_STEP}",
 }
 
-#: Adding a user's bytes to this server's row of the current period
-#: (parameters: server_id, up, down, username; only for a user that
-#: exists, so a late flush does not bring back a deleted user's history).
-HISTORY_ADD = {
-    driver: (
-        "INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
-        f"SELECT ?, username, {HISTORY_PERIOD[driver]}, ?, ? FROM mtop_user WHERE username = ? "
-        + (
-            "ON DUPLICATE KEY UPDATE bytes_up = mtop_usage_history.bytes_up + VALUES(bytes_up), "
-            "bytes_down = mtop_usage_history.bytes_down + VALUES(bytes_down)"
-            if driver == "mysql"
-            else "ON CONFLICT (server_id, username, period) DO UPDATE SET "
-            "bytes_up = mtop_usage_history.bytes_up + excluded.bytes_up, "
-            "bytes_down = mtop_usage_history.bytes_down + excluded.bytes_down"
-        )
-    )
-    for driver in ("sqlite", "postgres", "mysql")
+#: What a history row already there gets: the new bytes added.
+HISTORY_CONFLICT = {
+    "sqlite": "ON CONFLICT (server_id, username, period) DO UPDATE SET "
+    "bytes_up = mtop_usage_history.bytes_up + excluded.bytes_up, "
+    "bytes_down = mtop_usage_history.bytes_down + excluded.bytes_down",
+    "mysql": "ON DUPLICATE KEY UPDATE bytes_up = mtop_usage_history.bytes_up + VALUES(bytes_up), "
+    "bytes_down = mtop_usage_history.bytes_down + VALUES(bytes_down)",
+}
+HISTORY_CONFLICT["postgres"] = HISTORY_CONFLICT["sqlite"]
+
+
+#: Adding bytes to a history row (parameters: server_id, username,
+#: period, up, down), run with ``executemany``: PyMySQL sends the rows as
+#: one multi-row INSERT.
+HISTORY_INSERT = {
+    driver: "INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
+    f"VALUES (?, ?, ?, ?, ?) {conflict}"
+    for driver, conflict in HISTORY_CONFLICT.items()
 }
 
 
@@ -118,7 +119,13 @@ class UsageFlush:
     are written in one transaction (and this server's older ledger rows
     dropped, and any server's older than `LEDGER_DAYS` with ``prune``).
     ``usage`` is in name order, so servers flushing at the same time lock
-    rows in the same order and cannot deadlock."""
+    rows in the same order and cannot deadlock.
+
+    With ``history`` (the query of the database's current period and the
+    insert, `HISTORY_PERIOD` and `HISTORY_INSERT`) the bytes also go to
+    ``mtop_usage_history``: a row per user whose counters were there to
+    add to (a user deleted meanwhile gets none) and one for the server's
+    whole traffic, username ''; ``prune_history`` drops its old rows."""
 
     def __init__(
         self,
@@ -128,27 +135,23 @@ class UsageFlush:
         sql: Callable[[str], str],
         prune: str | None = None,
         leases: bool = False,
-        history: str | None = None,
+        history: tuple[str, str] | None = None,
         prune_history: str | None = None,
     ):
         self.server_id = server_id
         self.seq = seq
         self.leases = leases
         self.usage = sorted(usage.items())
-        #: Whether the bytes also go to ``mtop_usage_history``, and the
-        #: statement dropping its old rows (or ``None``).
-        self.history = history is not None
+        self.history = history
         self.prune_history = prune_history
         self.check = (sql("SELECT 1 FROM mtop_usage_flush WHERE server_id = ? AND seq = ?"), (server_id, seq))
+        self.ledger = (sql("INSERT INTO mtop_usage_flush (server_id, seq) VALUES (?, ?)"), (server_id, seq))
         update = sql(
             "UPDATE mtop_user SET bytes_up = bytes_up + ?, bytes_down = bytes_down + ?, "
             "last_seen = COALESCE(?, last_seen) WHERE username = ?"
         )
-        self.writes = [
-            (sql("INSERT INTO mtop_usage_flush (server_id, seq) VALUES (?, ?)"), (server_id, seq)),
-            *((update, (u.up, u.down, u.last_seen, name)) for name, u in self.usage),
-            (sql("DELETE FROM mtop_usage_flush WHERE server_id = ? AND seq < ?"), (server_id, seq)),
-        ]
+        self.updates = [(update, (u.up, u.down, u.last_seen, name)) for name, u in self.usage]
+        self.writes = [(sql("DELETE FROM mtop_usage_flush WHERE server_id = ? AND seq < ?"), (server_id, seq))]
         if leases:
             # What is counted now was leased: the lease shrinks by as much
             # (and by what is given back), never below 0.
@@ -160,11 +163,6 @@ class UsageFlush:
                 spent = u.up + u.down + u.release
                 if spent:
                     self.writes.append((shrink, (spent, spent, server_id, name)))
-        if history is not None:
-            # After the user rows, which are locked in name order.
-            for name, u in self.usage:
-                if u.up or u.down:
-                    self.writes.append((history, (server_id, u.up, u.down, name)))
         if prune is not None:
             self.writes.append((prune, ()))
         if prune_history is not None:
@@ -178,9 +176,30 @@ class UsageFlush:
         cursor.execute(*self.check)
         if cursor.fetchall():
             return False
+        cursor.execute(*self.ledger)
+        counted = []
+        for (statement, params), (name, u) in zip(self.updates, self.usage):
+            cursor.execute(statement, params)
+            # Rows matched (SQLite) or changed (MySQL: they change when
+            # bytes are added, the only ones history wants).
+            if cursor.rowcount and (u.up or u.down):
+                counted.append((name, u))
         for statement, params in self.writes:
             cursor.execute(statement, params)
+        if self.history is not None:
+            self._add_history(cursor, counted)
         return True
+
+    def _add_history(self, cursor: Any, counted: list[tuple[str, Usage]]) -> None:
+        up, down = sum(u.up for _, u in self.usage), sum(u.down for _, u in self.usage)
+        if not up and not down:
+            return
+        period_query, insert = self.history
+        cursor.execute(period_query)
+        period = int(cursor.fetchall()[0][0])
+        rows = [(self.server_id, name, period, u.up, u.down) for name, u in counted]
+        rows.append((self.server_id, "", period, up, down))
+        cursor.executemany(insert, rows)
 
 
 #: The database's clock in Unix seconds (lease expiry is by it, so the
@@ -535,7 +554,7 @@ class SQLUserStore(Service):
         prune = PRUNE_LEDGER.get(self.driver) if pruning else None
         history = prune_old = None
         if self.history_available and self.history_days > 0:
-            history = self._sql(HISTORY_ADD[self.driver])
+            history = (f"SELECT {HISTORY_PERIOD[self.driver]}", self._sql(HISTORY_INSERT[self.driver]))
             if pruning:
                 prune_old = prune_history(self.driver, self.history_days)
         flush = UsageFlush(server_id, seq, usage, self._sql, prune, bool(self.leases_available), history, prune_old)

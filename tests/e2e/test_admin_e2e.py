@@ -176,8 +176,9 @@ def test_openapi_describes_every_route_and_the_answers(admin_setup):
 
 def test_usage_history(admin_setup):
     """Traffic over time from mtop_usage_history: every point present,
-    summed over servers, per server, and the top users; the answer has
-    only the fields the OpenAPI description names."""
+    summed over servers, and per server; the cluster's from the servers'
+    own rows (username ''); the answer has only the fields the OpenAPI
+    description names."""
     process, token, config = admin_setup
     for name in ("alice", "bob"):
         assert call(process, "POST", "/api/v1/users", token, {"username": name, "password": "Pw-123456"})[0] == 201
@@ -185,7 +186,8 @@ def test_usage_history(admin_setup):
     db = sqlite3.connect(config.parent / "users.db")
     rows = [("s1", "alice", now // 300 * 300, 10, 100), ("s2", "alice", now // 300 * 300, 1, 2),
             ("s1", "alice", (now - 7200) // 300 * 300, 5, 50), ("s1", "bob", (now - 600) // 300 * 300, 1000, 1),
-            ("s1", "alice", (now - 30 * 3600) // 300 * 300, 7, 7)]
+            ("s1", "alice", (now - 30 * 3600) // 300 * 300, 7, 7), ("s1", "", now // 300 * 300, 1, 2),
+            ("s2", "", now // 300 * 300, 3, 4), ("s1", "", (now - 40 * 3600) // 300 * 300, 5, 6)]
     db.executemany("INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) VALUES (?, ?, ?, ?, ?)", rows)
     db.commit()
     db.close()
@@ -197,14 +199,17 @@ def test_usage_history(admin_setup):
     assert body["servers"] == [{"server": "s1", "up": 15, "down": 150}, {"server": "s2", "up": 1, "down": 2}]
     status, everyone, _ = call(process, "GET", "/api/v1/usage?hours=48", token)
     assert status == 200 and everyone["step"] == 600 and len(everyone["points"]) == 288  # the default: about 288 points
-    assert everyone["top"] == [{"username": "bob", "up": 1000, "down": 1}, {"username": "alice", "up": 23, "down": 159}]
+    assert sum(p["up"] for p in everyone["points"]) == 9 and sum(p["down"] for p in everyone["points"]) == 12
+    assert everyone["servers"] == [{"server": "s1", "up": 6, "down": 8}, {"server": "s2", "up": 3, "down": 4}]
     spec = call(process, "GET", "/api/v1/openapi.json")[1]
     for path, answer in (("/api/v1/users/{name}/usage", body), ("/api/v1/usage", everyone)):
         schema = spec["paths"][path]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
         assert set(answer) == set(schema["properties"]), path
-    # Deleting a user drops their history.
-    assert call(process, "DELETE", "/api/v1/users/bob", token)[0] == 204
-    assert [u["username"] for u in call(process, "GET", "/api/v1/usage", token)[1]["top"]] == ["alice"]
+    # Deleting a user drops their history, not the servers'.
+    assert call(process, "DELETE", "/api/v1/users/alice", token)[0] == 204
+    db = sqlite3.connect(config.parent / "users.db")
+    assert db.execute("SELECT DISTINCT username FROM mtop_usage_history ORDER BY username").fetchall() == [("",), ("bob",)]
+    db.close()
 
 
 def test_a_list_of_10000_users(admin_setup):

@@ -171,7 +171,7 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, '#tunnels tr[data-user="webuser"]'), "the live tunnel")
     assert f"127.0.0.1:{target.port}" in find('#tunnels tr[data-user="webuser"]').text
     # Its traffic (4 bytes each way), flushed within a second, in the
-    # server's chart and top users, and in the user's own chart.
+    # server's chart, the top users, and the user's own chart.
     def charted():
         find("#traffic-refresh").click()
         time.sleep(0.3)
