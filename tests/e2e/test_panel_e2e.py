@@ -202,6 +202,15 @@ def test_the_panel_adds_links_and_disables_a_user(browser, panel_server, e2e_set
     assert "Traceback" not in panel_server.log()
     assert Path(SCREENSHOTS / "6-disabled.png").stat().st_size > 1000
 
+    # On a phone's screen: nothing wider than the screen, the chart drawn to fit.
+    browser.set_window_size(390, 844)
+    browser.refresh()
+    wait_until(lambda: browser.find_elements(By.CSS_SELECTOR, "#traffic-chart svg"), "the chart on a phone")
+    overflow = browser.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+    assert overflow <= 0, f"the page is {overflow} px wider than a phone's screen"
+    assert find("#traffic-chart svg").size["width"] <= 390
+    shot(browser, "7-phone")
+
 
 def test_live_tunnels_are_listed_and_closed(panel_server, e2e_setup, make_target):
     import http.client
