@@ -44,3 +44,12 @@ def test_units_run_twistd_from_the_bundled_environment_hardened():
                      "AmbientCapabilities=CAP_NET_BIND_SERVICE", "CapabilityBoundingSet=CAP_NET_BIND_SERVICE"):
             assert line in lines, (unit, line)
         assert any(line.startswith("LimitNOFILE=") for line in lines)
+
+
+def test_the_admin_unit_runs_the_admin_api_unprivileged():
+    text = (ROOT / "etc" / "systemd" / "mtop-admin.service").read_text()
+    lines = set(text.splitlines())
+    assert "ExecStart=/opt/venvs/mtop/bin/twistd --nodaemon --pidfile= --logfile=- mtop-admin --config /etc/mtop/mtop.yaml" in lines
+    for line in ("User=mtop", "NoNewPrivileges=yes", "ProtectSystem=strict", "CapabilityBoundingSet="):
+        assert line in lines, line
+    assert "etc/systemd/mtop-admin.service lib/systemd/system/" in (ROOT / "debian" / "mtop.install").read_text()

@@ -9,6 +9,7 @@ import re
 import signal
 import socket
 import sqlite3
+import time
 import urllib.error
 import urllib.request
 
@@ -90,7 +91,14 @@ def drain_server(e2e_setup, tmp_path):
 def test_sigterm_drains_the_open_tunnel_and_flushes_its_traffic(drain_server, e2e_setup, make_target, workers):
     server, health_port, db = drain_server(workers)
     target = make_target(echo)
-    status, body = health(health_port)
+    # Ready once the database has answered its first probe (not at once
+    # on a loaded machine).
+    deadline = time.monotonic() + 10
+    while True:
+        status, body = health(health_port)
+        if status == 200 or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
     assert status == 200 and body.startswith("ready\n"), body
     client = echo_tunnel(server, e2e_setup, target.port, b"before")
     try:
