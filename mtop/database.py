@@ -254,6 +254,7 @@ class SyncDatabase:
         self.connection = connection
         self.Error = errors
         self.IntegrityError = integrity
+        self.created_tables: list[str] = []
 
     def sql(self, text: str) -> str:
         return text if self.driver == "sqlite" else to_format(text)
@@ -304,7 +305,8 @@ class SyncDatabase:
         missing (and, on PostgreSQL, the change-notification trigger).
         Returns the columns added."""
         try:
-            if "mtop_usage_history" not in self.tables():
+            had = self.tables()
+            if "mtop_usage_history" not in had:
                 # Not IF NOT EXISTS: MySQL has no CREATE INDEX IF NOT EXISTS.
                 for statement in HISTORY_TABLE:
                     self.execute(statement)
@@ -316,6 +318,8 @@ class SyncDatabase:
             self.execute(ADMIN_TABLE)
             self.execute(ADMIN_TOKEN_TABLE)
             self.commit()
+            #: The optional tables this upgrade created.
+            self.created_tables = sorted(self.tables() - had)
             have = self.columns()
             added = []
             index = _TYPE_INDEX[self.driver]

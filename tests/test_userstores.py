@@ -171,7 +171,9 @@ async def test_an_original_table_authenticates_then_upgrades_live(backend, capsy
         assert await auth.authenticate("old", "Old-pw-2") is True
         # Upgrade while the store runs: idempotent, and the store sees it.
         mtopctl(config, "db", "upgrade")
-        assert "added columns: enabled" in capsys.readouterr().out
+        said = capsys.readouterr().out
+        assert "added columns: enabled" in said
+        assert "created tables: mtop_presence, mtop_quota_lease, mtop_usage_history" in said
         mtopctl(config, "db", "upgrade")
         assert "already up to date" in capsys.readouterr().out
         db = connect(settings)

@@ -35,9 +35,12 @@ def cmd_db_upgrade(args: argparse.Namespace) -> None:
         if not db.columns():
             raise CommandError("there is no mtop_user table; create it with 'mtopctl db init'")
         added = db.upgrade()
+        created = db.created_tables
     finally:
         db.close()
-    print(f"added columns: {', '.join(added)}" if added else "already up to date")
+    said = [f"added columns: {', '.join(added)}"] if added else []
+    said += [f"created tables: {', '.join(created)}"] if created else []
+    print("; ".join(said) if said else "already up to date")
 
 
 def register(commands: Commands) -> None:
