@@ -287,6 +287,19 @@ def classic_text(event: dict) -> str | None:
         except Exception:
             pass
         else:
+            if text and "log_failure" not in event:
+                # Twisted's line, put together here: its formatter would
+                # parse the rendered text again (half the cost of a line).
+                system = event.get("log_system")
+                if system is None:
+                    level = event.get("log_level")
+                    system = f"{event.get('log_namespace', '-')}#{'-' if level is None else level.name}"
+                else:
+                    try:
+                        system = str(system)
+                    except Exception:
+                        system = "UNFORMATTABLE"
+                return f"{_stamp(event.get('log_time'))} [{system}] {text}".replace("\n", "\n\t") + "\n"
             event = dict(event)
             event["log_format"] = text.replace("{", "{{").replace("}", "}}")
     return formatEventAsClassicLogText(event, formatTime=_stamp)

@@ -180,6 +180,13 @@ def test_json_format_to_a_log_file(tmp_path, monkeypatch):
     assert json.loads(logfile.read_text())["user"] == "alice"
 
 
+def _failure():
+    try:
+        1 / 0
+    except ZeroDivisionError:
+        return Failure()
+
+
 def test_text_format_writes_twistds_own_lines(tmp_path, monkeypatch):
     """``log.format: text`` writes what twistd's own observer would, line
     for line: rendered by ``str.format_map`` where it can be, by Twisted
@@ -199,15 +206,21 @@ def test_text_format_writes_twistds_own_lines(tmp_path, monkeypatch):
         {"log_format": "{thing.upper()} done", "thing": "call", "log_time": 1.5e9},
         {"log_format": "{missing} here", "log_time": 1.5e9},
         {"log_format": "no time"},
+        {"log_format": "two\nlines {n}", "n": 1, "log_time": 1.5e9, "log_namespace": "mtop.x", "log_level": LogLevel.warn},
+        {"log_format": "no level", "log_time": 1.5e9, "log_namespace": "mtop.x"},
+        {"log_format": "nothing at all"},
+        {"log_format": "", "log_time": 1.5e9},
+        {"log_format": "system {n}", "n": 2, "log_time": 1.5e9, "log_system": 7},
+        {"log_format": "failed", "log_time": 1.5e9, "log_failure": _failure()},
     ]
     for event in events:
         observer(event)
     observer._outFile.close()
-    twisted = "".join(formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339)) for e in events)
+    twisted = "".join(filter(None, (formatEventAsClassicLogText(e, formatTime=lambda t: formatTime(t, timeFormatRFC3339)) for e in events)))
     written = logfile.read_text()
     assert written == twisted
     assert "CALL done" in written and "Unable to format event" in written
-    assert 'user="evil\\x0auser {x}"' in written and len(written.splitlines()) == len(events)
+    assert 'user="evil\\x0auser {x}"' in written and "ZeroDivisionError" in written
 
 
 def test_explicit_logger_leaves_twistd_alone(tmp_path, monkeypatch):
