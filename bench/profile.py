@@ -1,5 +1,5 @@
 """Profile mtop and climber with py-spy during one load:
-``python -m bench.profile [download|upload|setup|idle] [--transport tls|quic]``.
+``python -m bench.profile [download|upload|parallel|setup|idle] [--transport tls|quic]``.
 
 Starts the origin, ``twistd mtop`` and one climber as `bench.run` does,
 then runs ``py-spy record`` on both processes while the load runs (bounded
@@ -23,7 +23,7 @@ from bench.client import Path
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__.split("\n\n")[0])
-    parser.add_argument("load", choices=("download", "upload", "setup", "idle"), nargs="?", default="download")
+    parser.add_argument("load", choices=("download", "upload", "parallel", "setup", "idle"), nargs="?", default="download")
     parser.add_argument("--transport", choices=("tls", "quic"), default="tls")
     parser.add_argument("--front", choices=("socks5", "http"), default="socks5")
     parser.add_argument("--seconds", type=float, default=10.0)
@@ -67,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
             service = "source" if args.load == "download" else "sink"
             moved, elapsed = client.transfer(path, ("127.0.0.1", origin[service]), args.load, 1 << 40, args.seconds)
             print(f"{label}: {moved / elapsed / 1e6:.1f} MB/s while profiled")
+        elif args.load == "parallel":
+            moved, elapsed = client.parallel_download(path, ("127.0.0.1", origin["source"]), 8, 1 << 40, args.seconds)
+            print(f"{label}: 8 tunnels, {moved / elapsed / 1e6:.1f} MB/s together while profiled")
         elif args.load == "setup":
             result = client.setup_rate(path, echo, 1_000_000, 16, args.seconds)
             print(f"{label}: {result.rate:.1f} tunnels/s, p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms while profiled")

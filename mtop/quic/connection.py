@@ -157,6 +157,8 @@ class QuicDriver:
         self._timer: Any = None
         self._timer_at: float | None = None
         self._flush_call: Any = None
+        #: Stream data read but not handed on yet: stream -> [pieces, fin].
+        self._arrived: dict[QuicStreamTransport, list] = {}
         self.handshake_complete = False
         self.terminated = False
         self.close_reason: str | None = None
@@ -197,7 +199,7 @@ class QuicDriver:
             self._log.debug("QUIC packets from {peer} rejected: {error!r}", peer=address, error=e)
             self.close(reason="bad packet")
             return
-        self._process_events()
+        self._process_events(hand_on=False)
         self._answer()
 
     def _feed(self, data: bytes, address: Any) -> None:
@@ -207,7 +209,7 @@ class QuicDriver:
             self._log.debug("QUIC packet from {peer} rejected: {error!r}", peer=address, error=e)
             self.close(reason="bad packet")
             return
-        self._process_events()
+        self._process_events(hand_on=False)
 
     # Holding input (backends that extend windows as data arrives)
 
@@ -258,6 +260,8 @@ class QuicDriver:
 
     def flush(self) -> None:
         self._flush_call = None
+        if self._arrived:
+            self._hand_on()
         if self._fins:
             self._send_fins()
         send = self._send
@@ -393,19 +397,36 @@ class QuicDriver:
 
     # Events
 
-    def _process_events(self) -> None:
+    def _process_events(self, hand_on: bool = True) -> None:
+        """Hand the library's events on.  A stream's data is gathered
+        (`_arrived`) and goes to it in one piece: after the input of one
+        turn of the loop (``hand_on`` false: the flush that input scheduled
+        hands it on), else when the events are read, and before any event
+        of another kind.  With several streams interleaved each packet's
+        piece would otherwise be a write of its own to the local socket (a
+        system call per 1.3 KB)."""
         quic = self.quic
         events = self.events
+        arrived = self._arrived
         while True:
             event = quic.next_event()
             if event is None:
-                return
+                break
             kind = type(event)
             if kind is events.StreamDataReceived:
                 stream = self._stream_for(event.stream_id)
                 if stream is not None:
-                    stream.data_received(event.data, event.end_stream)
-            elif kind is events.StreamReset:
+                    pending = arrived.get(stream)
+                    if pending is None:
+                        arrived[stream] = [[event.data], event.end_stream]
+                    else:
+                        pending[0].append(event.data)
+                        pending[1] = pending[1] or event.end_stream
+                continue
+            if arrived:
+                self._hand_on()
+                arrived = self._arrived
+            if kind is events.StreamReset:
                 stream = self.streams.get(event.stream_id)
                 if stream is not None:
                     stream.reset_by_peer(event.error_code)
@@ -424,6 +445,14 @@ class QuicDriver:
                 self.connection_id_issued(event.connection_id)
             elif kind is events.ConnectionIdRetired:
                 self.connection_id_retired(event.connection_id)
+        if self._arrived and hand_on:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        arrived = self._arrived
+        self._arrived = {}
+        for stream, (pieces, fin) in arrived.items():
+            stream.data_received(pieces[0] if len(pieces) == 1 else b"".join(pieces), fin)
 
     def _stream_for(self, stream_id: int) -> "QuicStreamTransport | None":
         stream = self.streams.get(stream_id)
@@ -478,6 +507,8 @@ class QuicDriver:
         away): timers off, every stream lost, `connection_terminated`."""
         if self.terminated:
             return
+        if self._arrived:
+            self._hand_on()  # what came before the end reaches the streams first
         self.terminated = True
         self.close_reason = reason
         for call in (self._timer, self._flush_call, self._trickle):
