@@ -686,12 +686,16 @@ def _history_window(args: dict[bytes, list[bytes]]) -> tuple[int, int]:
     `MAX_POINTS` points (default: the smallest giving at most
     `DEFAULT_POINTS`)."""
     hours = _int_arg(args, "hours", 24, 1, MAX_HISTORY_HOURS)
-    fewest = -(-hours * 3600 // MAX_POINTS)
-    fewest += -fewest % HISTORY_STEP
+
+    def step_for(points: int) -> int:
+        """The smallest multiple of HISTORY_STEP giving at most ``points``."""
+        step = -(-hours * 3600 // points)
+        return step + -step % HISTORY_STEP
+
+    fewest = step_for(MAX_POINTS)
     step = _int_arg(args, "step", 0, HISTORY_STEP, MAX_HISTORY_HOURS * 3600)
     if not step:
-        step = -(-hours * 3600 // DEFAULT_POINTS)
-        step += -step % HISTORY_STEP
+        step = step_for(DEFAULT_POINTS)
     elif step % HISTORY_STEP or step < fewest:
         raise ApiError(
             400, f"step must be a multiple of {HISTORY_STEP} seconds, and at least {fewest} for {hours} hours "

@@ -284,21 +284,21 @@ class SyncDatabase:
     def close(self) -> None:
         self.connection.close()
 
-    def columns(self) -> set[str]:
-        """The columns ``mtop_user`` has (empty if there is no table)."""
+    def _names(self, query: dict[str, str]) -> set[str]:
+        """The names ``query`` (per driver, a name a row) answers, lower-cased."""
         try:
-            rows = self.execute(COLUMNS_SQL[self.driver]).fetchall()
+            rows = self.execute(query[self.driver]).fetchall()
         finally:
             self.commit()
         return {str(row[0]).lower() for row in rows}
 
+    def columns(self) -> set[str]:
+        """The columns ``mtop_user`` has (empty if there is no table)."""
+        return self._names(COLUMNS_SQL)
+
     def tables(self) -> set[str]:
         """Which of `OPTIONAL_TABLES` exist."""
-        try:
-            rows = self.execute(TABLES_SQL[self.driver]).fetchall()
-        finally:
-            self.commit()
-        return {str(row[0]).lower() for row in rows}
+        return self._names(TABLES_SQL)
 
     def upgrade(self) -> list[str]:
         """Create the table if missing and add the policy columns that are

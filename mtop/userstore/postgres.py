@@ -378,8 +378,8 @@ class PostgresUserStore(SQLUserStore):
                 "WHERE l.server_id = %s AND l.username = v.username AND EXISTS (SELECT 1 FROM ledger) RETURNING 1) "
             )
             params += [value for pair in spent for value in pair] + [flush.server_id]
-        moved = [(name, u.up, u.down) for name, u in flush.usage if u.up or u.down]
-        if flush.history and moved:
+        moved = [(name, u.up, u.down) for name, u in flush.usage if u.up or u.down] if flush.history else []
+        if moved:
             values = ", ".join(["(%s, %s::bigint, %s::bigint)"] * len(moved))
             statement = statement.rstrip(" ") + (
                 ", history AS (INSERT INTO mtop_usage_history (server_id, username, period, bytes_up, bytes_down) "
