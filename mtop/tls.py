@@ -15,6 +15,21 @@ from OpenSSL import SSL
 
 TLS_VERSIONS = {"1.2": SSL.TLS1_2_VERSION, "1.3": SSL.TLS1_3_VERSION}
 
+#: TLS 1.3 cipher suites, most preferred first (the server's order wins).
+#: OpenSSL's default puts AES-256-GCM-SHA384 first; AES-128-GCM-SHA256
+#: first, as Go's crypto/tls (so the original) and the big CDNs choose it,
+#: costs about 0.05 ms less per handshake on each side (SHA-256 in the key
+#: schedule instead of SHA-384) and fewer AES rounds per byte moved.
+#: Clients that only take the others still get them.
+TLS13_CIPHERSUITES = b"TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+def _prefer_ciphersuites(ctx: SSL.Context) -> None:
+    # pyOpenSSL 25.1 and later; older ones keep OpenSSL's order.
+    setter = getattr(ctx, "set_tls13_ciphersuites", None)
+    if setter is not None:
+        setter(TLS13_CIPHERSUITES)
+
 
 class TLSConfigError(ValueError):
     """A certificate, key or setting that OpenSSL refuses; the message names
@@ -63,6 +78,7 @@ def server_context(crt: str, key: str, proto: str, min_version: str = "1.3", fal
     ctx = SSL.Context(SSL.TLS_SERVER_METHOD)
     ctx.set_min_proto_version(TLS_VERSIONS[min_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_CIPHER_SERVER_PREFERENCE | SSL.OP_NO_RENEGOTIATION)
+    _prefer_ciphersuites(ctx)
     # Idle tunnels are the common case: give read/write buffers back to the
     # allocator between records.
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -96,6 +112,7 @@ def client_context(
     ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
     ctx.set_min_proto_version(TLS_VERSIONS[min_version])
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION)
+    _prefer_ciphersuites(ctx)
     ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
     if insecure:
         ctx.set_verify(SSL.VERIFY_NONE)

@@ -408,3 +408,26 @@ def test_large_writes_give_their_buffer_back_only_on_the_fast_path(contexts, dat
     server.write(b"after")
     link.pump()
     assert client_proto.data == b"y" * 300_000 + b"after"
+
+
+def test_the_server_prefers_aes_128_gcm_and_still_takes_what_a_client_insists_on(contexts, data_path):
+    # Ours against ours: AES-128-GCM-SHA256, the server's first choice.
+    link, client, server, client_proto, server_proto = make_pair(contexts)
+    assert client.tls.get_cipher_name() == server.tls.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+    # A client that offers only the others gets one of them (OpenSSL's
+    # default client order puts AES-256 first: the server's order wins).
+    server_ctx, _ = contexts
+    for only in ("TLS_AES_256_GCM_SHA384", "TLS_CHACHA20_POLY1305_SHA256"):
+        picky = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        picky.set_verify(SSL.VERIFY_NONE)
+        picky.set_alpn_protos([b"mtop"])
+        picky.set_tls13_ciphersuites(only.encode())
+        link, client, server, client_proto, server_proto = make_pair((server_ctx, picky))
+        assert server.tls.get_cipher_name() == only
+        client.write(b"ping")
+        link.pump()
+        assert server_proto.data == b"ping"
+    default_client = SSL.Context(SSL.TLS_CLIENT_METHOD)
+    default_client.set_verify(SSL.VERIFY_NONE)
+    link, client, server, client_proto, server_proto = make_pair((server_ctx, default_client))
+    assert server.tls.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
