@@ -83,6 +83,10 @@ class ServerConfig:
     proxy_protocol: bool = False
     #: Server processes sharing the ports (0: one per CPU).
     workers: int = 1
+    #: How the kernel spreads new connections over the workers:
+    #: ``address`` (all of one client address's to one worker) or
+    #: ``connection`` (each by its address pair).
+    worker_affinity: str = "address"
     #: TCP Fast Open queue length of the TLS listening sockets (0: off).
     tcp_fast_open: int = 0
     #: On SIGTERM, open tunnels get this long to finish before they are
@@ -522,6 +526,9 @@ def _duration(key: str, text: str) -> float:
         raise ConfigError(f"{key}: {text!r} is not a duration; use seconds (10) or '10s', '500ms', '5m'") from None
 
 
+WORKER_AFFINITIES = ("address", "connection")
+
+
 def choice(allowed: tuple[str, ...]) -> Callable[[str, Any], str]:
     def convert(key: str, value: Any) -> str:
         text = as_string(key, value).lower()
@@ -579,6 +586,7 @@ def _load_server(section: Section, base: str, check_files: bool, has_listeners: 
         fallback=section.get("fallback", d.fallback, as_host_port),
         proxy_protocol=section.get("proxy_protocol", d.proxy_protocol, as_bool),
         workers=section.get("workers", d.workers, as_workers),
+        worker_affinity=section.get("worker_affinity", d.worker_affinity, choice(WORKER_AFFINITIES)),
         tcp_fast_open=section.get("tcp_fast_open", d.tcp_fast_open, as_fast_open_queue),
         drain_timeout=section.get("drain_timeout", d.drain_timeout, as_non_negative_seconds),
         destination=section.get("destination", d.destination, as_host_port),

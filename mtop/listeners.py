@@ -114,12 +114,17 @@ def listener_services(
     worker_ports: dict[int, int] | None = None,
     quic_max_streams: int = 512,
     ws_ping_interval: float = 30.0,
+    steer: int = 0,
 ) -> list[Any]:
     """One listening service per prepared listener, serving ``factory``'s
     tunnel protocols; each has ``listener`` (its `ListenerConfig`) and
     ``index`` (its place in the config).  In a worker (``worker_ports``:
     listener index -> port), listeners bind with ``SO_REUSEPORT``.
-    ``quic_max_streams``: concurrent tunnels per QUIC connection."""
+    ``quic_max_streams``: concurrent tunnels per QUIC connection.
+    ``steer``: in a worker, the number of workers to spread clients over
+    by address (`mtop.workers.steer_by_address`; 0: by address pair); a
+    listener behind a proxy (``proxy_protocol``, ``ws``), where the
+    address the kernel sees is the proxy's, spreads by address pair."""
     from mtop.server import DestinationFactory
 
     services: list[Any] = []
@@ -131,14 +136,17 @@ def listener_services(
             from mtop.quic.server import QuicListenerService, QuicServerProtocol
 
             protocol = QuicServerProtocol(reactor, tunnels, item.security, handshake_timeout, quic_max_streams)
-            services.append(QuicListenerService(reactor, protocol, listener, index, port, reuse_port=worker_ports is not None))
+            services.append(
+                QuicListenerService(reactor, protocol, listener, index, port, reuse_port=worker_ports is not None, steer=steer)
+            )
             continue
         if worker_ports is None:
             endpoint = listening_endpoint(reactor, listener.listen)
         else:
             from mtop.workers import ReusePortEndpoint
 
-            endpoint = ReusePortEndpoint(reactor, listener.listen, port)
+            behind_proxy = listener.proxy_protocol or listener.type == "ws"
+            endpoint = ReusePortEndpoint(reactor, listener.listen, port, steer=0 if behind_proxy else steer)
         address = ListenAddress(listener.listen.host, port)
         if listener.type in ("ws", "wss"):
             from mtop.websocket import WebSocketFactory

@@ -145,7 +145,7 @@ NEEDS_RESTART: tuple[tuple[str, Callable[[Config], Any]], ...] = (
     ("db", lambda config: (config.db.driverName, config.db.dsn, config.db.recheck_interval, config.db.flush_interval, config.db.history_days)),
     ("metrics", lambda config: config.metrics),
     ("admin", lambda config: config.admin),
-    ("workers", lambda config: config.server.workers),
+    ("workers", lambda config: (config.server.workers, config.server.worker_affinity)),
     # twistd's log observer is chosen once, before the tap starts.
     ("log.format", lambda config: config.log.format),
 )

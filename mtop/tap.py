@@ -228,6 +228,7 @@ def makeService(options: Options, reactor: Any = None) -> MultiService:
     listeners = listener_services(
         settings.listeners, factory, reactor, config.server.handshake_timeout, worker_ports() if number is not None else None,
         config.quic.max_streams, config.server.ws_ping_interval,
+        steer=workers if number is not None and config.server.worker_affinity == "address" else 0,
     )
     for service in listeners:
         service.setServiceParent(root)

@@ -7,8 +7,13 @@ stops them when it stops (by closing their stdin: a worker also stops when
 the supervisor is gone).  It opens no database and serves nothing itself.
 
 Each worker binds every listener itself with ``SO_REUSEPORT``, so the
-kernel spreads new TCP connections and QUIC flows (by their address pair)
-over the workers.  For listeners on port 0 the supervisor picks the port
+kernel spreads new TCP connections and QUIC flows over the workers: with
+``server.worker_affinity: address`` (the default), all of one client
+address's go to the same worker (`steer_by_address`), so a returning
+client resumes its TLS session (each worker's ticket keys are its own: by
+address pair, half the tunnels of a client of 2 workers did full
+handshakes) and per-client limits hold; with ``connection``, or on a
+listener behind a proxy (``proxy_protocol``, ``ws``), by address pair.  For listeners on port 0 the supervisor picks the port
 first (and holds a TCP port bound, not listening, so nothing else takes
 it).  The supervisor also keeps the table where the workers share their
 verified logins (`mtop.loginshare`), so each user's password is checked
@@ -22,9 +27,11 @@ metrics on port P + i - 1.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
+import struct
 import sys
 from typing import Any
 
@@ -94,10 +101,55 @@ def worker_argv(argv: list[str]) -> list[str]:
     return [sys.executable, "-c", TWISTD, "--pidfile=", *args]
 
 
-def reuseport_socket(address: ListenAddress, kind: int, port: int | None = None, listen: bool = True) -> socket.socket:
+#: Linux's ``SO_ATTACH_REUSEPORT_CBPF`` (4.5 and later), which Python's
+#: socket module does not name.
+SO_ATTACH_REUSEPORT_CBPF = 51
+#: Classic BPF: loads relative to the network header start here.
+_SKF_NET_OFF = 0xFFF00000
+
+
+def _address_steering_program(count: int) -> list[tuple[int, int, int, int]]:
+    """A classic BPF program picking socket ``source address mod count`` of
+    a ``SO_REUSEPORT`` group: the IPv4 source address, or the last 32 bits
+    of the IPv6 one (``(code, jt, jf, k)`` instructions)."""
+    return [
+        (0x30, 0, 0, _SKF_NET_OFF),  # ldb [net + 0]: version and IHL
+        (0x74, 0, 0, 4),  # rsh #4: the IP version
+        (0x15, 0, 2, 6),  # jeq #6 ? next : +2
+        (0x20, 0, 0, _SKF_NET_OFF + 20),  # ld [net + 20]: IPv6 source, last word
+        (0x05, 0, 0, 1),  # ja +1
+        (0x20, 0, 0, _SKF_NET_OFF + 12),  # ld [net + 12]: IPv4 source
+        (0x94, 0, 0, count),  # mod #count
+        (0x16, 0, 0, 0),  # ret a
+    ]
+
+
+def steer_by_address(sock: socket.socket, count: int) -> bool:
+    """Have the kernel give each new connection (TCP) or flow (UDP) on
+    ``sock``'s port to the socket of its ``SO_REUSEPORT`` group numbered
+    by the client's address modulo ``count`` (the workers), so one client
+    address always reaches the same worker; while a group has fewer
+    sockets (a worker starting again), the kernel's own hash picks.  The
+    program belongs to the group: each worker attaches the same one.
+    False (and nothing changed) where the kernel refuses it."""
+    program = _address_steering_program(count)
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+    fprog = struct.pack("@HP", len(program), ctypes.addressof(code))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_CBPF, fprog)
+    except OSError:
+        return False
+    return True
+
+
+def reuseport_socket(
+    address: ListenAddress, kind: int, port: int | None = None, listen: bool = True, steer: int = 0
+) -> socket.socket:
     """A socket bound to ``address`` (``port`` instead of its port) with
     ``SO_REUSEPORT``: TCP ones also listen, unless ``listen`` is false.  No
-    host: every interface, dual-stack where IPv6 exists."""
+    host: every interface, dual-stack where IPv6 exists.  ``steer``: the
+    number of workers to spread clients over by address
+    (`steer_by_address`; 0: by address pair, the kernel's default)."""
     from mtop.listening import ipv6_available
 
     host = address.host
@@ -113,6 +165,8 @@ def reuseport_socket(address: ListenAddress, kind: int, port: int | None = None,
         sock.bind((host, address.port if port is None else port))
         if kind == socket.SOCK_STREAM and listen:
             sock.listen(1024)
+        if steer > 1:  # once the socket is in its group (bound, listening)
+            steer_by_address(sock, steer)
         sock.setblocking(False)
     except BaseException:
         sock.close()
@@ -123,18 +177,19 @@ def reuseport_socket(address: ListenAddress, kind: int, port: int | None = None,
 class ReusePortEndpoint:
     """A TCP server endpoint (`IStreamServerEndpoint`) binding its socket
     with ``SO_REUSEPORT`` when it starts listening, so each worker has its
-    own accept queue."""
+    own accept queue; ``steer``: see `reuseport_socket`."""
 
-    def __init__(self, reactor: Any, address: ListenAddress, port: int):
+    def __init__(self, reactor: Any, address: ListenAddress, port: int, steer: int = 0):
         self.reactor = reactor
         self.address = address
         self.port = port
+        self.steer = steer
 
     def listen(self, factory: Any) -> Deferred:
         from twisted.internet.defer import fail, succeed
 
         try:
-            sock = reuseport_socket(self.address, socket.SOCK_STREAM, self.port)
+            sock = reuseport_socket(self.address, socket.SOCK_STREAM, self.port, steer=self.steer)
         except OSError as e:
             return fail(e)
         try:

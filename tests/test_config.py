@@ -212,6 +212,18 @@ def test_bad_workers(value):
         load_config_data({"server": {"workers": value}}, check_files=False)
 
 
+@pytest.mark.parametrize("value,expected", [(None, "address"), ("address", "address"), ("Connection", "connection")])
+def test_worker_affinity(value, expected):
+    server = {"worker_affinity": value} if value is not None else {}
+    assert load_config_data({"server": server}, check_files=False).server.worker_affinity == expected
+
+
+@pytest.mark.parametrize("value", ["client", "", 1])
+def test_bad_worker_affinity(value):
+    with pytest.raises(ConfigError, match="server.worker_affinity: .* is not one of address, connection"):
+        load_config_data({"server": {"worker_affinity": value}}, check_files=False)
+
+
 def test_worker_command_line_keeps_twistd_options_without_the_pid_file():
     from mtop.workers import TWISTD, worker_argv
 

@@ -413,9 +413,11 @@ class QuicListenerService(Service):
         port: int | None = None,
         label: str = "MTop QUIC",
         reuse_port: bool = False,
+        steer: int = 0,
     ):
         """``listener``: its config (number ``index`` in the config);
-        ``port``: the UDP port, if not the config's (a worker's)."""
+        ``port``: the UDP port, if not the config's (a worker's);
+        ``steer``: see `mtop.workers.reuseport_socket`."""
         self.reactor = reactor
         self.protocol = protocol
         self.listener = listener
@@ -425,6 +427,7 @@ class QuicListenerService(Service):
         self.label = label
         #: Bind with SO_REUSEPORT (server workers share the port).
         self.reuse_port = reuse_port
+        self.steer = steer
         self.port: Any = None
 
     def apply_settings(self, settings: Any) -> None:  # an mtop.settings.RuntimeSettings
@@ -467,7 +470,7 @@ class QuicListenerService(Service):
 
         from mtop.workers import reuseport_socket
 
-        sock = reuseport_socket(ListenAddress(self.interface, self.port_number), socket.SOCK_DGRAM)
+        sock = reuseport_socket(ListenAddress(self.interface, self.port_number), socket.SOCK_DGRAM, steer=self.steer)
         try:
             return self.reactor.adoptDatagramPort(sock.fileno(), sock.family, self.protocol, maxPacketSize=65535)
         finally:

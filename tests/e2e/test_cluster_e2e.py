@@ -485,7 +485,9 @@ def test_a_quota_holds_across_servers(e2e_setup, tmp_path, shared_database, work
     port = port_free_on_all(HOSTS)
     configs = cluster_configs(
         tmp_path, e2e_setup, port,
-        f"  workers: {workers}\n  auth_failure_delay: 0\n"
+        # By connection: tunnels of one client address spread over the
+        # workers, which is what these limits must hold across.
+        f"  workers: {workers}\n  worker_affinity: connection\n  auth_failure_delay: 0\n"
         f"db:\n  driverName: {driver}\n  dsn: '{dsn}'\n  flush_interval: 5\n  recheck_interval: 5\n  cache_ttl: 0\n",
     )
     run_ctl(configs[0], "db", "init")
@@ -601,7 +603,9 @@ def wait_published(dsn: str, username: str, tunnels: int, timeout: float = 15.0)
 def presence_configs(tmp_path, setup, driver: str, dsn: str, workers: int) -> list[Path]:
     return cluster_configs(
         tmp_path, setup, port_free_on_all(HOSTS),
-        f"  workers: {workers}\n  auth_failure_delay: 0\n"
+        # By connection: tunnels of one client address spread over the
+        # workers, which is what these limits must hold across.
+        f"  workers: {workers}\n  worker_affinity: connection\n  auth_failure_delay: 0\n"
         f"db:\n  driverName: {driver}\n  dsn: '{dsn}'\n  presence_interval: 1\n  cache_ttl: 0\n",
     )
 

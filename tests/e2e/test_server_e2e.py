@@ -14,7 +14,7 @@ import select
 import socket
 import threading
 import time
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import pytest
 from cryptography import x509
@@ -30,6 +30,12 @@ REPLY_OK = b"\x01\x00"
 
 # ---------------------------------------------------------------------------
 # A TLS client on pyOpenSSL and plain sockets
+
+
+def session_context(session: Any) -> SSL.Context:
+    """The context ``session`` was made on (pyOpenSSL resumes a session only
+    on it, and has no public way to name it)."""
+    return session._context
 
 
 class TLSClient:
@@ -48,17 +54,25 @@ class TLSClient:
         alpn: Iterable[bytes] | None = (b"mtop",),
         max_version: int | None = None,
         prefix: bytes = b"",
+        source: str | None = None,
+        session: Any = None,
     ):
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
-        if max_version is None:
-            ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        """``source``: the local address to connect from; ``session``: a
+        session (``conn.get_session()`` of an earlier client) to resume, on
+        that client's context."""
+        if session is not None:
+            ctx = session_context(session)
         else:
-            ctx.set_max_proto_version(max_version)
-        ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errnum, depth, ok: bool(ok))
-        ctx.load_verify_locations(ca)
-        if alpn:
-            ctx.set_alpn_protos(list(alpn))
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+            ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+            if max_version is None:
+                ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+            else:
+                ctx.set_max_proto_version(max_version)
+            ctx.set_verify(SSL.VERIFY_PEER, lambda conn, cert, errnum, depth, ok: bool(ok))
+            ctx.load_verify_locations(ca)
+            if alpn:
+                ctx.set_alpn_protos(list(alpn))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0) if source else None)
         if prefix:  # in the clear before TLS, e.g. a PROXY protocol header
             self.sock.sendall(prefix)
         self.sock.setblocking(False)
@@ -66,6 +80,8 @@ class TLSClient:
         self.conn = SSL.Connection(ctx, self.sock)
         self.conn.set_tlsext_host_name(b"localhost")
         self.conn.set_connect_state()
+        if session is not None:
+            self.conn.set_session(session)
         self.eof: str | None = None
         self.write_closed = False
         #: What `pump` read without a sink of its own; the read methods

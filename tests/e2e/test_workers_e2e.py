@@ -13,6 +13,8 @@ from peers import echo
 from test_hardening_e2e import scrape
 from test_server_e2e import auth_message, connect
 
+from mtop.tlstransport import session_reused
+
 
 def alive(pid: int) -> bool:
     try:
@@ -35,18 +37,21 @@ def wait_until(predicate, timeout: float) -> bool:
     return predicate()
 
 
-def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_path, make_target):
-    config = tmp_path / "mtop.yaml"
-    config.write_text(
+def two_workers_config(e2e_setup, path, more: str = ""):
+    """``path``, written with a server of 2 workers on a free port and
+    ``more`` (YAML lines) after its ``server:`` block."""
+    path.write_text(
         "server:\n"
         '  listen: "127.0.0.1:0"\n'
         f"  crt: {e2e_setup.dir / 'certs' / 'server.crt'}\n"
         f"  key: {e2e_setup.dir / 'certs' / 'server.key'}\n"
-        "  workers: 2\n"
-        "metrics:\n"
-        '  listen: "127.0.0.1:0"\n'
-        f"db:\n  dsn: {e2e_setup.dir / 'mtop.db'}\n" + TEST_POLICY
+        "  workers: 2\n" + more + f"db:\n  dsn: {e2e_setup.dir / 'mtop.db'}\n" + TEST_POLICY
     )
+    return path
+
+
+def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_path, make_target):
+    config = two_workers_config(e2e_setup, tmp_path / "mtop.yaml", 'metrics:\n  listen: "127.0.0.1:0"\n')
     server = ServerProcess("workers", config, tmp_path)
     _processes.append(server)
     try:
@@ -58,13 +63,16 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
         clients = []
         try:
             for i in range(24):
-                client = connect(server, e2e_setup)
+                # From 4 addresses: each address's tunnels go to one worker
+                # (server.worker_affinity: address), the addresses to both.
+                client = connect(server, e2e_setup, source=f"127.0.0.{1 + i % 4}")
                 clients.append(client)
                 client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"%02d" % i)
                 assert client.read_exactly(4) == b"\x01\x00" + b"%02d" % i
             scraped = [scrape(port) for port in metrics]
             per_worker = [values['mtop_tunnels_open{state="relay"}'] for values in scraped]
             assert sum(per_worker) == 24 and min(per_worker) > 0, per_worker  # the kernel spread them
+            assert sorted(per_worker) == [12, 12], per_worker  # two addresses each
             # alice's password was checked with scrypt once on the machine:
             # the other worker took the first one's verification.
             checks = {how: sum(v[f'mtop_password_checks_total{{how="{how}"}}'] for v in scraped) for how in ("hashed", "shared")}
@@ -113,6 +121,42 @@ def test_two_workers_share_the_port_and_a_dead_one_is_replaced(e2e_setup, tmp_pa
         for pid in pids.values():
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_client_address_keeps_to_one_worker_so_its_sessions_resume(e2e_setup, tmp_path, make_target):
+    """Each worker's TLS ticket keys are its own: spread by address pair,
+    about half of a returning client's tunnels reached the other worker
+    and did a full handshake.  With ``worker_affinity: address`` (the
+    default) all of them resume; with ``connection``, some do not."""
+    target = make_target(echo)
+    resumed = {}
+    for affinity in ("address", "connection"):
+        config = two_workers_config(e2e_setup, tmp_path / f"mtop-{affinity}.yaml", f"  worker_affinity: {affinity}\n")
+        server = ServerProcess(f"workers-{affinity}", config, tmp_path)
+        _processes.append(server)
+        try:
+            server.start()
+            wait_for_all(server, r"MTop TLS listening on 127\.0\.0\.1:", 2)
+            session = None
+            count = 0
+            for i in range(17):
+                client = connect(server, e2e_setup, source="127.0.0.5", session=session)
+                try:
+                    client.send_all(auth_message(e2e_setup.alice, None, "127.0.0.1", target.port) + b"%02d" % i)
+                    assert client.read_exactly(4) == b"\x01\x00" + b"%02d" % i
+                    if i:
+                        count += session_reused(client.conn)
+                    session = client.conn.get_session()  # the tickets are in by the reply
+                finally:
+                    client.close()
+            resumed[affinity] = count
+        finally:
+            server.stop()
+            _processes.remove(server)
+    assert resumed["address"] == 16, resumed
+    # By address pair, each of the 16 reached the ticket's worker with
+    # probability 1/2: all 16 only once in 65,536 runs.
+    assert resumed["connection"] < 16, resumed
 
 
 def wait_for_all(server, pattern: str, count: int, timeout: float = 20.0) -> list[str]:
