@@ -162,14 +162,25 @@ PEER_FIELDS = frozenset({"user", "username", "target", "host", "sni", "alpn", "r
 def escaped_event(event: dict) -> dict:
     """A copy of ``event`` whose ``str`` and ``bytes`` field values (keys
     not starting with ``log_``) format escaped: `LogText`, `PeerText`,
-    `LogBytes`, `PeerBytes`.  Other values (numbers, addresses, exceptions)
-    are kept; a failure's traceback is formatted by Twisted as it is."""
+    `LogBytes`, `PeerBytes`; a plain ``str`` that formats as itself
+    (nothing to escape, and for a `PEER_FIELDS` field nothing to quote) is
+    kept as it is, which is most of them and saves each its wrapper and its
+    ``__format__`` call.  Other values (numbers, addresses, exceptions) are
+    kept; a failure's traceback is formatted by Twisted as it is."""
     escaped = {}
+    search, quotes = _ESCAPED.search, _NEEDS_QUOTES.search
     for key, value in event.items():
-        if not key.startswith("log_"):
-            if isinstance(value, str):
+        kind = type(value)
+        if kind is str:
+            if not key.startswith("log_") and (
+                search(value) is not None or (key in PEER_FIELDS and (not value or quotes(value) is not None))
+            ):
                 value = (PeerText if key in PEER_FIELDS else LogText)(value)
-            elif isinstance(value, bytes):
+        elif isinstance(value, str):  # a subclass: its own str() is not to be trusted
+            if not key.startswith("log_"):
+                value = (PeerText if key in PEER_FIELDS else LogText)(value)
+        elif isinstance(value, bytes):
+            if not key.startswith("log_"):
                 value = (PeerBytes if key in PEER_FIELDS else LogBytes)(value)
         escaped[key] = value
     return escaped

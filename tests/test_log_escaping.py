@@ -198,9 +198,16 @@ def test_log_text_is_the_raw_value_but_formats_escaped():
 
 
 def test_escaped_event_wraps_text_fields_only():
-    event = {"log_format": "{user}", "log_namespace": "n", "user": "u", "detail": "d", "data": b"b", "n": 3, "none": None}
+    event = {
+        "log_format": "{user}", "log_namespace": "n", "user": "u\n", "detail": "d\x1b", "data": b"b", "n": 3, "none": None,
+        "target": 'a"b', "peer": "", "host": "example.com:443", "reason": "plain words",
+    }
     escaped = logs.escaped_event(event)
     assert type(escaped["user"]) is logs.PeerText and type(escaped["detail"]) is logs.LogText
+    # Quoted (a peer's empty or quote-holding text), or left as it is.
+    assert type(escaped["target"]) is logs.PeerText and type(escaped["peer"]) is logs.PeerText
+    assert type(escaped["host"]) is str and type(escaped["reason"]) is str
+    assert "{target} {peer} {host} {reason}".format_map(escaped) == '"a\\"b" "" example.com:443 plain words'
     assert type(escaped["data"]) is logs.LogBytes
     assert type(escaped["log_format"]) is str and type(escaped["log_namespace"]) is str
     assert escaped["n"] == 3 and escaped["none"] is None
