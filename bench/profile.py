@@ -6,6 +6,12 @@ then runs ``py-spy record`` on both processes while the load runs (bounded
 by ``--seconds``) and writes ``mtop-<load>.svg`` and ``climber-<load>.svg``
 (flame graphs; ``--format speedscope`` or ``raw`` for others) in ``--out``.
 py-spy is not a dependency: ``.venv/bin/pip install py-spy``.
+
+``--perf`` samples with Linux ``perf record`` instead (Debian's package
+``linux-perf``) and prints, for each process, where its CPU went by
+shared object: the Python interpreter, OpenSSL (inside ``cryptography``'s
+``_rust`` module), libc (malloc), the kernel; ``perf report -i
+<out>/<name>-<load>.perf`` shows the rest.
 """
 
 from __future__ import annotations
@@ -31,8 +37,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--format", default="flamegraph", help="py-spy output format (flamegraph, speedscope, raw)")
     parser.add_argument("--out", default="bench/results/profile")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
+    parser.add_argument("--perf", action="store_true", help="sample with Linux perf and print the CPU by shared object")
     args = parser.parse_args(argv)
-    spy = shutil.which("py-spy") or str(FsPath(sys.executable).parent / "py-spy")
+    spy = shutil.which("perf" if args.perf else "py-spy") or str(FsPath(sys.executable).parent / "py-spy")
+    if args.perf and not shutil.which("perf"):
+        print("bench.profile: perf is not installed: apt-get install linux-perf", file=sys.stderr)
+        return 2
     if not FsPath(spy).exists():
         print("bench.profile: py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
         return 2
@@ -54,6 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         ext = {"flamegraph": "svg", "speedscope": "json"}.get(args.format, "txt")
         label = f"{args.transport}-{args.load}"
         for name, pid in (("mtop", mtop.process.pid), ("climber", climber.process.pid)):
+            if args.perf:
+                spies.append(subprocess.Popen(
+                    [spy, "record", "-F", "2000", "-p", str(pid), "-o", str(out / f"{name}-{label}.perf"),
+                     "--", "sleep", str(int(args.seconds) + 1)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                ))
+                continue
             spies.append(subprocess.Popen(
                 [spy, "record", "--pid", str(pid), "--rate", str(args.rate), "--duration", str(int(args.seconds) + 1),
                  "--format", args.format, "--output", str(out / f"{name}-{label}.{ext}"),
@@ -80,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
                 sock.close()
         for spy_process in spies:
             spy_process.wait(timeout=60)
+        if args.perf:
+            for name in ("mtop", "climber"):
+                print(f"{name}: CPU by shared object")
+                print(perf_by_object(spy, out / f"{name}-{label}.perf"))
         print(f"profiles in {out}/")
     finally:
         for spy_process in spies:
@@ -88,6 +109,17 @@ def main(argv: list[str] | None = None) -> int:
         processes.stop_all()
         ws.cleanup()
     return 0
+
+
+def perf_by_object(perf: str, data: FsPath, top: int = 6) -> str:
+    """The ``top`` shared objects of a ``perf record`` file by share of the
+    samples, one per line."""
+    report = subprocess.run(
+        [perf, "report", "-i", str(data), "--sort", "dso", "--stdio", "-g", "none"],
+        capture_output=True, text=True, check=False,
+    ).stdout
+    rows = [line.split(None, 1) for line in report.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return "\n".join(f"  {share:>7}  {name.strip()}" for share, name in rows[:top])
 
 
 if __name__ == "__main__":
