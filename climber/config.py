@@ -92,9 +92,10 @@ class ServerEntry:
     max_streams: int = DEFAULT_MAX_STREAMS
     #: QUIC: largest UDP payload sent (no path MTU discovery).
     quic_packet_size: int = DEFAULT_QUIC_PACKET_SIZE
-    #: TLS: connections kept handshaken for the next tunnels.  0 for an
-    #: entry made in code; a config file's ``type: tls`` entries get
-    #: `DEFAULT_PREWARM` unless they say otherwise.
+    #: TLS and wss: connections kept handshaken (and upgraded) for the
+    #: next tunnels.  0 for an entry made in code; a config file's ``type:
+    #: tls`` and ``wss`` entries get `DEFAULT_PREWARM` unless they say
+    #: otherwise.
     prewarm: int = 0
     prewarm_max_age: float = DEFAULT_PREWARM_MAX_AGE
     #: TLS: TCP Fast Open (``TCP_FASTOPEN_CONNECT``) on connections to it.
@@ -324,17 +325,12 @@ class _TCPSettings:
     tcp_fast_open: bool
 
     def apply(self, entry: ServerEntry) -> ServerEntry:
-        """``entry`` with these settings.  A QUIC server's tunnels are
-        streams of one shared connection: asking it for prewarmed
-        connections or TCP Fast Open is a config error (a warning would
-        leave the reader believing it works)."""
-        if entry.type == "wss":
-            if self.prewarm:
-                raise ConfigError(
-                    f"{self.section.key('prewarm')}: server {entry.name} is wss; prewarmed connections are "
-                    "for type: tls servers (set 0 or leave it out)"
-                )
-            return replace(entry, prewarm=0, tcp_fast_open=self.tcp_fast_open)
+        """``entry`` with these settings (``tls`` and ``wss`` servers: a
+        prewarmed ``wss`` connection is through TLS and the WebSocket
+        upgrade).  A QUIC server's tunnels are streams of one shared
+        connection: asking it for prewarmed connections or TCP Fast Open is
+        a config error (a warning would leave the reader believing it
+        works)."""
         if entry.type != "quic":
             prewarm = DEFAULT_PREWARM if self.prewarm is None else self.prewarm
             return replace(entry, prewarm=prewarm, prewarm_max_age=self.prewarm_max_age, tcp_fast_open=self.tcp_fast_open)

@@ -374,15 +374,13 @@ class ServerConnector:
 
 
 def _hand_over(warm: Prewarmed, tunnel: ServerTunnel) -> None:
-    """Give a prewarmed connection to ``tunnel``: the tunnel becomes the TLS
-    transport's protocol (`mtop.tlstransport.TLSTransport.wrapped`, which
-    the transport looks up at each event), writes its auth message (the
-    handshake is done: it goes at once) and hears that the handshake is
-    done, with the time the connection's own took."""
-    transport = warm.transport
+    """Give a prewarmed connection to ``tunnel``: the tunnel becomes the
+    protocol of the connection's transport (`attach`: a TLS transport, or
+    the WebSocket stream over one), writes its auth message (the handshake,
+    and for ``wss`` the upgrade, are done: it goes at once) and hears that
+    the handshake is done, with the time the connection's own took."""
     tunnel.prewarmed = True
-    transport.wrapped = tunnel
-    tunnel.makeConnection(transport)
+    warm.transport.attach(tunnel)
     tunnel.handshake_done(warm.handshake_time)
 
 
@@ -437,8 +435,8 @@ class WebSocketConnector(ServerConnector):
     """How tunnels reach a ``type: wss`` server (through a CDN or reverse
     proxy, or straight to a ``wss`` listener): TLS with ALPN ``http/1.1``,
     then the WebSocket upgrade (``path``, the Host header), then MTop in
-    binary messages (`mtop.websocket.WebSocketDial`).  No prewarmed
-    connections (yet): each tunnel makes its own.  An upgrade answered with
+    binary messages (`mtop.websocket.WebSocketDial`).  Prewarmed
+    connections are through TLS and the upgrade, and silent.  An upgrade answered with
     an HTTP status (a wrong path or Host; a CDN whose origin is down) fails
     the tunnel with what the status was: 5xx as the server being
     unreachable (the next one is tried), anything else as final."""
@@ -448,7 +446,7 @@ class WebSocketConnector(ServerConnector):
 
         from mtop.listeners import WSS_ALPN
 
-        super().__init__(replace(entry, prewarm=0, proto=WSS_ALPN), reactor)
+        super().__init__(replace(entry, proto=WSS_ALPN), reactor)
 
     def _connect(self, reactor: Any, protocol: Protocol, timeout: float) -> Deferred:
         from mtop.websocket import WebSocketDial
@@ -457,7 +455,9 @@ class WebSocketConnector(ServerConnector):
 
         def refused(detail: str, status: int | None) -> None:
             kind = "unreachable" if status is not None and status >= 500 else "protocol"
-            protocol.error = TunnelError(kind, detail, entry.name)
+            # A prewarmed connection's refusal is counted by its pool.
+            if not isinstance(protocol, Prewarmed):
+                protocol.error = TunnelError(kind, detail, entry.name)
 
         dial = WebSocketDial(protocol, entry.host_header, entry.path, reactor, entry.ping_interval, refused)
         return super()._connect(reactor, dial, timeout)

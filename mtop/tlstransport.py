@@ -157,6 +157,13 @@ class TLSTransport:
     def connectionMade(self) -> None:
         """Unused: `makeConnection` does the work."""
 
+    def attach(self, protocol: IProtocol) -> None:
+        """Make ``protocol`` the one this connection's plaintext goes to
+        from now on (a prewarmed connection taken by a tunnel), and connect
+        it (`makeConnection`); the one before hears nothing more."""
+        self.wrapped = protocol
+        protocol.makeConnection(self)
+
     def dataReceived(self, data: bytes) -> None:
         if self._lost:
             return

@@ -299,9 +299,12 @@ def test_wss_servers():
         "  - host: cdn.example.com:443\n    type: wss\n    username: u\n    password: p\n"
         "    path: /t\n    sni: front.example.com\n    ping_interval: 20\n"
         "  - url: 'mtop://u:p@cdn.example.com:8443/wss?path=/x&host=origin.example.com'\n"
+        "    prewarm: 0\n"
     )
     first, second = config.servers
-    assert (first.type, first.path, first.ws_host, first.ping_interval, first.prewarm) == ("wss", "/t", None, 20.0, 0)
+    # Prewarmed as TLS servers are (through the upgrade), unless told not to.
+    assert (first.type, first.path, first.ws_host, first.ping_interval, first.prewarm) == ("wss", "/t", None, 20.0, 2)
+    assert second.prewarm == 0
     assert first.host_header == "front.example.com"
     assert (second.path, second.ws_host, second.host_header) == ("/x", "origin.example.com", "origin.example.com")
     plain = load("socks5:\n  listen: 127.0.0.1:1080\nservers:\n  - host: 203.0.113.5:8443\n    type: wss\n    username: u\n    password: p\n")
@@ -311,7 +314,7 @@ def test_wss_servers():
 @pytest.mark.parametrize(
     "entry, message",
     [
-        ("type: wss\n    prewarm: 2", r"prewarm: server cdn.example.com:443 is wss"),
+        ("type: quic\n    prewarm: 2", r"prewarm: server cdn.example.com:443 is QUIC"),
         ("type: tls\n    path: /t", r"path: server cdn.example.com:443 is tls; only type: wss"),
         ("type: wss\n    path: t", r"path: 't' is not a request path"),
     ],

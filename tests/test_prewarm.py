@@ -366,6 +366,11 @@ async def until(condition, seconds: float = 5.0) -> None:
     assert condition()
 
 
+def alice_auth(target_port: int) -> bytes:
+    """The auth message of alice's tunnel to 127.0.0.1:``target_port``."""
+    return wire.encode_auth(wire.AuthRequest("alice", "pw", "127.0.0.1", target_port, wire.address_type_for("127.0.0.1")))
+
+
 def client_port(tunnel) -> int:
     return tunnel.transport.getHost().port
 
@@ -392,7 +397,7 @@ async def test_a_tunnel_over_a_prewarmed_connection_works_and_the_server_saw_not
         # Its handshake time is the prewarmed connection's own.
         assert second.handshake_time == taken[0].handshake_time is not None
         assert opener.pool.servers[0].opened == 2
-        auth = wire.encode_auth(wire.AuthRequest("alice", "pw", "127.0.0.1", echo_target, wire.address_type_for("127.0.0.1")))
+        auth = alice_auth(echo_target)
         assert b"".join(seen[client_port(second)]).startswith(auth)
         assert await echo_through(second, b"warm" * 1000) == b"got:" + b"warm" * 1000
         assert await echo_through(first, b"cold") == b"got:cold"
@@ -549,3 +554,62 @@ def test_the_shipped_example_documents_prewarm():
     example = text.replace("    # prewarm: 2 ", "    prewarm: 2 ").replace("    # prewarm_max_age: 7s ", "    prewarm_max_age: 7s ")
     (entry, *_) = load_climber_data(yaml.safe_load(example)).servers
     assert (entry.prewarm, entry.prewarm_max_age) == (2, 7.0)
+
+
+@pytest.fixture
+def recorded_wss_server(server):
+    """The in-process server behind a ``wss`` listener (TLS, ALPN
+    http/1.1, the upgrade on ``/t``) whose tunnels record the bytes they
+    read; yields (factory, port, paths, seen)."""
+    from mtop.listeners import WSS_ALPN
+    from mtop.websocket import WebSocketFactory
+
+    factory, _, paths = server
+    seen: dict = {}
+    context = server_context(paths.server_crt, paths.server_key, WSS_ALPN)
+    ws = WebSocketFactory(recording(factory, seen), reactor, "/t", (), 30.0)
+    port = reactor.listenTCP(0, server_tls_factory(ws, lambda: context), interface="127.0.0.1")
+    yield factory, port.getHost().port, paths, seen
+    port.stopListening()
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_connections_are_prewarmed_through_the_upgrade(recorded_wss_server, echo_target):
+    factory, port, paths, seen = recorded_wss_server
+    opener = prewarm_opener(port, paths, type="wss", path="/t")
+    (connector,) = opener.connectors.values()
+    pool = connector.prewarm
+    try:
+        first = await opener.open("127.0.0.1", echo_target, 5)
+        await until(lambda: pool.ready_count == SIZE)
+        # Upgraded (the server made their tunnels), but silent.
+        await until(lambda: len(seen) == SIZE + 1)
+        quiet = [p for p, chunks in seen.items() if not chunks]
+        assert len(quiet) == SIZE
+        second = await opener.open("127.0.0.1", echo_target, 5)
+        assert pool.used == 1 and second.prewarmed
+        assert await echo_through(second, b"warm" * 1000) == b"got:" + b"warm" * 1000
+        assert await echo_through(first, b"cold") == b"got:cold"
+        # The auth message went over one of the quiet ones, in a message.
+        auth = alice_auth(echo_target)
+        assert sum(1 for p in quiet if b"".join(seen[p]).startswith(auth)) == 1
+        await until(lambda: pool.ready_count == SIZE)
+        assert sum(pool.wasted.values()) == 0
+    finally:
+        opener.close()
+    await until(lambda: len(factory.tunnels) == 0)
+
+
+@pytest_twisted.ensureDeferred
+async def test_wss_prewarmed_connections_refused_by_the_upgrade_are_counted_not_used(recorded_wss_server, echo_target):
+    factory, port, paths, seen = recorded_wss_server
+    opener = prewarm_opener(port, paths, type="wss", path="/wrong")
+    (connector,) = opener.connectors.values()
+    pool = connector.prewarm
+    try:
+        with pytest.raises(Exception, match="HTTP 404"):
+            await opener.open("127.0.0.1", echo_target, 5)
+        await until(lambda: sum(pool.wasted.values()) == SIZE)
+        assert pool.ready_count == 0 and pool.used == 0
+    finally:
+        opener.close()
