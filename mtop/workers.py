@@ -13,15 +13,15 @@ address's go to the same worker (`steer_by_address`), so a returning
 client resumes its TLS session (each worker's ticket keys are its own: by
 address pair, half the tunnels of a client of 2 workers did full
 handshakes) and per-client limits hold; with ``connection``, or on a
-listener behind a proxy (``proxy_protocol``, ``ws``), by address pair.  For listeners on port 0 the supervisor picks the port
-first (and holds a TCP port bound, not listening, so nothing else takes
-it).  The supervisor also keeps the table where the workers share their
-verified logins (`mtop.loginshare`), so each user's password is checked
-with scrypt once per machine.  Each worker is otherwise a whole server on
-its own: its caches, limits,
-throttle and metrics are its own (so limits are per process), while
-per-user traffic and quotas add up through the database as for separate
-servers.  With ``metrics.listen`` on port P, worker i (from 1) serves its
+listener behind a proxy (``proxy_protocol``, ``ws``), by address pair.
+For listeners on port 0 the supervisor picks the port first (and holds a
+TCP port bound, not listening, so nothing else takes it).  The supervisor
+also keeps the table where the workers share their verified logins
+(`mtop.loginshare`), so each user's password is checked with scrypt once
+per machine.  Each worker is otherwise a whole server on its own: its
+caches, limits, throttle and metrics are its own (so limits are per
+process), while per-user traffic and quotas add up through the database
+as for separate servers.  With ``metrics.listen`` on port P, worker i (from 1) serves its
 metrics on port P + i - 1.
 """
 
@@ -142,6 +142,18 @@ def steer_by_address(sock: socket.socket, count: int) -> bool:
     return True
 
 
+_steering_warned: list[bool] = []
+
+
+def _steering_refused() -> None:
+    if not _steering_warned:
+        _steering_warned.append(True)
+        logger(__name__).warn(
+            "server.worker_affinity: the kernel refused the program that keeps a client address on one worker "
+            "(SO_ATTACH_REUSEPORT_CBPF, Linux 4.5 or later); connections are spread by address pair"
+        )
+
+
 def reuseport_socket(
     address: ListenAddress, kind: int, port: int | None = None, listen: bool = True, steer: int = 0
 ) -> socket.socket:
@@ -165,8 +177,8 @@ def reuseport_socket(
         sock.bind((host, address.port if port is None else port))
         if kind == socket.SOCK_STREAM and listen:
             sock.listen(1024)
-        if steer > 1:  # once the socket is in its group (bound, listening)
-            steer_by_address(sock, steer)
+        if steer > 1 and not steer_by_address(sock, steer):  # once in its group (bound, listening)
+            _steering_refused()
         sock.setblocking(False)
     except BaseException:
         sock.close()
