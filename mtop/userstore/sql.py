@@ -344,6 +344,9 @@ class SQLUserStore(Service):
 
     _log = logger()
     driver = "sql"
+    #: Column detections begun, and the latest whose answer was applied.
+    _detections = 0
+    _detection_applied = 0
 
     def __init__(self, description: str):
         self.description = description
@@ -471,9 +474,16 @@ class SQLUserStore(Service):
         return self._detect_columns().addCallback(count)
 
     def _detect_columns(self) -> Deferred:
+        # Detections can overlap (start-up, the periodic one, a caller's);
+        # the answer of one begun earlier never replaces a later one's.
+        self._detections += 1
+        number = self._detections
         d = self._run_query(COLUMNS_SQL[self.driver])
 
-        def found(rows: list) -> Deferred:
+        def found(rows: list) -> Deferred | None:
+            if number < self._detection_applied:
+                return None
+            self._detection_applied = number
             have = {str(row[0]).lower() for row in rows}
             columns = tuple(c for c in READ_POLICY if c in have)
             if self._columns_known and columns != self.policy_columns:
@@ -483,6 +493,8 @@ class SQLUserStore(Service):
             return self._run_query(TABLES_SQL[self.driver]).addCallback(tables)
 
         def tables(rows: list) -> None:
+            if number < self._detection_applied:
+                return
             have = {str(row[0]).lower() for row in rows}
             for attribute, table, what in (
                 ("leases_available", "mtop_quota_lease", "quota leases"),
