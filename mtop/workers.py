@@ -21,8 +21,8 @@ also keeps the table where the workers share their verified logins
 per machine.  Each worker is otherwise a whole server on its own: its
 caches, limits, throttle and metrics are its own (so limits are per
 process), while per-user traffic and quotas add up through the database
-as for separate servers.  With ``metrics.listen`` on port P, worker i (from 1) serves its
-metrics on port P + i - 1.
+as for separate servers.  With ``metrics.listen`` on port P, worker i
+(from 1) serves its metrics on port P + i - 1.
 """
 
 from __future__ import annotations
