@@ -39,12 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames too)")
     parser.add_argument("--perf", action="store_true", help="sample with Linux perf and print the CPU by shared object")
     args = parser.parse_args(argv)
-    spy = shutil.which("perf" if args.perf else "py-spy") or str(FsPath(sys.executable).parent / "py-spy")
-    if args.perf and not shutil.which("perf"):
-        print("bench.profile: perf is not installed: apt-get install linux-perf", file=sys.stderr)
-        return 2
-    if not FsPath(spy).exists():
-        print("bench.profile: py-spy is not installed: .venv/bin/pip install py-spy", file=sys.stderr)
+    if args.perf:
+        spy = shutil.which("perf") or ""
+        missing = "perf is not installed: apt-get install linux-perf"
+    else:
+        spy = shutil.which("py-spy") or str(FsPath(sys.executable).parent / "py-spy")
+        missing = "py-spy is not installed: .venv/bin/pip install py-spy"
+    if not spy or not FsPath(spy).exists():
+        print(f"bench.profile: {missing}", file=sys.stderr)
         return 2
     out = FsPath(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -168,20 +168,18 @@ def escaped_event(event: dict) -> dict:
     ``__format__`` call.  Other values (numbers, addresses, exceptions) are
     kept; a failure's traceback is formatted by Twisted as it is."""
     escaped = {}
-    search, quotes = _ESCAPED.search, _NEEDS_QUOTES.search
     for key, value in event.items():
-        kind = type(value)
-        if kind is str:
-            if not key.startswith("log_") and (
-                search(value) is not None or (key in PEER_FIELDS and (not value or quotes(value) is not None))
-            ):
-                value = (PeerText if key in PEER_FIELDS else LogText)(value)
-        elif isinstance(value, str):  # a subclass: its own str() is not to be trusted
-            if not key.startswith("log_"):
-                value = (PeerText if key in PEER_FIELDS else LogText)(value)
-        elif isinstance(value, bytes):
-            if not key.startswith("log_"):
-                value = (PeerBytes if key in PEER_FIELDS else LogBytes)(value)
+        if not key.startswith("log_"):
+            peer = key in PEER_FIELDS
+            if isinstance(value, str):
+                # A str subclass is wrapped whatever it holds: its own
+                # str() is not to be trusted.
+                if type(value) is not str or _ESCAPED.search(value) is not None or (
+                    peer and (not value or _NEEDS_QUOTES.search(value) is not None)
+                ):
+                    value = (PeerText if peer else LogText)(value)
+            elif isinstance(value, bytes):
+                value = (PeerBytes if peer else LogBytes)(value)
         escaped[key] = value
     return escaped
 

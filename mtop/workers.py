@@ -142,12 +142,13 @@ def steer_by_address(sock: socket.socket, count: int) -> bool:
     return True
 
 
-_steering_warned: list[bool] = []
+_steering_warned = False
 
 
 def _steering_refused() -> None:
+    global _steering_warned
     if not _steering_warned:
-        _steering_warned.append(True)
+        _steering_warned = True
         logger(__name__).warn(
             "server.worker_affinity: the kernel refused the program that keeps a client address on one worker "
             "(SO_ATTACH_REUSEPORT_CBPF, Linux 4.5 or later); connections are spread by address pair"

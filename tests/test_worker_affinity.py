@@ -68,7 +68,7 @@ def test_a_socket_outside_a_reuseport_group_is_refused_and_a_refusal_is_logged_o
         assert workers.steer_by_address(plain, 2) is False
     # A kernel that refuses the program (before Linux 4.5): warned, once.
     monkeypatch.setattr(workers, "steer_by_address", lambda sock, count: False)
-    monkeypatch.setattr(workers, "_steering_warned", [])
+    monkeypatch.setattr(workers, "_steering_warned", False)
     for _ in range(2):
         workers.reuseport_socket(ListenAddress("127.0.0.1", 0), socket.SOCK_STREAM, steer=2).close()
     refused = [e for e in events if "worker_affinity" in e.get("log_format", "")]
